@@ -1,0 +1,331 @@
+"""Artifact directories: atomic writes, verified loads, metrics updates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from compression.artifact import (
+    MANIFEST,
+    ArtifactError,
+    ArtifactWriter,
+    load_artifact,
+    sha256_file,
+    update_metrics,
+)
+
+CONFIG = {"model": "two_tower", "dim": 8, "lr": 0.01}
+DATA = {"dataset": "ml-100k", "fingerprint": "abc123"}
+
+
+def write_sample(directory: Path, variant: str = "full") -> dict[str, np.ndarray]:
+    """Write a small artifact with json, tensors and raw bytes; return the tensors."""
+    rng = np.random.default_rng(0)
+    tensors = {
+        "item_emb": rng.standard_normal((5, 8)).astype(np.float32),
+        "user_emb": rng.standard_normal((3, 8)).astype(np.float16),
+        "item_index": np.arange(5, dtype=np.int64),
+    }
+    with ArtifactWriter(directory, variant, CONFIG, DATA) as writer:
+        writer.write_json("item_ids.json", ["1", "2", "50", "172", "181"])
+        writer.write_tensors("weights.safetensors", tensors, metadata={"note": "test"})
+        writer.write_bytes("blobs/model.bin", b"\x00\x01\x02onnx-ish")
+        writer.write_json("train_log.json", {"epochs": 3})
+        writer.set_role("train_log.json", "offline")
+        writer.set("promotable", True)
+        writer.set("extra", {"quantization": "none"})
+    return tensors
+
+
+def manifest_of(directory: Path) -> dict:
+    return json.loads((directory / MANIFEST).read_text())
+
+
+def rewrite_manifest(directory: Path, **changes) -> None:
+    manifest = manifest_of(directory)
+    manifest.update(changes)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def leftovers(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+# --- round trip ------------------------------------------------------------------------------------
+
+
+def test_round_trip_preserves_files_and_manifest(tmp_path):
+    out = tmp_path / "art"
+    tensors = write_sample(out)
+
+    artifact = load_artifact(out)
+
+    assert artifact.variant == "full"
+    assert artifact.config == CONFIG
+    assert artifact.read_json("item_ids.json") == ["1", "2", "50", "172", "181"]
+    loaded = artifact.read_tensors("weights.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name, array in tensors.items():
+        assert loaded[name].dtype == array.dtype
+        np.testing.assert_array_equal(loaded[name], array)
+    assert artifact.file("blobs/model.bin").read_bytes() == b"\x00\x01\x02onnx-ish"
+
+    m = artifact.manifest
+    assert m["format"] == "slimrec-artifact" and m["format_version"] == 1
+    assert m["data"] == {**DATA, "split": "PROTOCOL.md"}
+    assert m["promotable"] is True and m["extra"] == {"quantization": "none"}
+    assert m["created_at"].endswith("Z")
+    assert set(m["versions"]) == {"python", "torch", "onnxruntime", "faiss", "numpy"}
+    assert m["versions"]["numpy"] == np.__version__
+    assert set(m["files"]) == {"item_ids.json", "weights.safetensors", "blobs/model.bin", "train_log.json"}
+    assert m["files"]["train_log.json"]["role"] == "offline"
+    assert m["files"]["weights.safetensors"]["sha256"] == sha256_file(out / "weights.safetensors")
+    assert leftovers(tmp_path) == []
+
+
+def test_served_bytes_counts_only_served_files(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    artifact = load_artifact(out)
+
+    served = ["item_ids.json", "weights.safetensors", "blobs/model.bin"]
+    assert artifact.served_bytes() == sum((out / rel).stat().st_size for rel in served)
+    assert artifact.total_bytes() == artifact.served_bytes() + (out / "train_log.json").stat().st_size
+
+
+def test_non_contiguous_arrays_are_written_in_logical_order(tmp_path):
+    # safetensors.numpy dumps the raw buffer; a transposed view must not come back scrambled.
+    base = np.arange(12, dtype=np.float32).reshape(3, 4)
+    views = {"transposed": base.T, "strided": base[:, ::2]}
+    with ArtifactWriter(tmp_path / "art", "full", CONFIG, DATA) as writer:
+        writer.write_tensors("w.safetensors", views)
+
+    loaded = load_artifact(tmp_path / "art").read_tensors("w.safetensors")
+    for name, view in views.items():
+        np.testing.assert_array_equal(loaded[name], view)
+
+
+def test_summary_has_sizes_and_metrics_once_evaluated(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    summary = load_artifact(out).summary()
+    assert summary["variant"] == "full" and summary["promotable"] is True
+    assert summary["sizes"]["served_bytes"] == load_artifact(out).served_bytes()
+    assert "metrics" not in summary
+
+    update_metrics(out, {"recall@10": 0.25})
+    assert load_artifact(out).summary()["metrics"] == {"recall@10": 0.25}
+
+
+def test_unlisted_extra_files_are_ignored(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    (out / "notes.txt").write_text("scratch")
+
+    artifact = load_artifact(out)
+    assert "notes.txt" not in artifact.manifest["files"]
+    with pytest.raises(ArtifactError, match="not listed"):
+        artifact.file("notes.txt")
+
+
+# --- verification failures ------------------------------------------------------------------------
+
+
+def test_tampered_file_is_a_checksum_mismatch_naming_the_file(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    target = out / "weights.safetensors"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    target.write_bytes(bytes(data))
+
+    with pytest.raises(ArtifactError, match=r"weights\.safetensors.*checksum mismatch"):
+        load_artifact(out)
+    load_artifact(out, verify=False)  # sizes still match, so only hashing catches it
+
+
+def test_truncated_file_is_a_size_mismatch(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    target = out / "blobs" / "model.bin"
+    target.write_bytes(target.read_bytes()[:-3])
+
+    with pytest.raises(ArtifactError, match=r"model\.bin.*size mismatch \(truncated\)"):
+        load_artifact(out)
+    with pytest.raises(ArtifactError, match="truncated"):
+        load_artifact(out, verify=False)
+
+
+def test_missing_file_is_refused(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    (out / "item_ids.json").unlink()
+
+    with pytest.raises(ArtifactError, match=r"item_ids\.json.*missing"):
+        load_artifact(out)
+
+
+def test_missing_manifest_is_refused(tmp_path):
+    (tmp_path / "art").mkdir()
+    with pytest.raises(ArtifactError, match=r"manifest\.json.*missing"):
+        load_artifact(tmp_path / "art")
+
+
+def test_invalid_json_manifest_is_refused(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    (out / MANIFEST).write_text('{"format": "slimrec-artifact", ')
+
+    with pytest.raises(ArtifactError, match=r"manifest\.json.*not valid JSON"):
+        load_artifact(out)
+
+
+def test_wrong_format_is_refused(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    rewrite_manifest(out, format="something-else")
+
+    with pytest.raises(ArtifactError, match="format is 'something-else'"):
+        load_artifact(out)
+
+
+def test_unknown_format_version_names_supported_versions(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    rewrite_manifest(out, format_version=2)
+
+    with pytest.raises(ArtifactError, match=r"unsupported format_version 2.*reads 1"):
+        load_artifact(out)
+
+
+@pytest.mark.parametrize("evil", ["../evil", "sub/../../evil", "/etc/passwd", "C:\\evil", "./item_ids.json"])
+def test_manifest_paths_escaping_the_directory_are_refused(tmp_path, evil):
+    out = tmp_path / "art"
+    write_sample(out)
+    (tmp_path / "evil").write_text("outside")
+    manifest = manifest_of(out)
+    manifest["files"][evil] = dict(manifest["files"]["item_ids.json"])
+    (out / MANIFEST).write_text(json.dumps(manifest))
+
+    with pytest.raises(ArtifactError, match=r"manifest\.json.*files"):
+        load_artifact(out, verify=False)
+
+
+def test_symlink_escaping_the_directory_is_refused(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    outside = tmp_path / "outside.json"
+    outside.write_bytes((out / "item_ids.json").read_bytes())
+    (out / "item_ids.json").unlink()
+    (out / "item_ids.json").symlink_to(outside)
+
+    with pytest.raises(ArtifactError, match="outside the artifact directory"):
+        load_artifact(out)
+
+
+def test_writer_refuses_paths_escaping_the_directory(tmp_path):
+    writer = ArtifactWriter(tmp_path / "art", "full", CONFIG, DATA)
+    for evil in ["../evil", "/abs", "manifest.json"]:
+        with pytest.raises(ArtifactError):
+            writer.write_bytes(evil, b"x")
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- atomic commit ----------------------------------------------------------------------------------
+
+
+def test_exception_inside_context_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "art"
+    with pytest.raises(RuntimeError, match="training diverged"):
+        with ArtifactWriter(out, "full", CONFIG, DATA) as writer:
+            writer.write_json("item_ids.json", ["1"])
+            raise RuntimeError("training diverged")
+
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rewrite_keeps_the_old_artifact(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    with pytest.raises(RuntimeError):
+        with ArtifactWriter(out, "compressed", CONFIG, DATA) as writer:
+            writer.write_json("item_ids.json", ["9"])
+            raise RuntimeError("boom")
+
+    assert load_artifact(out).variant == "full"
+    assert leftovers(tmp_path) == []
+
+
+def test_rewriting_an_existing_artifact_replaces_it(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    with ArtifactWriter(out, "compressed", CONFIG, DATA) as writer:
+        writer.write_json("only.json", {"v": 2})
+
+    artifact = load_artifact(out)
+    assert artifact.variant == "compressed"
+    assert set(artifact.manifest["files"]) == {"only.json"}
+    assert not (out / "weights.safetensors").exists()  # old files gone, not merged
+    assert leftovers(tmp_path) == []
+
+
+def test_writer_refuses_to_replace_a_non_artifact_directory(tmp_path):
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+
+    with pytest.raises(ArtifactError, match="not an artifact directory"):
+        ArtifactWriter(precious, "full", CONFIG, DATA)
+    assert (precious / "thesis.tex").exists()
+
+
+def test_writer_rejects_computed_fields_and_unwritten_roles(tmp_path):
+    writer = ArtifactWriter(tmp_path / "art", "full", CONFIG, DATA)
+    with pytest.raises(ArtifactError, match="computed"):
+        writer.set("files", {})
+    with pytest.raises(ArtifactError, match="promotable"):
+        writer.set("promotable", "yes")
+    writer.set_role("never.json", "offline")
+    with pytest.raises(ArtifactError, match="never written"):
+        writer.commit()
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+
+def test_update_metrics_keeps_verification_passing(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    served_before = load_artifact(out).served_bytes()
+
+    update_metrics(out, {"recall@10": np.float32(0.5), "ndcg@10": 0.3})
+    update_metrics(out, {"recall@10": 0.25, "ndcg@10": 0.125})  # re-evaluation overwrites
+
+    artifact = load_artifact(out)
+    assert artifact.read_json("metrics.json") == {"recall@10": 0.25, "ndcg@10": 0.125}
+    assert artifact.manifest["files"]["metrics.json"]["role"] == "offline"
+    assert artifact.served_bytes() == served_before
+    assert leftovers(out) == []
+
+
+def test_tampering_with_metrics_after_update_is_caught(tmp_path):
+    out = tmp_path / "art"
+    write_sample(out)
+    update_metrics(out, {"recall@10": 0.25})
+    metrics = out / "metrics.json"
+    metrics.write_bytes(metrics.read_bytes().replace(b"0.25", b"0.99"))  # same size, better numbers
+
+    with pytest.raises(ArtifactError, match=r"metrics\.json.*checksum mismatch"):
+        load_artifact(out)
+
+
+def test_update_metrics_refuses_a_non_artifact(tmp_path):
+    (tmp_path / "art").mkdir()
+    with pytest.raises(ArtifactError, match="missing"):
+        update_metrics(tmp_path / "art", {"recall@10": 0.1})
