@@ -1,0 +1,121 @@
+"""`slimrec evaluate`: PROTOCOL.md metrics of an artifact, through the served path.
+
+For each model in the artifact ("selection/" scored on validation, the served
+one on test):
+  - retrieval: exact top-K over the whole catalogue (item vectors from item_tower.onnx),
+  - two_stage: the request path of `ServedModel.recommend` (index top-200 -> ranker -> top-K),
+  - ranker: AUC and log loss on held-out positives against sampled negatives.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from compression.artifact import Artifact
+from compression.package import SELECTION_PREFIX, SERVED_PREFIX
+from compression.runtime import ServedModel, _run
+from models.data import Dataset
+from models.evaluate import RETRIEVAL_KS
+from models.metrics import auc, log_loss, ranking_metrics, top_k_excluding
+from models.split import TEST, VALID, protocol_split
+
+BATCH = 256
+PREFIX_FOLD = {SELECTION_PREFIX: ("valid", VALID), SERVED_PREFIX: ("test", TEST)}
+
+
+def check_dataset(artifact: Artifact, dataset: Dataset) -> None:
+    expected = artifact.manifest["data"].get("fingerprint")
+    if expected and expected != dataset.fingerprint():
+        raise ValueError(f"{artifact.path}: trained on {artifact.manifest['data'].get('dataset')!r} "
+                         f"(fingerprint {expected[:12]}), but the data given has fingerprint "
+                         f"{dataset.fingerprint()[:12]}")
+
+
+def relevant_sets(dataset: Dataset, fold: int, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR over `users` of their items in `fold`."""
+    from models.metrics import csr_from_pairs
+
+    split = protocol_split(dataset)
+    slot = np.full(dataset.n_users, -1)
+    slot[users] = np.arange(len(users))
+    rows = np.flatnonzero(split.fold == fold)
+    return csr_from_pairs(slot[split.user[rows]], split.item[rows], len(users))
+
+
+def item_vectors(model: ServedModel) -> np.ndarray:
+    """Every item's embedding from the exported item tower (the exact retrieval reference)."""
+    sess = model.artifact.file(f"{model.prefix}item_tower.onnx")
+    from models.export import session
+
+    tower = session(sess, threads=0)
+    codes = np.arange(1, model.n_items + 1, dtype=np.int64)
+    return np.concatenate([_run(tower, item_code=codes[s : s + 65536]) for s in range(0, len(codes), 65536)])
+
+
+def evaluate_model(model: ServedModel, dataset: Dataset, fold: int, n_candidates: int = 200,
+                   seed: int = 0) -> dict:
+    split = protocol_split(dataset)
+    users = np.unique(split.user[split.fold == fold])
+    relevant = relevant_sets(dataset, fold, users)
+    vectors = item_vectors(model)
+    k = max(RETRIEVAL_KS)
+    retrieved, served = [], []
+    for s in range(0, len(users), BATCH):
+        batch = model.known_users(users[s : s + BATCH])
+        emb = model.embed(batch)
+        retrieved.append(top_k_excluding(emb @ vectors.T, k, batch.exclude_indptr, batch.exclude_items))
+        served.append(_pad(model.recommend(batch, k, n_candidates).items, k))
+    return {
+        "users": int(len(users)),
+        "retrieval": ranking_metrics(np.concatenate(retrieved), *relevant, ks=RETRIEVAL_KS),
+        "two_stage": ranking_metrics(np.concatenate(served), *relevant, ks=RETRIEVAL_KS),
+        "ranker": ranker_classification(model, users, relevant, split, seed),
+    }
+
+
+def ranker_classification(model: ServedModel, users, relevant, split, seed: int, n_negatives: int = 50):
+    """AUC / log loss of the ranker: held-out positives vs items the user never rated (uniform)."""
+    rng = np.random.default_rng(seed)
+    indptr, items = relevant
+    width = int(np.diff(indptr).max()) + n_negatives
+    cands = np.full((len(users), width), -1, np.int64)
+    labels = np.zeros((len(users), width), np.float32)
+    for j, u in enumerate(users):  # assembling rows only; scoring below is batched
+        pos = items[indptr[j] : indptr[j + 1]]
+        seen = split.item[split.user_start[u] : split.user_start[u + 1]]
+        neg = rng.integers(0, model.n_items, 4 * n_negatives)
+        neg = np.unique(neg[~np.isin(neg, seen)])[:n_negatives]
+        cands[j, : len(pos)], labels[j, : len(pos)] = pos, 1
+        cands[j, len(pos) : len(pos) + len(neg)] = neg
+    logits = []
+    for s in range(0, len(users), BATCH):
+        batch = model.known_users(users[s : s + BATCH], exclude_seen=False)
+        logits.append(_run(model.ranker, user_code=batch.codes, user_features=batch.features,
+                           history=batch.history, candidates=np.maximum(cands[s : s + BATCH], -1) + 1))
+    logits = np.concatenate(logits)
+    keep = cands >= 0
+    z = logits[keep].astype(np.float64)
+    return {"auc": auc(labels[keep], z), "log_loss": log_loss(labels[keep], 1 / (1 + np.exp(-z))),
+            "negatives": f"{n_negatives} per user, uniform over items the user never rated (seed {seed})"}
+
+
+def evaluate_artifact(artifact: Artifact, dataset: Dataset, threads: int = 0) -> dict:
+    """Metrics keyed as PROTOCOL.md asks: {"retrieval": {"valid": .., "test": ..}, "two_stage": ..}."""
+    check_dataset(artifact, dataset)
+    out: dict = {"retrieval": {}, "two_stage": {}, "ranker": {}}
+    for prefix, (name, fold) in PREFIX_FOLD.items():
+        if prefix not in artifact.config["models"]:
+            continue
+        result = evaluate_model(ServedModel(artifact, prefix, threads=threads), dataset, fold)
+        for key in out:
+            out[key][name] = result[key]
+    out["protocol"] = {"dataset": artifact.manifest["data"].get("dataset"), "split": "PROTOCOL.md",
+                       "variant": artifact.variant, "seed": artifact.config.get("train", {}).get("seed")}
+    return out
+
+
+def _pad(items: np.ndarray, k: int) -> np.ndarray:
+    if items.shape[1] >= k:
+        return items
+    return np.hstack([items, np.full((len(items), k - items.shape[1]), -1, items.dtype)])
+

@@ -1,0 +1,118 @@
+"""Item indexes for candidate retrieval (FAISS), behind one small interface.
+
+`build_item_index(embeddings, IndexSpec(...))` returns an `ItemIndex` whose
+`search(queries, k)` gives (scores, item indices). FAISS pads short result lists
+with id -1; `search` keeps that padding as -1 and -inf so callers can drop it,
+and nothing downstream ever treats -1 as an item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+INDEX_KINDS = ("flat", "ivf_sq8", "ivf_pq_refine", "hnsw")
+
+
+@dataclass
+class IndexSpec:
+    kind: str = "flat"
+    nlist: int | None = None  # IVF cells; None: about 4 * sqrt(n_items)
+    nprobe: int = 16
+    pq_m: int = 8  # sub-quantizers for ivf_pq_refine
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 256
+
+    def __post_init__(self):
+        if self.kind not in INDEX_KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}; expected one of {INDEX_KINDS}")
+        if self.nprobe < 1:
+            raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ItemIndex:
+    """Inner-product search over item embeddings; ids are catalogue item indices."""
+
+    def __init__(self, index: faiss.Index, spec: IndexSpec):
+        self.index, self.spec = index, spec
+        self.apply_search_params()
+
+    @property
+    def n_items(self) -> int:
+        return self.index.ntotal
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    def apply_search_params(self) -> None:
+        if self.spec.kind in ("ivf_sq8", "ivf_pq_refine"):
+            faiss.extract_index_ivf(self.index).nprobe = self.spec.nprobe
+        elif self.spec.kind == "hnsw":
+            faiss.downcast_index(self.index).hnsw.efSearch = self.spec.ef_search
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """queries [nq, d] -> (scores float32 [nq, k], item indices int64 [nq, k]); -1 pads with -inf."""
+        k = min(k, self.n_items)
+        scores, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores[ids < 0] = -np.inf
+        return scores, ids
+
+    def save(self, path: Path) -> None:
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path, spec: IndexSpec) -> ItemIndex:
+        return cls(faiss.read_index(str(path)), spec)
+
+    def memory_bytes(self) -> int:
+        """Bytes of the serialised index, a close proxy for its resident size."""
+        return int(faiss.serialize_index(self.index).size)
+
+
+def build_item_index(embeddings: np.ndarray, spec: IndexSpec, seed: int = 0) -> ItemIndex:
+    """Build an index over embeddings [n_items, d] (row i is item index i).
+
+    Example:
+        index = build_item_index(item_emb, IndexSpec("ivf_sq8", nprobe=16))
+        scores, items = index.search(user_emb, 200)
+    """
+    xb = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, d = xb.shape
+    metric = faiss.METRIC_INNER_PRODUCT
+    if spec.kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, metric)
+        index.hnsw.efConstruction = spec.ef_construction
+    else:
+        nlist = spec.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
+        quantizer = faiss.IndexFlatIP(d)
+        if spec.kind == "ivf_sq8":
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
+        else:
+            ivf = faiss.IndexIVFPQ(quantizer, d, nlist, spec.pq_m, 8, metric)
+            index = faiss.IndexRefineFlat(ivf)  # exact re-scoring of the PQ shortlist
+        _train(index, xb, seed)
+    index.add(xb)
+    return ItemIndex(index, spec)
+
+
+def _train(index: faiss.Index, xb: np.ndarray, seed: int) -> None:
+    ivf = faiss.extract_index_ivf(index)
+    ivf.cp.seed = seed
+    index.train(xb)
+
+
+def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+    """Mean |approx ∩ exact| / |exact| per query (faiss contrib's knn intersection measure)."""
+    hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) / max(1, (e >= 0).sum())
+            for a, e in zip(approx_ids, exact_ids)]
+    return float(np.mean(hits))

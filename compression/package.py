@@ -1,0 +1,123 @@
+"""Write a trained (or compressed) model into an artifact directory, in the served form.
+
+One model occupies a `prefix` inside an artifact: "" for the served model
+(fitted on train + valid), "selection/" for its twin fitted on train only,
+which `slimrec evaluate` scores on validation and the quality gate compares.
+
+Files per prefix:
+    user_tower.onnx, ranker.onnx      served by ONNX Runtime
+    item_tower.onnx                   offline: the index already holds the item vectors
+    items.faiss                       the item index
+    tables.safetensors                user features, each user's fitted items (history and
+                                      exclusions), items by popularity
+    weights.safetensors               offline: PyTorch state dicts, where compression starts from
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from compression.artifact import ArtifactWriter
+from compression.index import IndexSpec, build_item_index
+from models.export import export_onnx, parity
+from models.fold import Fold
+from models.metrics import csr_from_pairs
+
+SERVED_PREFIX = ""
+SELECTION_PREFIX = "selection/"
+PARITY_TOLERANCE = 1e-4
+
+
+def state_tensors(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {f"{prefix}.{k}": v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def fold_tables(fold: Fold) -> dict[str, np.ndarray]:
+    """What serving needs about users and items beyond the models, as plain arrays."""
+    pos = fold.fit_positions
+    indptr, items = csr_from_pairs(fold.split.user[pos], fold.split.item[pos], fold.dataset.n_users)
+    return {
+        "user_features": fold.user_features,
+        "fitted_indptr": indptr.astype(np.int64),
+        "fitted_items": items.astype(np.int64),  # protocol order: the last ones are the history
+        "popular_items": np.argsort(-fold.item_popularity, kind="stable").astype(np.int64),
+    }
+
+
+def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torch.nn.Module,
+                ranker: torch.nn.Module, index_spec: IndexSpec, extra_tensors: dict | None = None) -> dict:
+    """Export one model under `prefix`; returns its config entry, with the ONNX parity measured."""
+    role = "served" if prefix == SERVED_PREFIX else "offline"
+    n = fold.space.history_len
+    parity_max = {}
+    for kind, module in (("user_tower", two_tower.user_tower), ("item_tower", two_tower.item_tower),
+                         ("ranker", ranker)):
+        path = export_onnx(module, kind, writer.path(f"{prefix}{kind}.onnx"), n)
+        parity_max[kind] = parity(module, kind, path, n)
+        if parity_max[kind] > PARITY_TOLERANCE:
+            raise RuntimeError(f"ONNX export of {kind} differs from PyTorch by {parity_max[kind]:.2e}")
+        writer.set_role(f"{prefix}{kind}.onnx", "offline" if kind == "item_tower" else role)
+
+    with torch.no_grad():
+        item_emb = two_tower.item_embeddings(fold.dataset.n_items).numpy()
+    index = build_item_index(item_emb, index_spec)
+    index.save(writer.path(f"{prefix}items.faiss"))
+    writer.set_role(f"{prefix}items.faiss", role)
+    writer.write_tensors(f"{prefix}tables.safetensors", fold_tables(fold))
+    writer.set_role(f"{prefix}tables.safetensors", role)
+    weights = {**state_tensors("two_tower", two_tower), **state_tensors("ranker", ranker),
+               **(extra_tensors or {})}
+    writer.write_tensors(f"{prefix}weights.safetensors", weights)
+    writer.set_role(f"{prefix}weights.safetensors", "offline")
+    return {"fold": fold.name, "index": index_spec.to_dict(), "onnx_parity_max_abs": parity_max,
+            "embedding_dim": int(item_emb.shape[1])}
+
+
+def write_catalogue(writer: ArtifactWriter, fold: Fold) -> None:
+    """Raw ids and item metadata (titles, genres) for the API; shared by every prefix."""
+    d = fold.dataset
+    writer.write_json("catalogue.json", {
+        "user_ids": list(d.users.raw_ids),
+        "item_ids": list(d.items.raw_ids),
+        "titles": list(d.items.title),
+        "genres": list(d.items.genres),
+    })
+
+
+def parameter_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def model_entry(models, index_spec: IndexSpec) -> dict:
+    """The manifest's description of one fitted model (see models.train.FoldModels)."""
+    return {
+        "retrieval_weight": models.retrieval_weight,
+        "temperature": models.two_tower.config.temperature,
+        "epochs": {"retrieval": models.retrieval.epochs, "ranker": models.ranking.epochs},
+        "train_seconds": {"retrieval": models.retrieval.seconds, "ranker": models.ranking.seconds},
+        "parameters": {"two_tower": parameter_count(models.two_tower),
+                       "user_tower": parameter_count(models.two_tower.user_tower),
+                       "item_tower": parameter_count(models.two_tower.item_tower),
+                       "ranker": parameter_count(models.ranker)},
+        "index": index_spec.to_dict(),
+    }
+
+
+def write_fitted_artifact(out, variant: str, selected, final, config: dict, data: dict,
+                          index_spec: IndexSpec) -> ArtifactWriter:
+    """Write both fitted models (selection and served) of a variant; returns the committed writer."""
+    entries = {}
+    writer = ArtifactWriter(out, variant, config={}, data=data)
+    try:
+        for prefix, models in ((SERVED_PREFIX, final), (SELECTION_PREFIX, selected)):
+            entries[prefix] = {**model_entry(models, index_spec),
+                               **write_model(writer, prefix, models.fold, models.two_tower,
+                                             models.ranker, index_spec)}
+        write_catalogue(writer, final.fold)
+        writer.set("config", {**config, "feature_space": final.fold.space.to_dict(), "models": entries})
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer

@@ -1,0 +1,156 @@
+"""A model as served: ONNX Runtime sessions, a FAISS index and plain tables, loaded from an artifact.
+
+`ServedModel.recommend` is the one request path (user tower -> index top-N ->
+drop seen/filtered -> ranker -> top-k), batched over users. The server calls it,
+and so does `slimrec evaluate`, so the quality measured offline is the quality served.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from compression.artifact import Artifact
+from compression.index import IndexSpec, ItemIndex
+from models.export import session
+from models.features import FeatureSpace
+
+
+@dataclass
+class UserBatch:
+    """Model inputs for B requests, plus what each must not be recommended (CSR of item indices)."""
+
+    codes: np.ndarray  # int64 [B], 0 = unknown user
+    features: np.ndarray  # int64 [B, 4]
+    history: np.ndarray  # int64 [B, N] item codes, right-aligned
+    exclude_indptr: np.ndarray  # int64 [B + 1]
+    exclude_items: np.ndarray  # int64
+
+
+@dataclass
+class Recommendations:
+    items: np.ndarray  # int64 [B, k] item indices, -1 where fewer than k were available
+    scores: np.ndarray  # float32 [B, k]
+    timings: dict[str, float]  # seconds per stage for the batch: embed, retrieve, rank
+
+
+class ServedModel:
+    def __init__(self, artifact: Artifact, prefix: str = "", threads: int = 1):
+        config = artifact.config
+        entry = config["models"][prefix]
+        self.artifact, self.prefix = artifact, prefix
+        self.space = FeatureSpace.from_dict(config["feature_space"])
+        self.retrieval_weight = float(entry["retrieval_weight"])
+        self.temperature = float(entry["temperature"])
+        self.user_tower = session(artifact.file(f"{prefix}user_tower.onnx"), threads)
+        self.ranker = session(artifact.file(f"{prefix}ranker.onnx"), threads)
+        self.index = ItemIndex.load(artifact.file(f"{prefix}items.faiss"), IndexSpec(**entry["index"]))
+        tables = artifact.read_tensors(f"{prefix}tables.safetensors")
+        self.user_features = tables["user_features"]
+        self.fitted_indptr, self.fitted_items = tables["fitted_indptr"], tables["fitted_items"]
+        self.popular_items = tables["popular_items"]
+        self.n_users, self.n_items = self.space.n_users, self.space.n_items
+        if self.index.n_items != self.n_items:
+            raise ValueError(f"{artifact.path}: index holds {self.index.n_items} items, "
+                             f"the feature space {self.n_items}")
+
+    # --- request assembly ----------------------------------------------------------------------
+
+    def known_users(self, users: np.ndarray, exclude_seen: bool = True) -> UserBatch:
+        """State of known users (indices) as of the end of their fitted interactions."""
+        start, stop = self.fitted_indptr[users], self.fitted_indptr[users + 1]
+        n = self.space.history_len
+        idx = stop[:, None] - np.arange(n, 0, -1)[None, :]
+        history = np.where(idx >= start[:, None], self.fitted_items[np.maximum(idx, 0)] + 1, 0)
+        codes = users.astype(np.int64) + 1
+        if exclude_seen:
+            lengths = stop - start
+            exclude_indptr = np.concatenate([[0], np.cumsum(lengths)])
+            rows = np.repeat(start - exclude_indptr[:-1], lengths) + np.arange(lengths.sum())
+            exclude = self.fitted_items[rows]
+        else:
+            exclude_indptr, exclude = np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int64)
+        return UserBatch(codes, self.user_features[codes], history.astype(np.int64), exclude_indptr, exclude)
+
+    # --- stages -------------------------------------------------------------------------------
+
+    def embed(self, batch: UserBatch) -> np.ndarray:
+        return _run(self.user_tower, user_code=batch.codes, user_features=batch.features,
+                    history=batch.history)
+
+    def retrieve(self, user_emb: np.ndarray, n: int, batch: UserBatch,
+                 allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-n item indices [B, n] (-1 padded) and scores, excluded and disallowed items dropped."""
+        n_excluded = np.diff(batch.exclude_indptr)
+        n_blocked = 0 if allowed is None else int((~allowed).sum())
+        k = min(self.n_items, n + int(n_excluded.max(initial=0)) + n_blocked)
+        scores, items = self.index.search(user_emb, k)
+        drop = items < 0
+        if len(batch.exclude_items):
+            drop |= _member_rows(items, batch.exclude_indptr, batch.exclude_items)
+        if allowed is not None:
+            drop |= ~allowed[np.maximum(items, 0)]
+        return _compact(items, scores, drop, n)
+
+    def rank(self, batch: UserBatch, candidates: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
+        """Final scores [B, C]: ranker logit + retrieval_weight * retrieval score / temperature."""
+        logits = _run(self.ranker, user_code=batch.codes, user_features=batch.features,
+                      history=batch.history, candidates=np.maximum(candidates, -1) + 1)
+        final = logits + self.retrieval_weight * retrieval_scores / self.temperature
+        return np.where(candidates >= 0, final, -np.inf).astype(np.float32)
+
+    def recommend(self, batch: UserBatch, k: int, n_candidates: int = 200,
+                  allowed: np.ndarray | None = None) -> Recommendations:
+        import time
+
+        t0 = time.perf_counter()
+        user_emb = self.embed(batch)
+        t1 = time.perf_counter()
+        cands, cand_scores = self.retrieve(user_emb, n_candidates, batch, allowed)
+        t2 = time.perf_counter()
+        final = self.rank(batch, cands, cand_scores)
+        order = np.argsort(-final, axis=1, kind="stable")[:, :k]
+        t3 = time.perf_counter()
+        items = np.take_along_axis(cands, order, 1)
+        scores = np.take_along_axis(final, order, 1)
+        return Recommendations(items, scores, {"embed": t1 - t0, "retrieve": t2 - t1, "rank": t3 - t2})
+
+    def popular(self, k: int, exclude: np.ndarray | None = None, allowed: np.ndarray | None = None):
+        """The popularity fallback: most-interacted items, minus exclusions and filtered items."""
+        keep = np.ones(len(self.popular_items), bool)
+        if exclude is not None and len(exclude):
+            keep &= ~np.isin(self.popular_items, exclude)
+        if allowed is not None:
+            keep &= allowed[self.popular_items]
+        return self.popular_items[keep][:k]
+
+
+def _run(sess, **feeds: np.ndarray) -> np.ndarray:
+    """Run a session on the inputs it declares (an exporter may drop an unused one)."""
+    names = [i.name for i in sess.get_inputs()]
+    return sess.run(None, {name: feeds[name] for name in names})[0]
+
+
+def _member_rows(items: np.ndarray, indptr: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """[B, K] bool: is items[b, j] in row b of the CSR (indptr, members)."""
+    bound = np.int64(max(int(items.max(initial=0)), int(members.max(initial=0))) + 2)
+    rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    keys = np.sort(rows * bound + members)
+    query = np.arange(len(items))[:, None] * bound + items
+    pos = np.minimum(np.searchsorted(keys, query), max(len(keys) - 1, 0))
+    return keys[pos] == query if len(keys) else np.zeros(items.shape, bool)
+
+
+def _compact(items: np.ndarray, scores: np.ndarray, drop: np.ndarray, n: int):
+    """Keep the first n undropped entries of each row, in order; pad with -1 / -inf."""
+    order = np.argsort(drop, axis=1, kind="stable")[:, :n]
+    kept_items = np.take_along_axis(items, order, 1)
+    kept_scores = np.take_along_axis(scores, order, 1)
+    dropped = np.take_along_axis(drop, order, 1)
+    width = max(n, 0)
+    out_items = np.full((len(items), width), -1, np.int64)
+    out_scores = np.full((len(items), width), -np.inf, np.float32)
+    out_items[:, : order.shape[1]] = np.where(dropped, -1, kept_items)
+    out_scores[:, : order.shape[1]] = np.where(dropped, -np.inf, kept_scores)
+    return out_items, out_scores

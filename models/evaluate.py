@@ -1,0 +1,132 @@
+"""PROTOCOL.md metrics for in-memory PyTorch models (training's model selection).
+
+Artifacts, as served through ONNX Runtime and FAISS, are scored by
+`compression.served.evaluate_artifact`, which reuses the same stage functions here
+(`exclude_and_top_k`, `two_stage_top_k`) so that both paths rank identically.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.fold import Fold
+from models.metrics import auc, log_loss, ranking_metrics, top_k_excluding
+from models.ranker import Ranker
+from models.two_tower import TwoTower
+
+RETRIEVAL_KS = (10, 50, 200)
+USER_BATCH = 1024
+
+
+@torch.no_grad()
+def user_embeddings(model: TwoTower, fold: Fold, users: np.ndarray) -> np.ndarray:
+    model.eval()
+    out = []
+    for s in range(0, len(users), USER_BATCH):
+        codes, feats, history = fold.user_state(users[s : s + USER_BATCH])
+        out.append(model.user_tower(torch.from_numpy(codes), torch.from_numpy(feats),
+                                    torch.from_numpy(history)).numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def item_embeddings(model: TwoTower, n_items: int) -> np.ndarray:
+    model.eval()
+    return model.item_embeddings(n_items).numpy()
+
+
+def exact_top_k(user_emb: np.ndarray, item_emb: np.ndarray, k: int,
+                exclude: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k over the whole catalogue, excluded items removed.
+
+    Returns (items [U, k] with -1 padding, scores [U, k]); processed in user blocks to bound memory.
+    """
+    indptr, excluded = exclude
+    items, scores = [], []
+    for s in range(0, len(user_emb), USER_BATCH):
+        e = min(s + USER_BATCH, len(user_emb))
+        block = user_emb[s:e] @ item_emb.T
+        top = top_k_excluding(block, k, indptr[s : e + 1] - indptr[s], excluded[indptr[s] : indptr[e]])
+        items.append(top)
+        scores.append(np.where(top >= 0, np.take_along_axis(block, np.maximum(top, 0), 1), -np.inf))
+    return np.concatenate(items), np.concatenate(scores).astype(np.float32)
+
+
+def evaluate_retrieval(model: TwoTower, fold: Fold) -> dict[str, float]:
+    users = fold.eval_users
+    top, _ = exact_top_k(user_embeddings(model, fold, users), item_embeddings(model, fold.dataset.n_items),
+                         max(RETRIEVAL_KS), fold.eval_exclude)
+    return ranking_metrics(top, *fold.eval_relevant, ks=RETRIEVAL_KS)
+
+
+@torch.no_grad()
+def ranker_logits(ranker: Ranker, fold: Fold, users: np.ndarray, candidates: np.ndarray,
+                  batch_users: int = 64) -> np.ndarray:
+    """Ranker logits [U, C] for candidate item indices [U, C] (-1 padding gets -inf)."""
+    ranker.eval()
+    out = []
+    for s in range(0, len(users), batch_users):
+        codes, feats, history = fold.user_state(users[s : s + batch_users])
+        cand = candidates[s : s + batch_users]
+        logits = ranker(torch.from_numpy(codes), torch.from_numpy(feats), torch.from_numpy(history),
+                        torch.from_numpy(np.maximum(cand, -1) + 1)).numpy()
+        out.append(np.where(cand >= 0, logits, -np.inf))
+    return np.concatenate(out).astype(np.float32)
+
+
+def blend(logits: np.ndarray, retrieval_scores: np.ndarray, retrieval_weight: float) -> np.ndarray:
+    """The ranking stage's final score: ranker logit plus a weighted retrieval score."""
+    return logits + retrieval_weight * retrieval_scores if retrieval_weight else logits
+
+
+def top_k_of_candidates(candidates: np.ndarray, final_scores: np.ndarray, k: int) -> np.ndarray:
+    """Re-order candidates [U, C] by score (stable on ties: retrieval order wins) and keep k."""
+    order = np.argsort(-final_scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(candidates, order, 1)
+
+
+def evaluate_two_stage(model: TwoTower, ranker: Ranker, fold: Fold, n_candidates: int = 200,
+                       retrieval_weights: tuple[float, ...] = (0.0,)) -> dict[float, dict[str, float]]:
+    """Two-stage metrics (exact retrieval of n_candidates, ranked, top 10) per retrieval weight."""
+    users = fold.eval_users
+    cands, cand_scores = exact_top_k(user_embeddings(model, fold, users),
+                                     item_embeddings(model, fold.dataset.n_items),
+                                     n_candidates, fold.eval_exclude)
+    logits = ranker_logits(ranker, fold, users, cands)
+    scaled = cand_scores / model.config.temperature
+    return {
+        w: ranking_metrics(top_k_of_candidates(cands, blend(logits, scaled, w), max(RETRIEVAL_KS)),
+                           *fold.eval_relevant, ks=RETRIEVAL_KS)
+        for w in retrieval_weights
+    }
+
+
+def ranker_auc(ranker: Ranker, fold: Fold, seed: int = 0, n_negatives: int = 50) -> dict[str, float]:
+    """AUC and log loss on the scored fold: positives = the user's held-out items,
+    negatives = `n_negatives` items per user drawn uniformly from items the user never rated."""
+    rng = np.random.default_rng(seed)
+    users = fold.eval_users
+    indptr, rel = fold.eval_relevant
+    max_pos = int(np.diff(indptr).max())
+    n_items = fold.dataset.n_items
+    rated = np.zeros((len(users), n_items), bool) if n_items * len(users) <= 5e8 else None
+    cands = np.full((len(users), max_pos + n_negatives), -1, np.int64)
+    labels = np.zeros_like(cands, dtype=np.float32)
+    for j in range(len(users)):  # per user, but only to assemble the evaluation rows
+        pos = rel[indptr[j] : indptr[j + 1]]
+        cands[j, : len(pos)] = pos
+        labels[j, : len(pos)] = 1
+    all_rows = fold.split.user_start
+    for j, u in enumerate(users):
+        seen = fold.split.item[all_rows[u] : all_rows[u + 1]]
+        if rated is not None:
+            rated[j, seen] = True
+        neg = rng.integers(0, n_items, size=4 * n_negatives)
+        neg = neg[~np.isin(neg, seen)][:n_negatives]
+        cands[j, max_pos : max_pos + len(neg)] = neg
+    logits = ranker_logits(ranker, fold, users, cands)
+    keep = cands >= 0
+    probs = 1 / (1 + np.exp(-logits[keep].astype(np.float64)))
+    return {"auc": auc(labels[keep], logits[keep]), "log_loss": log_loss(labels[keep], probs),
+            "negatives": f"{n_negatives} per user, uniform over items the user never rated"}
