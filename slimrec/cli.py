@@ -1,0 +1,158 @@
+"""`slimrec`: one command for data, training, evaluation, compression, serving and load tests.
+
+The CLI is thin: it parses, then calls the package that owns the work.
+Errors the user can fix (a bad value, a missing file) exit with code 2 and one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from slimrec import presets
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args) or 0
+    except (UsageError, FileNotFoundError, ValueError) as exc:
+        print(f"slimrec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slimrec", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+
+    data = sub.add_parser("data", help="fetch or generate datasets").add_subparsers(dest="data_command")
+    fetch = data.add_parser("fetch", help="download a MovieLens dataset")
+    fetch.add_argument("name", choices=["ml-100k"])
+    fetch.add_argument("--dir", type=Path, default=None, help="parent directory (default: $SLIMREC_DATA_DIR or ./data)")
+    fetch.set_defaults(run=cmd_data_fetch, command="data fetch")
+    synth = data.add_parser("synth", help="generate a synthetic dataset with learnable structure")
+    synth.add_argument("--items", type=_positive_int, required=True)
+    synth.add_argument("--users", type=_positive_int, required=True)
+    synth.add_argument("--interactions", type=_positive_int, required=True)
+    synth.add_argument("--out", type=Path, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=cmd_data_synth, command="data synth")
+
+    train = sub.add_parser("train", help="train the teacher (full) models and write an artifact")
+    train.add_argument("--data", default="ml-100k", help="dataset name under $SLIMREC_DATA_DIR, or a directory")
+    train.add_argument("--out", type=Path, default=Path("artifacts/teacher"))
+    train.add_argument("--preset", choices=sorted(presets.TRAIN_PRESETS), default="teacher")
+    train.add_argument("--config", type=Path, help="TOML file overriding the preset")
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    train.set_defaults(run=cmd_train, command="train")
+
+    evaluate = sub.add_parser("evaluate", help="PROTOCOL.md metrics of an artifact; writes metrics.json")
+    evaluate.add_argument("artifact", type=Path)
+    evaluate.add_argument("--data", default=None, help="dataset (default: the one the artifact names)")
+    evaluate.set_defaults(run=cmd_evaluate, command="evaluate")
+    return parser
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+def cmd_data_fetch(args) -> None:
+    from models.fetch import fetch_movielens_100k
+    from models.movielens import data_root
+
+    path = fetch_movielens_100k(args.dir or data_root())
+    print(path)
+
+
+def cmd_data_synth(args) -> None:
+    from models.synth import write_synthetic
+
+    out = write_synthetic(args.out, n_items=args.items, n_users=args.users,
+                          n_interactions=args.interactions, seed=args.seed)
+    print(out)
+
+
+def cmd_train(args) -> None:
+    import torch
+
+    from compression.evaluate import evaluate_artifact
+    from compression.index import IndexSpec
+    from compression.package import write_fitted_artifact
+    from compression.artifact import load_artifact, update_metrics
+    from models.features import build_feature_space
+    from models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
+    from models.movielens import load_dataset
+    from models.split import protocol_split
+    from models.train import fit_teacher, log
+
+    config = presets.train_config(args.preset, args.config, seed=args.seed)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    started = time.perf_counter()
+    dataset = load_dataset(args.data)
+    split = protocol_split(dataset)
+    space = build_feature_space(dataset, config.history_len)
+    log(f"{dataset.name}: {dataset.n_users:,} users, {dataset.n_items:,} items, "
+        f"{len(dataset.interactions):,} interactions")
+    selected, final = fit_teacher(Fold.create(FIT_TRAIN, dataset, split, space),
+                                  Fold.create(FIT_TRAIN_VALID, dataset, split, space), config)
+    train_seconds = time.perf_counter() - started
+    data = {"dataset": dataset.name, "source": str(args.data), "fingerprint": dataset.fingerprint(),
+            "split_fingerprint": split.fingerprint()}
+    write_fitted_artifact(args.out, "full", selected, final, {"train": config.to_dict(), "preset": args.preset,
+                          "train_seconds": train_seconds}, data, IndexSpec("flat"))
+    log(f"trained in {train_seconds:.0f} s; evaluating {args.out}")
+    metrics = evaluate_artifact(load_artifact(args.out), dataset)
+    update_metrics(args.out, metrics)
+    print_metrics(metrics)
+
+
+def cmd_evaluate(args) -> None:
+    from compression.artifact import load_artifact, update_metrics
+    from compression.evaluate import evaluate_artifact
+    from models.movielens import load_dataset
+
+    artifact = load_artifact(args.artifact)
+    dataset = load_dataset(args.data or artifact.manifest["data"].get("source") or artifact.manifest["data"]["dataset"])
+    metrics = evaluate_artifact(artifact, dataset)
+    update_metrics(args.artifact, metrics)
+    print_metrics(metrics)
+
+
+def print_metrics(metrics: dict) -> None:
+    names = ["recall@10", "recall@50", "recall@200", "ndcg@10", "hr@10", "mrr@10"]
+    print(f"{'stage':<10} {'fold':<6} " + " ".join(f"{n:>10}" for n in names))
+    for stage in ("retrieval", "two_stage"):
+        for fold, values in metrics[stage].items():
+            print(f"{stage:<10} {fold:<6} " + " ".join(f"{values[n]:>10.4f}" for n in names))
+    for fold, values in metrics.get("ranker", {}).items():
+        print(f"ranker     {fold:<6} auc {values['auc']:.4f}  log_loss {values['log_loss']:.4f}")
+    print(json.dumps(metrics.get("protocol", {})))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())
