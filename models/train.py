@@ -66,7 +66,7 @@ class TrainConfig:
     ranker_schedule: StageSchedule = field(
         default_factory=lambda: StageSchedule(max_epochs=8, batch_size=64, lr=1e-3, patience=2))
     ranker_data: RankerData = field(default_factory=RankerData)
-    retrieval_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.4, 0.8, 1.6)
+    retrieval_weights: tuple[float, ...] = (0.0, 0.4, 0.8, 1.6, 3.2, 6.4)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("artifact", type=Path)
     evaluate.add_argument("--data", default=None, help="dataset (default: the one the artifact names)")
     evaluate.set_defaults(run=cmd_evaluate, command="evaluate")
+
+    demo = sub.add_parser("demo", help="the main job: fetch ml-100k, train, compress, serve A/B, compare")
+    demo.add_argument("--out", type=Path, default=Path("artifacts"))
+    demo.add_argument("--preset", choices=sorted(presets.TRAIN_PRESETS), default="teacher")
+    demo.set_defaults(run=cmd_demo, command="demo")
     return parser
 
 
@@ -131,6 +136,16 @@ def cmd_evaluate(args) -> None:
     metrics = evaluate_artifact(artifact, dataset)
     update_metrics(args.artifact, metrics)
     print_metrics(metrics)
+
+
+def cmd_demo(args) -> None:
+    from models.fetch import fetch_movielens_100k
+    from models.movielens import data_root
+
+    data = fetch_movielens_100k(data_root())
+    teacher = args.out / "teacher"
+    cmd_train(argparse.Namespace(data=str(data), out=teacher, preset=args.preset, config=None, seed=None,
+                                 threads=None))
 
 
 def print_metrics(metrics: dict) -> None:

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real MovieLens-100K from ../shared, and a tiny teacher trained on it once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_data_dir():
+    """Point named datasets at ../shared/data (CI has it beside the clone); never the network."""
+    if not (SHARED_DATA / "ml-100k").is_dir():
+        pytest.exit(f"MovieLens-100K not found at {SHARED_DATA / 'ml-100k'}", returncode=3)
+    os.environ["SLIMREC_DATA_DIR"] = str(SHARED_DATA)
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def ml100k(shared_data_dir):
+    from models.movielens import load_dataset
+
+    return load_dataset("ml-100k")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, shared_data_dir) -> Path:
+    """A teacher artifact trained with the "tiny" preset on ml-100k through the real CLI."""
+    from slimrec.cli import main
+
+    out = tmp_path_factory.mktemp("artifacts") / "teacher"
+    assert main(["train", "--preset", "tiny", "--data", "ml-100k", "--out", str(out), "--threads", "2"]) == 0
+    return out
