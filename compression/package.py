@@ -121,3 +121,28 @@ def write_fitted_artifact(out, variant: str, selected, final, config: dict, data
         writer.abort()
         raise
     return writer
+
+
+def read_state(artifact, prefix: str, module_prefix: str) -> dict[str, torch.Tensor]:
+    tensors = artifact.read_tensors(f"{prefix}weights.safetensors")
+    cut = len(module_prefix) + 1
+    return {k[cut:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith(module_prefix + ".")}
+
+
+def read_teacher(artifact, prefix: str, fold: Fold):
+    """Rebuild the teacher's PyTorch models of one prefix from its config and weights (strict)."""
+    from models.ranker import Ranker
+    from models.train import TrainConfig
+    from models.two_tower import TwoTower
+
+    config = TrainConfig.from_dict(artifact.config["train"])
+    two_tower = TwoTower(config.two_tower, fold.space, fold.tables)
+    ranker = Ranker(config.ranker, fold.space, fold.tables)
+    for name, module in (("two_tower", two_tower), ("ranker", ranker)):
+        try:
+            module.load_state_dict(read_state(artifact, prefix, name), strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{artifact.file(prefix + 'weights.safetensors')}: {name} weights do not match "
+                             f"the manifest's config: {str(exc).splitlines()[0]}") from None
+        module.eval()
+    return config, two_tower, ranker

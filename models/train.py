@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from models.evaluate import (
@@ -106,10 +107,28 @@ def seed_everything(seed: int) -> np.random.Generator:
 # --- retrieval -------------------------------------------------------------------------------
 
 
-def train_retrieval(fold: Fold, config: TrainConfig, epochs: int | None = None) -> StageResult:
+def retrieval_loss(model: TwoTower, inputs: dict) -> torch.Tensor:
+    """Ground truth only: in-batch softmax with logQ correction."""
+    return model.in_batch_loss(**inputs)
+
+
+def ranker_loss(model: Ranker, inputs: dict, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the ranker's logits against the list labels."""
+    logits = model(**inputs)
+    return F.binary_cross_entropy_with_logits(logits[mask], labels[mask])
+
+
+def train_retrieval(fold: Fold, config: TrainConfig, epochs: int | None = None, model: TwoTower | None = None,
+                    schedule: StageSchedule | None = None, loss_fn: Callable = retrieval_loss,
+                    name: str = "retrieval") -> StageResult:
+    """Fit a two-tower on the fold's rows, each predicting its item from the history before it.
+
+    `model`, `schedule` and `loss_fn(model, inputs)` default to the teacher's; distillation
+    passes a student and a loss that also listens to the teacher.
+    """
     rng = seed_everything(config.seed)
-    model = TwoTower(config.two_tower, fold.space, fold.tables)
-    schedule = config.retrieval_schedule
+    model = model or TwoTower(config.two_tower, fold.space, fold.tables)
+    schedule = schedule or config.retrieval_schedule
     popularity = np.bincount(fold.item_codes[fold.fit_positions], minlength=fold.dataset.n_items + 1)
     log_q = torch.from_numpy(np.log(np.maximum(popularity, 1) / popularity.sum()).astype(np.float32))
 
@@ -121,11 +140,15 @@ def train_retrieval(fold: Fold, config: TrainConfig, epochs: int | None = None) 
     def step(pos: np.ndarray) -> torch.Tensor:
         users = fold.split.user[pos].astype(np.int64)
         history = histories_before(fold.item_codes, fold.row_user_start[pos], pos, fold.space.history_len)
-        return model.in_batch_loss(
-            torch.from_numpy(users + 1), torch.from_numpy(fold.user_features[users + 1]),
-            torch.from_numpy(history), torch.from_numpy(fold.item_codes[pos]), log_q)
+        return loss_fn(model, {
+            "user_code": torch.from_numpy(users + 1),
+            "user_features": torch.from_numpy(fold.user_features[users + 1]),
+            "history": torch.from_numpy(history),
+            "item_code": torch.from_numpy(fold.item_codes[pos]),
+            "log_q": log_q,
+        })
 
-    return _run_stage("retrieval", model, schedule, batches, step, lambda m: evaluate_retrieval(m, fold),
+    return run_epochs(name, model, schedule, batches, step, lambda m: evaluate_retrieval(m, fold),
                       epochs, len(fold.fit_positions))
 
 
@@ -133,10 +156,17 @@ def train_retrieval(fold: Fold, config: TrainConfig, epochs: int | None = None) 
 
 
 def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: int | None = None,
-                 retrieval_weights: tuple[float, ...] = (0.0,)) -> StageResult:
+                 retrieval_weights: tuple[float, ...] = (0.0,), model: Ranker | None = None,
+                 schedule: StageSchedule | None = None, loss_fn: Callable = ranker_loss,
+                 name: str = "ranker") -> StageResult:
+    """Fit a ranker on lists cut from the fold's sequences, candidates retrieved by `retrieval`.
+
+    Validation scores the two-stage system for each retrieval weight of the blend and keeps
+    the best; the chosen weight is the last entry of the returned history.
+    """
     rng = seed_everything(config.seed + 1)
-    model = Ranker(config.ranker, fold.space, fold.tables)
-    schedule, data = config.ranker_schedule, config.ranker_data
+    model = model or Ranker(config.ranker, fold.space, fold.tables)
+    schedule, data = schedule or config.ranker_schedule, config.ranker_data
     item_emb = item_embeddings(retrieval, fold.dataset.n_items)
     fitted = csr_from_pairs(fold.split.user[fold.fit_positions], fold.split.item[fold.fit_positions],
                             fold.dataset.n_users)
@@ -152,11 +182,9 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
         users, cut, cands, labels = batch
         history = histories_before(fold.item_codes, fold.split.user_start[users], cut, fold.space.history_len)
         codes = users.astype(np.int64) + 1
-        logits = model(torch.from_numpy(codes), torch.from_numpy(fold.user_features[codes]),
-                       torch.from_numpy(history), torch.from_numpy(np.maximum(cands, -1) + 1))
-        mask = torch.from_numpy(cands >= 0)
-        return torch.nn.functional.binary_cross_entropy_with_logits(
-            logits[mask], torch.from_numpy(labels)[mask])
+        inputs = {"user_code": torch.from_numpy(codes), "user_features": torch.from_numpy(fold.user_features[codes]),
+                  "history": torch.from_numpy(history), "candidates": torch.from_numpy(np.maximum(cands, -1) + 1)}
+        return loss_fn(model, inputs, torch.from_numpy(labels), torch.from_numpy(cands >= 0))
 
     def validate(m):
         by_weight = evaluate_two_stage(retrieval, m, fold, data.candidates, retrieval_weights)
@@ -166,7 +194,7 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
                 "ndcg@10_by_weight": {str(w): r["ndcg@10"] for w, r in by_weight.items()}}
 
     n_lists = int((fold.fit_counts >= 2).sum()) * data.cut_points
-    result = _run_stage("ranker", model, schedule, batches, step, validate, epochs, n_lists)
+    result = run_epochs(name, model, schedule, batches, step, validate, epochs, n_lists)
     result.history.append({"retrieval_weight": best_weight["value"]})
     return result
 
@@ -242,8 +270,13 @@ def _sample_true(ok: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray
 # --- the shared epoch loop ---------------------------------------------------------------------
 
 
-def _run_stage(name: str, model: torch.nn.Module, schedule: StageSchedule, batches: Callable,
+def run_epochs(name: str, model: torch.nn.Module, schedule: StageSchedule, batches: Callable,
                step: Callable, validate: Callable, epochs: int | None, n_examples: int) -> StageResult:
+    """AdamW over `batches()` each epoch; `step(batch)` returns the loss.
+
+    epochs=None: validate after every epoch, stop after `patience` epochs without a better
+    NDCG@10 and restore the best state. A number: train exactly that long, never validate.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay)
     fixed = epochs is not None
     total = epochs if fixed else schedule.max_epochs

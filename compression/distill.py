@@ -1,0 +1,117 @@
+"""Distillation: a small student two-tower and ranker learn from the labels and from the teacher.
+
+Retrieval (ranking distillation, Tang & Wang, KDD 2018): besides the in-batch
+softmax on the ground truth, the student matches the teacher's temperature-scaled
+score distribution over a candidate set made of the batch's items plus the
+teacher's own top candidates for the batch's users, so it learns the teacher's
+ordering where it matters (the head of each list), not just the positives.
+
+Ranking: on the same candidate lists the teacher ranker was trained on, the
+student's logits are fitted to the labels and to the teacher's soft labels
+sigmoid(teacher_logit / T).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from models.fold import Fold
+from models.ranker import Ranker, RankerConfig
+from models.train import StageResult, StageSchedule, TrainConfig, train_ranker, train_retrieval
+from models.two_tower import TwoTower, TwoTowerConfig
+
+
+@dataclass
+class DistillConfig:
+    version: int = 1
+    student_two_tower: TwoTowerConfig = field(default_factory=lambda: TwoTowerConfig(
+        id_dim=48, feature_dim=8, user_hidden=(256,), item_hidden=(128,), out_dim=48, temperature=0.05))
+    student_ranker: RankerConfig = field(default_factory=lambda: RankerConfig(
+        id_dim=32, feature_dim=8, n_cross=2, cross_rank=32, deep=(256, 64)))
+    label_weight: float = 0.5  # weight of the ground-truth loss; the teacher's gets 1 - label_weight
+    temperature: float = 1.0  # softens both score distributions in the KL term
+    teacher_candidates: int = 50  # teacher's top items per example added to the candidate set
+    retrieval_schedule: StageSchedule = field(
+        default_factory=lambda: StageSchedule(max_epochs=40, batch_size=1024, lr=3e-3, patience=4))
+    ranker_schedule: StageSchedule = field(
+        default_factory=lambda: StageSchedule(max_epochs=8, batch_size=64, lr=2e-3, patience=2))
+
+    def __post_init__(self):
+        if self.version != 1:
+            raise ValueError(f"DistillConfig.version {self.version} is not supported (expected 1)")
+        if not 0 <= self.label_weight <= 1:
+            raise ValueError(f"DistillConfig.label_weight must be in [0, 1], got {self.label_weight}")
+        if self.temperature <= 0:
+            raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
+        if self.teacher_candidates < 0:
+            raise ValueError(f"DistillConfig.teacher_candidates must be >= 0, got {self.teacher_candidates}")
+        for name, cls in (("student_two_tower", TwoTowerConfig), ("student_ranker", RankerConfig),
+                          ("retrieval_schedule", StageSchedule), ("ranker_schedule", StageSchedule)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def retrieval_kd_loss(teacher: TwoTower, config: DistillConfig):
+    """loss_fn for `train_retrieval`: label_weight * in-batch softmax + (1 - label_weight) * KL."""
+    teacher.eval()
+    with torch.no_grad():
+        teacher_items = teacher.item_embeddings(len(teacher.item_tower.item_rows) - 1)
+    t, a = config.temperature, config.label_weight
+
+    def loss_fn(student: TwoTower, inputs: dict) -> torch.Tensor:
+        label_loss = student.in_batch_loss(**inputs)
+        with torch.no_grad():
+            u_t = teacher.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
+            all_t = u_t @ teacher_items.T
+            extra = all_t.topk(min(config.teacher_candidates, all_t.shape[1]), dim=1).indices.flatten() + 1
+            codes = torch.unique(torch.cat([inputs["item_code"], extra]))
+            logits_t = all_t[:, codes - 1] / teacher.config.temperature
+        u_s = student.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
+        logits_s = u_s @ student.item_tower(codes).T / student.config.temperature
+        kd = F.kl_div(F.log_softmax(logits_s / t, dim=1), F.log_softmax(logits_t / t, dim=1),
+                      log_target=True, reduction="batchmean") * t * t
+        return a * label_loss + (1 - a) * kd
+
+    return loss_fn
+
+
+def ranker_kd_loss(teacher: Ranker, config: DistillConfig):
+    """loss_fn for `train_ranker`: BCE on labels mixed with BCE on the teacher's soft labels."""
+    teacher.eval()
+    t, a = config.temperature, config.label_weight
+
+    def loss_fn(student: Ranker, inputs: dict, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = student(**inputs)[mask]
+        with torch.no_grad():
+            soft = torch.sigmoid(teacher(**inputs)[mask] / t)
+        return (a * F.binary_cross_entropy_with_logits(logits, labels[mask])
+                + (1 - a) * F.binary_cross_entropy_with_logits(logits / t, soft) * t * t)
+
+    return loss_fn
+
+
+def distill_two_tower(teacher: TwoTower, fold: Fold, train_config: TrainConfig, config: DistillConfig,
+                      epochs: int | None = None, student: TwoTower | None = None,
+                      schedule: StageSchedule | None = None, name: str = "student retrieval") -> StageResult:
+    """Train (or, given `student`, fine-tune) a student two-tower; early-stopped when epochs is None."""
+    student = student or TwoTower(config.student_two_tower, fold.space, fold.tables)
+    return train_retrieval(fold, train_config, epochs, model=student,
+                           schedule=schedule or config.retrieval_schedule,
+                           loss_fn=retrieval_kd_loss(teacher, config), name=name)
+
+
+def distill_ranker(teacher: Ranker, retrieval: TwoTower, fold: Fold, train_config: TrainConfig,
+                   config: DistillConfig, epochs: int | None = None,
+                   retrieval_weights: tuple[float, ...] = (0.0,), student: Ranker | None = None,
+                   schedule: StageSchedule | None = None, name: str = "student ranker") -> StageResult:
+    """Train (or fine-tune) a student ranker on lists retrieved by the student `retrieval` model."""
+    student = student or Ranker(config.student_ranker, fold.space, fold.tables)
+    return train_ranker(fold, retrieval, train_config, epochs, retrieval_weights, model=student,
+                        schedule=schedule or config.ranker_schedule, loss_fn=ranker_kd_loss(teacher, config),
+                        name=name)
