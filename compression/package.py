@@ -38,24 +38,38 @@ def fold_tables(fold: Fold) -> dict[str, np.ndarray]:
     pos = fold.fit_positions
     indptr, items = csr_from_pairs(fold.split.user[pos], fold.split.item[pos], fold.dataset.n_users)
     return {
-        "user_features": fold.user_features,
+        "user_features": fold.user_features.astype(np.int32),
         "fitted_indptr": indptr.astype(np.int64),
-        "fitted_items": items.astype(np.int64),  # protocol order: the last ones are the history
-        "popular_items": np.argsort(-fold.item_popularity, kind="stable").astype(np.int64),
+        "fitted_items": items.astype(np.int32),  # protocol order: the last ones are the history
+        "popular_items": np.argsort(-fold.item_popularity, kind="stable").astype(np.int32),
     }
 
 
 def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torch.nn.Module,
-                ranker: torch.nn.Module, index_spec: IndexSpec, extra_tensors: dict | None = None) -> dict:
-    """Export one model under `prefix`; returns its config entry, with the ONNX parity measured."""
+                ranker: torch.nn.Module, index_spec: IndexSpec, dense_quant=None) -> dict:
+    """Export one model under `prefix`; returns its config entry, with the ONNX parity measured.
+
+    With `dense_quant` (an OnnxQuantConfig) the served graphs' dense layers are quantized by
+    ONNX Runtime after export; their deviation from PyTorch is then recorded, not enforced.
+    The item tower stays as exported: the index holds its vectors, and exact retrieval is
+    measured against it.
+    """
+    from compression.quantize import quantize_onnx_dense
+
     role = "served" if prefix == SERVED_PREFIX else "offline"
     n = fold.space.history_len
     parity_max = {}
     for kind, module in (("user_tower", two_tower.user_tower), ("item_tower", two_tower.item_tower),
                          ("ranker", ranker)):
         path = export_onnx(module, kind, writer.path(f"{prefix}{kind}.onnx"), n)
+        quantized = dense_quant is not None and kind != "item_tower"
+        if quantized:
+            fp32 = path.with_suffix(".fp32.onnx")
+            path.rename(fp32)
+            quantize_onnx_dense(fp32, path, dense_quant)
+            fp32.unlink()
         parity_max[kind] = parity(module, kind, path, n)
-        if parity_max[kind] > PARITY_TOLERANCE:
+        if parity_max[kind] > PARITY_TOLERANCE and not quantized:
             raise RuntimeError(f"ONNX export of {kind} differs from PyTorch by {parity_max[kind]:.2e}")
         writer.set_role(f"{prefix}{kind}.onnx", "offline" if kind == "item_tower" else role)
 
@@ -66,12 +80,12 @@ def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torc
     writer.set_role(f"{prefix}items.faiss", role)
     writer.write_tensors(f"{prefix}tables.safetensors", fold_tables(fold))
     writer.set_role(f"{prefix}tables.safetensors", role)
-    weights = {**state_tensors("two_tower", two_tower), **state_tensors("ranker", ranker),
-               **(extra_tensors or {})}
+    weights = {**state_tensors("two_tower", two_tower), **state_tensors("ranker", ranker)}
     writer.write_tensors(f"{prefix}weights.safetensors", weights)
     writer.set_role(f"{prefix}weights.safetensors", "offline")
     return {"fold": fold.name, "index": index_spec.to_dict(), "onnx_parity_max_abs": parity_max,
-            "embedding_dim": int(item_emb.shape[1])}
+            "embedding_dim": int(item_emb.shape[1]),
+            "dense_quantization": None if dense_quant is None else dense_quant.to_dict()}
 
 
 def write_catalogue(writer: ArtifactWriter, fold: Fold) -> None:
@@ -105,7 +119,7 @@ def model_entry(models, index_spec: IndexSpec) -> dict:
 
 
 def write_fitted_artifact(out, variant: str, selected, final, config: dict, data: dict,
-                          index_spec: IndexSpec) -> ArtifactWriter:
+                          index_spec: IndexSpec, dense_quant=None) -> ArtifactWriter:
     """Write both fitted models (selection and served) of a variant; returns the committed writer."""
     entries = {}
     writer = ArtifactWriter(out, variant, config={}, data=data)
@@ -113,7 +127,7 @@ def write_fitted_artifact(out, variant: str, selected, final, config: dict, data
         for prefix, models in ((SERVED_PREFIX, final), (SELECTION_PREFIX, selected)):
             entries[prefix] = {**model_entry(models, index_spec),
                                **write_model(writer, prefix, models.fold, models.two_tower,
-                                             models.ranker, index_spec)}
+                                             models.ranker, index_spec, dense_quant)}
         write_catalogue(writer, final.fold)
         writer.set("config", {**config, "feature_space": final.fold.space.to_dict(), "models": entries})
         writer.commit()

@@ -47,7 +47,7 @@ class ServedModel:
         self.ranker = session(artifact.file(f"{prefix}ranker.onnx"), threads)
         self.index = ItemIndex.load(artifact.file(f"{prefix}items.faiss"), IndexSpec(**entry["index"]))
         tables = artifact.read_tensors(f"{prefix}tables.safetensors")
-        self.user_features = tables["user_features"]
+        self.user_features = tables["user_features"].astype(np.int64)
         self.fitted_indptr, self.fitted_items = tables["fitted_indptr"], tables["fitted_items"]
         self.popular_items = tables["popular_items"]
         self.n_users, self.n_items = self.space.n_users, self.space.n_items
