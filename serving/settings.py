@@ -1,0 +1,194 @@
+"""Server settings: one `Settings(BaseSettings)` read from init kwargs, `SLIMREC_*` env and a TOML file.
+
+Precedence, highest first: keyword arguments (the CLI), environment (`SLIMREC_VARIANTS`,
+`SLIMREC_SPLIT`, `SLIMREC_ADMIN_TOKEN`, ...), the TOML file named by `config_file` /
+`SLIMREC_CONFIG_FILE`, then the defaults below.
+
+Variants and the split accept a mapping or the CLI's compact text form:
+
+    SLIMREC_VARIANTS="full=artifacts/teacher,compressed=artifacts/compressed"
+    SLIMREC_SPLIT="full=50,compressed=50"       # or JSON: '{"full": 50, "compressed": 50}'
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+VARIANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_K = 200
+
+
+def parse_pairs(text: str, what: str) -> dict[str, str]:
+    """Parse "a=x,b=y" (or a JSON object) into {"a": "x", "b": "y"}; ValueError names the bad part.
+
+    Example:
+        >>> parse_pairs("full=50,compressed=50", "split")
+        {'full': '50', 'compressed': '50'}
+    """
+    text = text.strip()
+    if text.startswith("{"):
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError(f"{what}: expected a JSON object, got {text!r}")
+        return value
+    pairs: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ValueError(f"{what}: expected NAME=VALUE, got {part!r}")
+        if name.strip() in pairs:
+            raise ValueError(f"{what}: {name.strip()!r} given twice")
+        pairs[name.strip()] = value.strip()
+    return pairs
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Settings(BaseSettings):
+    """Everything `slimrec serve` can be told; validated at construction (ValueError on bad values)."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIMREC_", extra="forbid", validate_default=True)
+
+    config_file: Path | None = Field(None, description="TOML file with any of these settings")
+    variants: Annotated[dict[str, Path], NoDecode] = Field(default_factory=dict)
+    split: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict, description="weights per variant; empty = equal weights")
+    salt: str = Field("slimrec-ab-1", min_length=1, description="A/B hash salt; change it to reshuffle users")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=64)
+    log_level: str = "info"
+    n_candidates: int = Field(200, ge=1, le=100_000, description="FAISS top-N handed to the ranker")
+    batch_max_size: int = Field(16, ge=1, le=4096, description="1 turns the batcher off")
+    batch_max_wait_ms: float = Field(1.0, ge=0, le=1000)
+    model_threads: int = Field(2, ge=1, le=256, description="thread pool running model/index calls")
+    ort_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session")
+    shadow_fraction: float = Field(0.0, ge=0, le=1)
+    allow_variant_override: bool | None = Field(
+        None, description="honour X-Slimrec-Variant; default: only when bound to loopback")
+    admin_token: SecretStr | None = None
+    artifacts_roots: Annotated[list[Path], NoDecode] | None = Field(
+        None, description="reload paths must lie under one of these; default: the variants' parents")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_history: int = Field(1000, ge=1, le=100_000)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
+                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file sits below env and kwargs; which file comes from a kwarg or the env.
+        import os
+
+        path = init_settings.init_kwargs.get("config_file") or os.environ.get("SLIMREC_CONFIG_FILE")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            if not Path(path).is_file():
+                raise ValueError(f"config file {path} does not exist")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _parse_variants(cls, value: Any) -> Any:
+        return parse_pairs(value, "variants") if isinstance(value, str) else value
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _parse_split(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        weights = {}
+        for name, text in parse_pairs(value, "split").items():
+            try:
+                weights[name] = float(text)
+            except (TypeError, ValueError):
+                raise ValueError(f"split: weight of {name!r} must be a number, got {text!r}") from None
+        return weights
+
+    @field_validator("artifacts_roots", mode="before")
+    @classmethod
+    def _parse_roots(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip().startswith("[") else value.split(",")
+        return value
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: Any) -> Any:
+        # SLIMREC_ADMIN_TOKEN="" means "no admin API", not "the empty string is the password".
+        return None if value in ("", None) else value
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.variants:
+            raise ValueError("no variants: give at least one NAME=ARTIFACT_DIR (--variant / SLIMREC_VARIANTS)")
+        for name, path in self.variants.items():
+            if not VARIANT_NAME.match(name):
+                raise ValueError(f"variant name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
+            if not path.is_dir():
+                raise ValueError(f"variant {name!r}: artifact directory {path} does not exist")
+        self.split = validate_split(self.split or {name: 1.0 for name in self.variants}, self.variants)
+        if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
+            raise ValueError("admin_token: use at least 16 characters (e.g. `openssl rand -hex 32`)")
+        return self
+
+    @property
+    def overrides_allowed(self) -> bool:
+        """Whether X-Slimrec-Variant is honoured: the setting, else only on a loopback bind."""
+        return is_loopback(self.host) if self.allow_variant_override is None else self.allow_variant_override
+
+    @property
+    def reload_roots(self) -> list[Path]:
+        """Directories that admin reloads may load artifacts from (resolved; relative paths use the first)."""
+        roots = self.artifacts_roots or [path.resolve().parent for path in self.variants.values()]
+        return list(dict.fromkeys(Path(root).resolve() for root in roots))  # deduplicated, in order
+
+    def to_env(self) -> dict[str, str]:
+        """The settings as SLIMREC_* variables, so uvicorn worker processes rebuild the same Settings."""
+        env = {}
+        for name, value in self.model_dump(mode="json", exclude={"config_file"}).items():
+            if value is None:
+                continue
+            env[f"SLIMREC_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+        if self.admin_token is not None:
+            env["SLIMREC_ADMIN_TOKEN"] = self.admin_token.get_secret_value()
+        return env
+
+
+def validate_split(weights: dict[str, float], variants) -> dict[str, float]:
+    """Check weights against the variant names; variants left out get weight 0.
+
+    Raises:
+        ValueError: an unknown variant, a negative or non-finite weight, or weights summing to 0.
+    """
+    unknown = sorted(set(weights) - set(variants))
+    if unknown:
+        raise ValueError(f"split names unknown variant(s) {', '.join(map(repr, unknown))}; "
+                         f"variants are {', '.join(map(repr, variants))}")
+    for name, weight in weights.items():
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"split: weight of {name!r} must be a finite number >= 0, got {weight}")
+    if sum(weights.values()) <= 0:
+        raise ValueError("split: weights must sum to more than 0")
+    return {name: float(weights.get(name, 0.0)) for name in variants}
