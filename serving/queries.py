@@ -1,0 +1,175 @@
+"""Turning one API request into model inputs for one variant, and a batch of them into answers.
+
+Policies (documented in the API too):
+  - A known user's stored history comes from the artifact; a `history` they send is appended
+    to it (most recent last) and, with exclude_seen, excluded as well. Their stored side
+    features are used; sent features are ignored.
+  - An unknown user is scored from the `history` and optional features they send (user code 0).
+  - History item ids the variant does not know are dropped and reported in `ignored_history`
+    (catalogues move between model versions; a client should not break on a new item), or
+    rejected with 422 when the request says `"unknown_items": "reject"`.
+  - An unknown user with no usable history gets the popularity fallback.
+  - Genre filters: `include_genres` keeps items with at least one of them, `exclude_genres`
+    drops items with any of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from compression.runtime import UserBatch
+from serving.variants import Variant
+
+FilterKey = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+class QueryError(ValueError):
+    """A request the variant cannot answer as asked (unknown genre, rejected history ids)."""
+
+
+@dataclass
+class Query:
+    """One request for one variant, ready for `run_queries` (batch is None: popularity fallback)."""
+
+    k: int
+    batch: UserBatch | None
+    filter_key: FilterKey | None = None
+    allowed: np.ndarray | None = None  # bool [n_items]
+    ignored_history: list[str] = field(default_factory=list)
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Answer:
+    """Item indices (no -1 padding) and scores for one query; scores are None for the fallback."""
+
+    items: np.ndarray
+    scores: np.ndarray | None
+    fallback: str | None
+    timings: dict[str, float]  # seconds: queue, embed, retrieve, rank (of the batch it rode in)
+    batch_size: int
+
+
+def build_query(variant: Variant, user_id: str, k: int, exclude_seen: bool = True,
+                history: list[str] | None = None, features: dict | None = None,
+                include_genres: list[str] | None = None, exclude_genres: list[str] | None = None,
+                reject_unknown_items: bool = False) -> Query:
+    """Model inputs for one request (see the module docstring for the policies).
+
+    Raises:
+        QueryError: an unknown genre, or unknown history ids with reject_unknown_items.
+    """
+    model = variant.model
+    extra, ignored = history_indices(variant, history or [])
+    if ignored and reject_unknown_items:
+        raise QueryError(f"history has {len(ignored)} item id(s) this model does not know: "
+                         f"{', '.join(map(repr, ignored[:20]))}")
+    key, allowed = allowed_items(variant, include_genres or [], exclude_genres or [])
+    user = variant.user_index.get(user_id)
+    if user is not None:
+        batch = known_user_batch(variant, user, extra, exclude_seen)
+    elif len(extra):
+        batch = new_user_batch(variant, extra, features or {}, exclude_seen)
+    else:
+        batch = None
+    return Query(k=k, batch=batch, filter_key=key, allowed=allowed, ignored_history=ignored)
+
+
+def history_indices(variant: Variant, history: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Item indices of the known ids, in order, and the unknown ids (deduplicated, in order)."""
+    index = variant.item_index
+    known = [index[i] for i in history if i in index]
+    ignored = list(dict.fromkeys(i for i in history if i not in index))
+    return np.asarray(known, np.int64), ignored
+
+
+def allowed_items(variant: Variant, include: list[str], exclude: list[str]):
+    """(filter key, bool mask [n_items]) from genre lists; (None, None) without filters."""
+    if not include and not exclude:
+        return None, None
+    unknown = sorted(g for g in {*include, *exclude} if g not in variant.genre_masks)
+    if unknown:
+        raise QueryError(f"unknown genre(s) {', '.join(map(repr, unknown))}; known genres: "
+                         f"{', '.join(sorted(variant.genre_masks))}")
+    masks = variant.genre_masks
+    allowed = np.ones(variant.model.n_items, bool)
+    if include:
+        allowed = np.logical_or.reduce([masks[g] for g in include])
+    for genre in exclude:
+        allowed &= ~masks[genre]
+    return (tuple(sorted(set(include))), tuple(sorted(set(exclude)))), allowed
+
+
+def known_user_batch(variant: Variant, user: int, extra: np.ndarray, exclude_seen: bool) -> UserBatch:
+    """A known user's row; `extra` items are appended to the stored history (and excluded)."""
+    model = variant.model
+    batch = model.known_users(np.array([user], np.int64), exclude_seen)
+    if not len(extra):
+        return batch  # exactly what `slimrec evaluate` feeds the model
+    fitted = model.fitted_items[model.fitted_indptr[user]: model.fitted_indptr[user + 1]]
+    items = np.concatenate([fitted, extra])
+    return _batch(model, code=user + 1, features=batch.features[0], items=items, exclude_seen=exclude_seen)
+
+
+def new_user_batch(variant: Variant, items: np.ndarray, features: dict, exclude_seen: bool) -> UserBatch:
+    """An unknown user's row: user code 0, optional side features, the sent history."""
+    model = variant.model
+    encoded = model.space.encode_user_features(
+        np.array([features.get("age") if features.get("age") is not None else -1]),
+        np.array([features.get("gender") or ""], dtype=object),
+        np.array([features.get("occupation") or ""], dtype=object),
+        np.array([features.get("zip_code") or ""], dtype=object))
+    return _batch(model, code=0, features=encoded[0], items=items, exclude_seen=exclude_seen)
+
+
+def _batch(model, code: int, features: np.ndarray, items: np.ndarray, exclude_seen: bool) -> UserBatch:
+    n = model.space.history_len
+    recent = items[-n:] + 1  # item codes, right-aligned, 0-padded on the left
+    history = np.zeros((1, n), np.int64)
+    history[0, n - len(recent):] = recent
+    exclude = np.unique(items) if exclude_seen else np.zeros(0, np.int64)
+    return UserBatch(np.array([code], np.int64), features.reshape(1, -1).astype(np.int64), history,
+                     np.array([0, len(exclude)], np.int64), exclude.astype(np.int64))
+
+
+def concat_batches(batches: list[UserBatch]) -> UserBatch:
+    """Stack single- or multi-row UserBatches into one (exclusion CSRs re-offset)."""
+    if len(batches) == 1:
+        return batches[0]
+    offsets = np.cumsum([0] + [b.exclude_indptr[-1] for b in batches[:-1]])
+    indptr = np.concatenate([[0]] + [b.exclude_indptr[1:] + o for b, o in zip(batches, offsets)])
+    return UserBatch(np.concatenate([b.codes for b in batches]),
+                     np.concatenate([b.features for b in batches]),
+                     np.concatenate([b.history for b in batches]),
+                     indptr.astype(np.int64), np.concatenate([b.exclude_items for b in batches]))
+
+
+def run_queries(variant: Variant, queries: list[Query], n_candidates: int) -> list[Answer]:
+    """Answer queries in as few model calls as possible: one `recommend` per filter group.
+
+    Each group runs with its largest k; a query keeps the first k of its row, which is what it
+    would have got alone (the final sort is stable, so top-k is a prefix of top-K). Runs in a
+    worker thread, never on the event loop.
+    """
+    started = time.perf_counter()
+    answers: list[Answer | None] = [None] * len(queries)
+    groups: dict[FilterKey | None, list[int]] = {}
+    for i, query in enumerate(queries):
+        if query.batch is None:
+            items = variant.model.popular(query.k, allowed=query.allowed)
+            answers[i] = Answer(items, None, "popular", {"queue": started - query.submitted_at}, len(queries))
+        else:
+            groups.setdefault(query.filter_key, []).append(i)
+    for members in groups.values():
+        group = [queries[i] for i in members]
+        recs = variant.model.recommend(concat_batches([q.batch for q in group]), max(q.k for q in group),
+                                       n_candidates, allowed=group[0].allowed)
+        for row, (i, query) in enumerate(zip(members, group)):
+            items, scores = recs.items[row, : query.k], recs.scores[row, : query.k]
+            keep = items >= 0  # fewer than k candidates survived the filters
+            timings = {"queue": started - query.submitted_at, **recs.timings}
+            answers[i] = Answer(items[keep], scores[keep], None, timings, len(queries))
+    return answers  # type: ignore[return-value]
