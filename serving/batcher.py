@@ -141,6 +141,6 @@ class Batcher(Generic[T, R]):
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), result in zip(live, results):
+        for (_, future), result in zip(live, results, strict=True):
             if not future.done():
                 future.set_result(result)

@@ -62,7 +62,6 @@ def build_query(variant: Variant, user_id: str, k: int, exclude_seen: bool = Tru
     Raises:
         QueryError: an unknown genre, or unknown history ids with reject_unknown_items.
     """
-    model = variant.model
     extra, ignored = history_indices(variant, history or [])
     if ignored and reject_unknown_items:
         raise QueryError(f"history has {len(ignored)} item id(s) this model does not know: "
@@ -140,7 +139,7 @@ def concat_batches(batches: list[UserBatch]) -> UserBatch:
     if len(batches) == 1:
         return batches[0]
     offsets = np.cumsum([0] + [b.exclude_indptr[-1] for b in batches[:-1]])
-    indptr = np.concatenate([[0]] + [b.exclude_indptr[1:] + o for b, o in zip(batches, offsets)])
+    indptr = np.concatenate([[0]] + [b.exclude_indptr[1:] + o for b, o in zip(batches, offsets, strict=True)])
     return UserBatch(np.concatenate([b.codes for b in batches]),
                      np.concatenate([b.features for b in batches]),
                      np.concatenate([b.history for b in batches]),
@@ -167,7 +166,7 @@ def run_queries(variant: Variant, queries: list[Query], n_candidates: int) -> li
         group = [queries[i] for i in members]
         recs = variant.model.recommend(concat_batches([q.batch for q in group]), max(q.k for q in group),
                                        n_candidates, allowed=group[0].allowed)
-        for row, (i, query) in enumerate(zip(members, group)):
+        for row, (i, query) in enumerate(zip(members, group, strict=True)):
             items, scores = recs.items[row, : query.k], recs.scores[row, : query.k]
             keep = items >= 0  # fewer than k candidates survived the filters
             timings = {"queue": started - query.submitted_at, **recs.timings}

@@ -142,7 +142,8 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.variants:
-            raise ValueError("no variants: give at least one NAME=ARTIFACT_DIR (--variant / SLIMREC_VARIANTS)")
+            raise ValueError("no variants: give at least one NAME=ARTIFACT_DIR "
+                             "(--variant / SLIMREC_VARIANTS)")
         for name, path in self.variants.items():
             if not VARIANT_NAME.match(name):
                 raise ValueError(f"variant name {name!r}: use letters, digits, '_', '.', '-' (max 64)")

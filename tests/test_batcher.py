@@ -159,7 +159,7 @@ def test_batched_answers_equal_unbatched(variant):
     batched = run_queries(variant, queries, n_candidates=200)
     alone = [run_queries(variant, [q], n_candidates=200)[0] for q in queries]
     assert_same_answers(batched, alone)
-    assert all(len(a.items) == q.k for a, q in zip(alone, queries))
+    assert all(len(a.items) == q.k for a, q in zip(alone, queries, strict=True))
     assert batched[8].fallback == "popular" and batched[0].batch_size == len(queries)
 
 
