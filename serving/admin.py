@@ -1,0 +1,38 @@
+"""Admin endpoints (bearer token): hot-reload a variant's artifact, change the A/B split.
+
+With `--workers N` each worker process holds its own variants and split, and an admin call
+reaches one of them: run admin operations against single-worker servers (one per container).
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException
+
+from serving.deps import AdminDep, ReadyServiceDep
+from serving.schemas import ReloadRequest, ReloadResponse, SplitRequest, SplitResponse
+from serving.service import ReloadError
+
+router = APIRouter(prefix="/admin", dependencies=[AdminDep])
+
+
+@router.post("/variants/{name}/reload")
+async def reload_variant(name: str, body: ReloadRequest, service: ReadyServiceDep) -> ReloadResponse:
+    """Load + verify + smoke-test the artifact at `path` beside the running one, then swap.
+
+    On any failure the running variant keeps serving and the 4xx response says why.
+    """
+    try:
+        new, previous = await service.reload(name, body.path, force=body.force)
+    except ReloadError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    return ReloadResponse(variant=name, model_version=new.version, previous_version=previous.version,
+                          path=str(new.path))
+
+
+@router.put("/split")
+async def put_split(body: SplitRequest, service: ReadyServiceDep) -> SplitResponse:
+    """Replace the A/B weights (variants left out get 0); users move only across changed ranges."""
+    try:
+        return SplitResponse(split=service.set_split(body.weights))
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from exc

@@ -1,0 +1,174 @@
+"""The FastAPI app: `create_app(settings)` builds it; its lifespan loads the variants.
+
+    uvicorn --factory serving.app:create_app_from_env     # settings from SLIMREC_* env
+    slimrec serve --variant full=artifacts/teacher ...    # the CLI wraps the same factory
+
+No CORS middleware on purpose: browsers on other origins get no access. Bodies over
+`max_body_bytes` are refused with 413 before any parsing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from compression.artifact import ArtifactError
+from serving import admin, api
+from serving.metrics import NO_VARIANT, Metrics
+from serving.service import Service
+from serving.settings import Settings
+
+log = logging.getLogger("slimrec.serving")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app for `settings`; nothing loads until the lifespan starts.
+
+    Example:
+        >>> app = create_app(Settings(variants={"full": "artifacts/teacher"}))
+        >>> with TestClient(app) as client:  # runs the lifespan: loads and verifies
+        ...     client.get("/readyz").json()["status"]
+        'ready'
+    """
+    metrics = Metrics()
+    service = Service(settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        try:
+            await service.start()
+        except ArtifactError as exc:
+            log.error("cannot serve: %s", exc)  # one line naming the file, before uvicorn's traceback
+            raise
+        yield
+        await service.stop()  # uvicorn has finished in-flight requests; drain batchers and shadows
+
+    app = FastAPI(title="slimrec", version="1", lifespan=lifespan)
+    app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
+    app.include_router(api.router)
+    app.include_router(admin.router)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    # The last added runs first: instrumentation wraps the body limit, so 413s are counted too.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InstrumentMiddleware, metrics=metrics)
+    return app
+
+
+def create_app_from_env() -> FastAPI:
+    """uvicorn factory: Settings from the environment (what `slimrec serve` hands its workers)."""
+    return create_app(Settings())
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with one readable line (and the details); malformed JSON is a 400."""
+    errors = exc.errors()
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "invalid JSON")
+            return JSONResponse({"detail": f"malformed JSON body: {reason} at character {error['loc'][-1]}"},
+                                status_code=400)
+    if any(e.get("type") == "model_attributes_type" and tuple(e["loc"]) == ("body",) for e in errors):
+        return JSONResponse({"detail": "request body must be a JSON object sent with "
+                                       "Content-Type: application/json"}, status_code=422)
+    parts = []
+    for error in errors[:10]:
+        where = ".".join(str(p) for p in error["loc"] if p not in ("body", "query", "path", "header"))
+        parts.append(f"{where}: {error['msg']}" if where else error["msg"])
+    details = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors[:10]]
+    return JSONResponse({"detail": "; ".join(parts), "errors": details}, status_code=422)
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over `max_bytes` with 413 (Content-Length checked, chunked bodies counted)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await self._refuse(send)
+        chunks, size = [], 0
+        while True:  # bodies are small by construction: buffer, then replay to the app
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # client went away before sending the body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send):
+        body = f'{{"detail":"request body too large: at most {self.max_bytes} bytes"}}'.encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(body)), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def endpoint_label(path: str) -> str:
+    """A bounded metrics label per API route (never the raw path: user ids would explode it)."""
+    if path == "/v1/recommend":
+        return "recommend"
+    if path.startswith("/v1/users/"):
+        return "user_recommendations"
+    return "variants" if path == "/v1/variants" else "other"
+
+
+class InstrumentMiddleware:
+    """Count /v1 requests and errors by variant, endpoint and status; time them by variant.
+
+    Latency stops when the last body byte is sent: shadow work that runs after the
+    response (BackgroundTasks) is not the client's latency.
+    """
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})  # what handlers set on request.state
+        status, started, recorded = 500, time.perf_counter(), False
+
+        def record():
+            nonlocal recorded
+            recorded = True
+            variant, endpoint = state.get("variant", NO_VARIANT), endpoint_label(scope["path"])
+            self.metrics.requests.labels(variant, endpoint, str(status)).inc()
+            if status >= 400:
+                self.metrics.errors.labels(variant, endpoint, str(status)).inc()
+            self.metrics.latency.labels(variant, endpoint).observe(time.perf_counter() - started)
+
+        async def capture(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                record()
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            if not recorded:  # an exception before the response: uvicorn answers 500
+                record()

@@ -1,0 +1,91 @@
+"""`slimrec serve`: the argparse part. Imports stay light; the handler imports the server.
+
+    slimrec serve --variant full=artifacts/teacher --variant compressed=artifacts/compressed \\
+                  --split full=50,compressed=50 [--host 127.0.0.1 --port 8000 --workers N]
+
+Every option can also come from SLIMREC_* environment variables or a TOML file
+(`--config serve.toml`); command-line options win, then the environment, then the file.
+The admin token is read from SLIMREC_ADMIN_TOKEN only (a flag would show in `ps`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    """Add the `serve` subcommand to slimrec's argparse subparsers."""
+    serve = subparsers.add_parser("serve", help="serve variants over HTTP (A/B split, shadow, metrics)")
+    serve.add_argument("--variant", action="append", metavar="NAME=ARTIFACT_DIR",
+                       help="a variant to serve; repeat for A/B (e.g. full=artifacts/teacher)")
+    serve.add_argument("--split", metavar="NAME=WEIGHT,...", help="A/B weights (default: equal)")
+    serve.add_argument("--config", type=Path, help="TOML file with any serve setting")
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int, help="uvicorn worker processes (each loads every variant)")
+    serve.add_argument("--salt", help="A/B hash salt")
+    serve.add_argument("--n-candidates", type=int, help="FAISS top-N passed to the ranker (default 200)")
+    serve.add_argument("--batch-max-size", type=int, help="max queries per model call; 1 = no batching")
+    serve.add_argument("--batch-max-wait-ms", type=float, help="max wait for a batch to fill")
+    serve.add_argument("--model-threads", type=int, help="threads running model and index calls")
+    serve.add_argument("--shadow-fraction", type=float,
+                       help="fraction of requests also answered by another variant, for agreement metrics")
+    serve.add_argument("--allow-variant-override", action=argparse.BooleanOptionalAction, default=None,
+                       help="honour X-Slimrec-Variant (default: only when bound to loopback)")
+    serve.add_argument("--artifacts-root", action="append", type=Path,
+                       help="directory admin reloads may load from (repeatable)")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(run=run_serve, command="serve")
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Settings from parsed arguments (+ env + config file); ValueError with one clear line."""
+    from pydantic import ValidationError
+
+    from serving.settings import Settings, parse_pairs
+
+    overrides = {name: getattr(args, name) for name in (
+        "host", "port", "workers", "salt", "n_candidates", "batch_max_size", "batch_max_wait_ms",
+        "model_threads", "shadow_fraction", "allow_variant_override", "log_level", "split")
+        if getattr(args, name) is not None}
+    if args.config is not None:
+        overrides["config_file"] = args.config
+    if args.artifacts_root:
+        overrides["artifacts_roots"] = args.artifacts_root
+    if args.variant:
+        variants: dict[str, str] = {}
+        for text in args.variant:
+            for name, path in parse_pairs(text, "--variant").items():
+                if name in variants:
+                    raise ValueError(f"--variant: {name!r} given twice")
+                variants[name] = path
+        overrides["variants"] = variants
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ValueError(validation_message(exc)) from None
+
+
+def validation_message(exc) -> str:
+    """One line from a pydantic ValidationError: 'field: problem; ...'."""
+    parts = []
+    for error in exc.errors():
+        message = error["msg"].removeprefix("Value error, ")
+        where = ".".join(str(p) for p in error["loc"])
+        parts.append(f"{where}: {message}" if where and not message.startswith(f"{where}:") else message)
+    return "; ".join(parts)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Validate the settings, hand them to uvicorn's workers through the environment, and serve."""
+    import os
+
+    import uvicorn
+
+    settings = settings_from_args(args)
+    os.environ.update(settings.to_env())  # workers (separate processes) rebuild the same Settings
+    uvicorn.run("serving.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_level=settings.log_level, timeout_graceful_shutdown=30,
+                server_header=False)
+    return 0

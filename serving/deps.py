@@ -1,0 +1,76 @@
+"""FastAPI dependencies: the service, readiness, variant choice and the admin token check."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Header, HTTPException, Request
+
+from serving.metrics import Metrics
+from serving.service import Service
+
+VARIANT_HEADER = "X-Slimrec-Variant"
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def ready_service(service: ServiceDep) -> Service:
+    """The service, or 503 while variants are loading or the server is draining."""
+    if not service.ready:
+        raise HTTPException(503, "not ready: variants are loading or the server is shutting down")
+    return service
+
+
+ReadyServiceDep = Annotated[Service, Depends(ready_service)]
+
+
+def forced_variant(service: ReadyServiceDep,
+                   x_slimrec_variant: Annotated[str | None, Header()] = None) -> str | None:
+    """The variant named by X-Slimrec-Variant, if overrides are allowed and it is loaded.
+
+    Raises:
+        HTTPException: 403 when overrides are disabled, 400 for a variant that is not loaded.
+    """
+    if x_slimrec_variant is None:
+        return None
+    if not service.settings.overrides_allowed:
+        raise HTTPException(403, f"{VARIANT_HEADER} is disabled on this server "
+                                 "(enable with SLIMREC_ALLOW_VARIANT_OVERRIDE=true)")
+    if x_slimrec_variant not in service.variants:
+        raise HTTPException(400, f"{VARIANT_HEADER}: unknown variant {x_slimrec_variant!r}; "
+                                 f"loaded: {', '.join(sorted(service.variants))}")
+    return x_slimrec_variant
+
+
+ForcedVariantDep = Annotated[str | None, Depends(forced_variant)]
+
+
+def require_admin(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Admin endpoints: `Authorization: Bearer <SLIMREC_ADMIN_TOKEN>`; disabled without a token.
+
+    Raises:
+        HTTPException: 403 when no admin token is configured, 401 for a missing or wrong token.
+    """
+    token = service.settings.admin_token
+    if token is None:
+        raise HTTPException(403, "admin API disabled: no admin token configured (set SLIMREC_ADMIN_TOKEN)")
+    scheme, _, given = (authorization or "").partition(" ")
+    # compare_digest on bytes: constant time in the token's content, and no error on non-ASCII input.
+    if scheme.lower() != "bearer" or not secrets.compare_digest(
+            given.strip().encode(), token.get_secret_value().encode()):
+        raise HTTPException(401, "missing or wrong admin token (Authorization: Bearer <token>)",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+AdminDep = Depends(require_admin)

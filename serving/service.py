@@ -1,0 +1,151 @@
+"""The serving state behind the HTTP layer: loaded variants, their batchers, the split, reloads.
+
+One `Service` lives on `app.state.service`. The lifespan calls `start()` (load and verify
+every variant, off the event loop) and `stop()` (drain batchers, stop the thread pool).
+Handlers read `service.variants[name]`, an immutable `Served` pair; a reload builds the new
+pair beside the old and swaps the dict entry in one assignment, so a request sees either
+the old variant or the new one, never a mix, and the old batcher drains what it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from compression.artifact import ArtifactError, load_artifact
+from serving.batcher import Batcher
+from serving.metrics import Metrics
+from serving.queries import Answer, Query, run_queries  # noqa: F401 (Answer, Query: types)
+from serving.settings import Settings, validate_split
+from serving.variants import Variant, load_variant
+
+log = logging.getLogger("slimrec.serving")
+
+
+class ReloadError(Exception):
+    """A refused reload; `status` is the HTTP status to answer with, the message says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Served:
+    """A loaded variant and the batcher in front of its model."""
+
+    variant: Variant
+    batcher: Batcher[Query, Answer]
+
+
+class Service:
+    """Variants, split and lifecycle of one server process (see the module docstring)."""
+
+    def __init__(self, settings: Settings, metrics: Metrics):
+        self.settings, self.metrics = settings, metrics
+        self.split: dict[str, float] = dict(settings.split)
+        self.variants: dict[str, Served] = {}
+        self.ready = False
+        self._executor = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="slimrec-model")
+        self._reload_lock = asyncio.Lock()
+        self._draining: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        """Load every configured variant (in parallel threads); raises ArtifactError naming the file."""
+        names = list(self.settings.variants)
+        loaded = await asyncio.gather(*(
+            asyncio.to_thread(load_variant, name, self.settings.variants[name], self.settings.ort_threads)
+            for name in names))
+        for variant in loaded:
+            self._install(variant)
+            log.info("variant %s: %s (%s) loaded", variant.name, variant.path, variant.version)
+        self.metrics.record_split(self.split)
+        self.ready = True
+
+    async def stop(self) -> None:
+        """Refuse new work, answer everything queued or running, then stop the thread pool."""
+        self.ready = False
+        await asyncio.gather(*(served.batcher.close() for served in self.variants.values()),
+                             *self._draining, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    def _install(self, variant: Variant) -> Served:
+        settings = self.settings
+        batch_sizes = self.metrics.batch_size.labels(variant.name)
+        batcher = Batcher(lambda queries: run_queries(variant, queries, settings.n_candidates),
+                          self._executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
+                          on_batch=batch_sizes.observe)
+        served = Served(variant, batcher)
+        self.variants[variant.name] = served  # the atomic swap: one dict assignment on the loop
+        self.metrics.record_variant(variant)
+        return served
+
+    def set_split(self, weights: dict[str, float]) -> dict[str, float]:
+        """Replace the A/B weights; ValueError for unknown variants or weights summing to 0."""
+        self.split = validate_split(weights, self.variants)
+        self.metrics.record_split(self.split)
+        return self.split
+
+    def shadow_partner(self, name: str) -> str | None:
+        """The variant that shadows `name`: the next one in name order (None with one variant)."""
+        names = sorted(self.variants)
+        if len(names) < 2:
+            return None
+        return names[(names.index(name) + 1) % len(names)]
+
+    async def reload(self, name: str, path_text: str, force: bool = False) -> tuple[Variant, Variant]:
+        """Load, verify and smoke-test an artifact beside the running one, then swap it in.
+
+        Returns:
+            (new variant, previous variant).
+
+        Raises:
+            ReloadError: unknown variant (404), path outside the artifacts roots (403), not a
+                directory (400), not promotable without force (409), artifact invalid (422).
+                The running variant is untouched in every case.
+        """
+        if name not in self.variants:
+            raise ReloadError(404, f"unknown variant {name!r}; loaded: {', '.join(sorted(self.variants))}")
+        path = self.resolve_reload_path(path_text)
+        async with self._reload_lock:
+            try:
+                manifest = (await asyncio.to_thread(load_artifact, path, False)).manifest
+                if manifest.get("promotable") is False and not force:
+                    raise ReloadError(409, f"{path}: manifest says promotable: false; "
+                                           "send {\"force\": true} to load it anyway")
+                variant = await asyncio.to_thread(load_variant, name, path, self.settings.ort_threads)
+            except ArtifactError as exc:
+                self.metrics.reloads.labels(name, "refused").inc()
+                raise ReloadError(422, f"artifact refused, still serving the previous one: {exc}") from exc
+            except ReloadError:
+                self.metrics.reloads.labels(name, "refused").inc()
+                raise
+            previous = self.variants[name]
+            self._install(variant)
+            drain = asyncio.create_task(previous.batcher.close())
+            self._draining.add(drain)
+            drain.add_done_callback(self._draining.discard)
+        self.metrics.reloads.labels(name, "swapped").inc()
+        log.info("variant %s: swapped %s -> %s", name, previous.variant.version, variant.version)
+        return variant, previous.variant
+
+    def resolve_reload_path(self, path_text: str) -> Path:
+        """An artifact path under one of the artifacts roots (relative paths: under the first root).
+
+        Symlinks and '..' are resolved before the check, so nothing outside the roots loads.
+        """
+        roots = self.settings.reload_roots
+        try:
+            candidate = Path(path_text)
+            path = (candidate if candidate.is_absolute() else roots[0] / candidate).resolve()
+        except (ValueError, OSError) as exc:
+            raise ReloadError(400, f"invalid path {path_text!r}: {exc}") from exc
+        if not any(path.is_relative_to(root) for root in roots):
+            raise ReloadError(403, f"{path_text!r} is outside the artifacts roots "
+                                   f"({', '.join(map(str, roots))}); set SLIMREC_ARTIFACTS_ROOTS to allow it")
+        if not path.is_dir():
+            raise ReloadError(400, f"{path} is not a directory")
+        return path
