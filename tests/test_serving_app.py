@@ -1,0 +1,138 @@
+"""In-process checks: settings sources and validation, CLI errors, readiness, shadow agreement maths."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+from serving_fixtures import copy_artifact
+
+from compression.artifact import ArtifactError
+from serving.app import create_app
+from serving.settings import Settings
+from serving.shadow import overlap_at_k, rank_biased_overlap
+from slimrec.cli import main
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    import os
+
+    for key in [k for k in os.environ if k.startswith("SLIMREC_") and k != "SLIMREC_DATA_DIR"]:
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+# --- settings ----------------------------------------------------------------------------------------
+
+
+def test_settings_from_env_toml_and_kwargs(tmp_path, clean_env):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config = tmp_path / "serve.toml"
+    config.write_text(f'variants = {{full = "{tmp_path / "a"}", compressed = "{tmp_path / "b"}"}}\n'
+                      'split = {full = 3, compressed = 1}\nport = 9001\nsalt = "from-file"\n')
+    clean_env.setenv("SLIMREC_CONFIG_FILE", str(config))
+    clean_env.setenv("SLIMREC_PORT", "9002")  # env beats the file
+    settings = Settings(salt="from-kwargs")  # kwargs (the CLI) beat everything
+    assert settings.split == {"full": 3.0, "compressed": 1.0}
+    assert (settings.port, settings.salt) == (9002, "from-kwargs")
+    clean_env.setenv("SLIMREC_SPLIT", "full=1,compressed=0")
+    assert Settings().split == {"full": 1.0, "compressed": 0.0}
+
+
+def test_settings_round_trip_through_env_for_workers(tmp_path, clean_env):
+    settings = Settings(variants=f"full={tmp_path}", split="full=2", admin_token="x" * 20,
+                        artifacts_roots=[tmp_path], allow_variant_override=False)
+    for key, value in settings.to_env().items():
+        clean_env.setenv(key, value)
+    rebuilt = Settings()
+    assert rebuilt.model_dump() == settings.model_dump()
+    assert rebuilt.admin_token.get_secret_value() == "x" * 20
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"split": "full=abc"}, "weight of 'full' must be a number"),
+    ({"split": "full=0"}, "sum to more than 0"),
+    ({"split": "full=1,int4=1"}, "unknown variant(s) 'int4'"),
+    ({"split": "full=-1,compressed=2"}, "finite number >= 0"),
+    ({"variants": "full=/no/such/dir"}, "does not exist"),
+    ({"variants": {}}, "no variants"),
+    ({"admin_token": "short"}, "at least 16 characters"),
+])
+def test_bad_settings_raise_value_errors(tmp_path, clean_env, kwargs, message):
+    kwargs = {"variants": f"full={tmp_path},compressed={tmp_path}", **kwargs}
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings(**kwargs)
+
+
+def test_overrides_default_to_loopback_only(tmp_path, clean_env):
+    assert Settings(variants=f"full={tmp_path}").overrides_allowed
+    assert Settings(variants=f"full={tmp_path}", host="::1").overrides_allowed
+    assert not Settings(variants=f"full={tmp_path}", host="0.0.0.0").overrides_allowed
+    forced_on = Settings(variants=f"full={tmp_path}", host="0.0.0.0", allow_variant_override=True)
+    assert forced_on.overrides_allowed
+    assert Settings(variants=f"full={tmp_path}").reload_roots == [tmp_path.parent.resolve()]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--variant", "full=ART", "--split", "full=abc"], "weight of 'full' must be a number, got 'abc'"),
+    (["--variant", "full=ART", "--split", "full=0"], "weights must sum to more than 0"),
+    (["--variant", "full=ART", "--split", "full=1,int4=1"], "unknown variant(s) 'int4'"),
+    (["--variant", "full=/no/such/artifact"], "artifact directory /no/such/artifact does not exist"),
+    (["--variant", "full"], "expected NAME=VALUE"),
+    (["--variant", "full=ART", "--variant", "full=ART"], "'full' given twice"),
+    ([], "no variants"),
+])
+def test_cli_errors_exit_2_with_one_clear_line(tmp_path, clean_env, capsys, args, message):
+    args = [a.replace("ART", str(tmp_path)) for a in args]
+    assert main(["serve", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slimrec serve: error: ") and message in err and err.count("\n") == 1
+
+
+# --- app lifecycle -----------------------------------------------------------------------------------
+
+
+def test_readiness_follows_the_lifespan(tiny_teacher, clean_env):
+    app = create_app(Settings(variants={"full": tiny_teacher}))
+    client = TestClient(app)  # no `with`: the lifespan has not run, nothing is loaded
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 503
+    assert client.post("/v1/recommend", json={"user_id": "1"}).status_code == 503
+    with TestClient(app) as running:
+        assert running.get("/readyz").json()["status"] == "ready"
+        assert running.post("/v1/recommend", json={"user_id": "1"}).json()["variant"] == "full"
+    assert not app.state.service.ready  # shutdown drained and marked it not ready
+
+
+def test_a_tampered_artifact_fails_startup_naming_the_file(tiny_teacher, tmp_path, clean_env):
+    bad = copy_artifact(tiny_teacher, tmp_path / "bad")
+    target = bad / "items.faiss"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="items.faiss.*checksum mismatch"):
+        with TestClient(create_app(Settings(variants={"full": bad}))):
+            pass
+
+
+# --- shadow agreement ----------------------------------------------------------------------------------
+
+
+def test_overlap_at_k():
+    assert overlap_at_k(["a", "b", "c"], ["a", "b", "c"], 3) == 1.0
+    assert overlap_at_k(["a", "b", "c"], ["c", "x", "y"], 3) == pytest.approx(1 / 3)
+    assert overlap_at_k(["a", "b"], ["x", "y"], 2) == 0.0
+    assert overlap_at_k(["a"], ["a"], 10) == 0.1  # fewer than k items counts against the list
+
+
+def test_rank_biased_overlap_by_hand():
+    assert rank_biased_overlap(list("abcde"), list("abcde")) == pytest.approx(1.0)
+    assert rank_biased_overlap(list("abc"), list("xyz")) == 0.0
+    # [a, b, c] vs [c, b, a], p = 0.9: X_1 = 0, X_2 = 1, X_3 = 3
+    # RBO_ext = 3/3 * 0.9^3 + (0.1/0.9) * (0 + 1/2 * 0.81 + 3/3 * 0.729) = 0.729 + 0.126 = 0.855
+    assert rank_biased_overlap(list("abc"), list("cba")) == pytest.approx(0.855)
+    # Disagreement at the top costs more than the same disagreement at the bottom.
+    top = rank_biased_overlap(list("abcdefghij"), list("bacdefghij"))
+    bottom = rank_biased_overlap(list("abcdefghij"), list("abcdefghji"))
+    assert top < bottom < 1.0
