@@ -5,7 +5,9 @@ queries into a batch and runs `run_batch(batch)` in a thread pool, so ONNX Runti
 FAISS never block the event loop. A batch closes when it holds `max_batch_size` queries or
 when its *oldest* query has waited `max_wait_s`; queries that queued while the previous
 batch ran have usually waited long enough already, so under load batches form without
-extra delay and at low load a lone request waits at most `max_wait_s`.
+extra delay and at low load a lone request waits at most `max_wait_s`. With `max_wait_s=0`
+(the server's default) nothing waits on purpose: a batch is whatever queued while the
+previous one ran, so batches appear exactly when the model is the bottleneck.
 
 One batch runs at a time per batcher (one per variant): while it runs, the next one fills.
 `max_batch_size=1` turns batching off: each query goes straight to the thread pool.

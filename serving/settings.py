@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     log_level: str = "info"
     n_candidates: int = Field(200, ge=1, le=100_000, description="FAISS top-N handed to the ranker")
     batch_max_size: int = Field(16, ge=1, le=4096, description="1 turns the batcher off")
-    batch_max_wait_ms: float = Field(1.0, ge=0, le=1000)
+    # 0: never wait on purpose; a batch is whatever queued while the previous one ran, so a
+    # lone request pays nothing and batches grow with load. >0 trades latency for batch size.
+    batch_max_wait_ms: float = Field(0.0, ge=0, le=1000)
     model_threads: int = Field(2, ge=1, le=256, description="thread pool running model/index calls")
     ort_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session")
     shadow_fraction: float = Field(0.0, ge=0, le=1)
