@@ -100,7 +100,9 @@ def write_catalogue(writer: ArtifactWriter, fold: Fold) -> None:
 
 
 def parameter_count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Trainable parameters plus quantized embedding codes (int8 tables live in buffers)."""
+    quantized = sum(m.num_embeddings * m.embedding_dim for m in module.modules() if hasattr(m, "weight_q"))
+    return sum(p.numel() for p in module.parameters()) + quantized
 
 
 def model_entry(models, index_spec: IndexSpec) -> dict:

@@ -66,6 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", default=None, help="dataset (default: the one the artifact names)")
     evaluate.set_defaults(run=cmd_evaluate, command="evaluate")
 
+    compress = sub.add_parser("compress", help="distil, prune, quantize and index the teacher; gate; report")
+    compress.add_argument("--teacher", type=Path, default=Path("artifacts/teacher"))
+    compress.add_argument("--out", type=Path, default=Path("artifacts/compressed"))
+    compress.add_argument("--preset", choices=sorted(presets.COMPRESS_PRESETS), default="default")
+    compress.add_argument("--config", type=Path, help="TOML file with PipelineConfig sections")
+    compress.add_argument("--data", default=None, help="dataset (default: the one the teacher names)")
+    compress.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    compress.set_defaults(run=cmd_compress, command="compress")
+
     demo = sub.add_parser("demo", help="the main job: fetch ml-100k, train, compress, serve A/B, compare")
     demo.add_argument("--out", type=Path, default=Path("artifacts"))
     demo.add_argument("--preset", choices=sorted(presets.TRAIN_PRESETS), default="teacher")
@@ -137,6 +146,27 @@ def cmd_evaluate(args) -> None:
     metrics = evaluate_artifact(artifact, dataset)
     update_metrics(args.artifact, metrics)
     print_metrics(metrics)
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    from compression.artifact import load_artifact
+    from compression.pipeline import compress
+    from compression.report_render import render_markdown
+    from models.movielens import load_dataset
+
+    config = presets.compress_config(args.preset, args.config)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    teacher = load_artifact(args.teacher)
+    dataset = load_dataset(args.data or teacher.manifest["data"].get("source") or teacher.manifest["data"]["dataset"])
+    report = compress(args.teacher, args.out, dataset, config)
+    print(render_markdown(report))
+    if not report["gate"]["promotable"]:
+        print("slimrec compress: quality gate failed; the artifact is marked promotable: false",
+              *report["gate"]["failures"], sep="\n  ", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_demo(args) -> None:

@@ -46,3 +46,36 @@ def train_config(preset: str, toml_path: Path | None = None, seed: int | None = 
         return TrainConfig.from_dict(values)
     except TypeError as exc:
         raise ValueError(f"bad training config{f' in {toml_path}' if toml_path else ''}: {exc}") from None
+
+
+COMPRESS_PRESETS: dict[str, dict] = {
+    "default": {},
+    "tiny": {
+        "distill": {
+            "student_two_tower": {"id_dim": 8, "feature_dim": 4, "user_hidden": [16], "item_hidden": [16],
+                                  "out_dim": 8},
+            "student_ranker": {"id_dim": 8, "feature_dim": 4, "n_cross": 1, "cross_rank": 4, "deep": [16, 8]},
+            "retrieval_schedule": {"max_epochs": 1, "batch_size": 1024, "lr": 5e-3, "patience": 1},
+            "ranker_schedule": {"max_epochs": 1, "batch_size": 128, "lr": 2e-3, "patience": 1},
+        },
+        "prune": {"min_units": 2},
+        "finetune": {"max_epochs": 1, "batch_size": 1024, "lr": 1e-3, "patience": 1},
+        "finetune_ranker": {"max_epochs": 1, "batch_size": 128, "lr": 1e-3, "patience": 1},
+        "index": {"nprobe_grid": [1, 4, 16]},
+    },
+}
+
+
+def compress_config(preset: str, toml_path: Path | None = None):
+    """The compression preset, overridden by a TOML file's sections; unknown keys are errors."""
+    from compression.pipeline import PipelineConfig
+
+    if preset not in COMPRESS_PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(COMPRESS_PRESETS)}")
+    values = merge(PipelineConfig().to_dict(), COMPRESS_PRESETS[preset])
+    if toml_path is not None:
+        try:
+            values = merge(values, tomllib.loads(Path(toml_path).read_text()))
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{toml_path}: not valid TOML ({exc})") from None
+    return PipelineConfig.from_dict(values)
