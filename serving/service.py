@@ -117,12 +117,13 @@ class Service:
                     raise ReloadError(409, f"{path}: manifest says promotable: false; "
                                            "send {\"force\": true} to load it anyway")
                 variant = await asyncio.to_thread(load_variant, name, path, self.settings.ort_threads)
-            except ArtifactError as exc:
-                self.metrics.reloads.labels(name, "refused").inc()
-                raise ReloadError(422, f"artifact refused, still serving the previous one: {exc}") from exc
             except ReloadError:
                 self.metrics.reloads.labels(name, "refused").inc()
                 raise
+            except Exception as exc:  # checksums can pass on a broken model: ORT/FAISS errors count too
+                self.metrics.reloads.labels(name, "refused").inc()
+                reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
+                raise ReloadError(422, f"artifact refused, still serving the previous one: {reason}") from exc
             previous = self.variants[name]
             self._install(variant)
             drain = asyncio.create_task(previous.batcher.close())

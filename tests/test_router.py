@@ -38,7 +38,7 @@ def test_assignment_is_stable_across_processes():
     code = ("from serving.router import assign_variant;"
             "print(','.join(assign_variant(f'u{i}', {'full': 1, 'compressed': 1}, 's') for i in range(200)))")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+                           timeout=60, env={"PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(runs) == 1
     assert runs.pop().strip().split(",") == [assign_variant(f"u{i}", {"full": 1, "compressed": 1}, "s")
                                              for i in range(200)]

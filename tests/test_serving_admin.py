@@ -9,7 +9,7 @@ import signal
 import pytest
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, metric_value, running_server
 
-from compression.artifact import update_metrics
+from compression.artifact import sha256_file, update_metrics
 from serving.router import assign_variant
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -82,6 +82,19 @@ def test_tampered_artifact_is_refused_and_the_old_one_keeps_serving(server, root
     target.write_bytes(bytes(data))
     body = reload(server, "full", 422, path=str(tampered))
     assert "ranker.onnx" in body["detail"] and "checksum" in body["detail"]
+    assert version(server, "full") == before
+
+
+def test_a_consistent_but_broken_artifact_is_refused(server, roots):
+    # Checksums match (the manifest was rewritten), but the ONNX graph is garbage: loading fails.
+    artifacts, _ = roots
+    before = version(server, "full")
+    broken = copy_artifact(artifacts / "v1", artifacts / "broken")
+    (broken / "user_tower.onnx").write_bytes(b"not an onnx graph")
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["files"]["user_tower.onnx"].update(sha256=sha256_file(broken / "user_tower.onnx"), bytes=17)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    assert "still serving the previous one" in reload(server, "full", 422, path="broken")["detail"]
     assert version(server, "full") == before
 
 
