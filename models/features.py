@@ -128,7 +128,7 @@ def histories_before(
 
     Args:
         item_codes: int [n] item codes in protocol order (users contiguous).
-        user_start: int [n] start position of each row's user.
+        user_start: int [b] start position of the user of each requested position.
         positions: int [b] rows whose history we want (the history excludes the row itself).
     Returns:
         int64 [b, history_len], right-aligned (most recent last), 0-padded on the left.
