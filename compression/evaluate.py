@@ -45,7 +45,7 @@ def relevant_sets(dataset: Dataset, fold: int, users: np.ndarray) -> tuple[np.nd
 def item_vectors(model: ServedModel) -> np.ndarray:
     """Every item's embedding from the exported item tower (the exact retrieval reference)."""
     sess = model.artifact.file(f"{model.prefix}item_tower.onnx")
-    from models.export import session
+    from models.ort import session
 
     tower = session(sess, threads=0)
     codes = np.arange(1, model.n_items + 1, dtype=np.int64)

@@ -13,7 +13,7 @@ import numpy as np
 
 from compression.artifact import Artifact
 from compression.index import IndexSpec, ItemIndex
-from models.export import session
+from models.ort import session
 from models.features import FeatureSpace
 
 

@@ -15,8 +15,9 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
+
+from models.ort import session
 
 USER_INPUTS = ("user_code", "user_features", "history")
 RANKER_INPUTS = (*USER_INPUTS, "candidates")
@@ -52,16 +53,6 @@ def export_onnx(module: torch.nn.Module, kind: str, path: Path, history_len: int
                                     output_names=list(outputs), dynamic_shapes=shapes, verbose=False)
         program.save(str(path))
     return path
-
-
-def session(path: Path | str, threads: int = 1) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session; 1 intra-op thread unless told otherwise (batch-1 serving)."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def parity(module: torch.nn.Module, kind: str, path: Path, history_len: int, seed: int = 0) -> float:
