@@ -68,10 +68,9 @@ def retrieval_kd_loss(teacher: TwoTower, config: DistillConfig):
         label_loss = student.in_batch_loss(**inputs)
         with torch.no_grad():
             u_t = teacher.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
-            all_t = u_t @ teacher_items.T
-            extra = all_t.topk(min(config.teacher_candidates, all_t.shape[1]), dim=1).indices.flatten() + 1
+            extra = teacher_top_codes(u_t, teacher_items, config.teacher_candidates)
             codes = torch.unique(torch.cat([inputs["item_code"], extra]))
-            logits_t = all_t[:, codes - 1] / teacher.config.temperature
+            logits_t = u_t @ teacher_items[codes - 1].T / teacher.config.temperature
         u_s = student.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
         logits_s = u_s @ student.item_tower(codes).T / student.config.temperature
         kd = F.kl_div(F.log_softmax(logits_s / t, dim=1), F.log_softmax(logits_t / t, dim=1),
@@ -79,6 +78,25 @@ def retrieval_kd_loss(teacher: TwoTower, config: DistillConfig):
         return a * label_loss + (1 - a) * kd
 
     return loss_fn
+
+
+def teacher_top_codes(user_emb: torch.Tensor, item_emb: torch.Tensor, m: int,
+                      chunk: int = 262144) -> torch.Tensor:
+    """Item codes of the teacher's top-m items per user (flattened), scanning items in chunks
+    so a million-item catalogue never needs a [batch, n_items] score matrix."""
+    if m == 0:
+        return torch.zeros(0, dtype=torch.long)
+    best_scores, best_idx = None, None
+    for s in range(0, len(item_emb), chunk):
+        scores = user_emb @ item_emb[s : s + chunk].T
+        top = scores.topk(min(m, scores.shape[1]), dim=1)
+        idx = top.indices + s
+        if best_scores is not None:
+            merged = torch.cat([best_scores, top.values], 1).topk(m, dim=1)
+            idx = torch.cat([best_idx, idx], 1).gather(1, merged.indices)
+            top = merged
+        best_scores, best_idx = top.values, idx
+    return best_idx.flatten() + 1
 
 
 def ranker_kd_loss(teacher: Ranker, config: DistillConfig):
