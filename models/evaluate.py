@@ -44,8 +44,9 @@ def exact_top_k(user_emb: np.ndarray, item_emb: np.ndarray, k: int,
     """
     indptr, excluded = exclude
     items, scores = [], []
-    for s in range(0, len(user_emb), USER_BATCH):
-        e = min(s + USER_BATCH, len(user_emb))
+    block = max(1, min(USER_BATCH, 2**25 // max(1, len(item_emb))))  # bounds the [block, n_items] scores
+    for s in range(0, len(user_emb), block):
+        e = min(s + block, len(user_emb))
         block = user_emb[s:e] @ item_emb.T
         top = top_k_excluding(block, k, indptr[s : e + 1] - indptr[s], excluded[indptr[s] : indptr[e]])
         items.append(top)

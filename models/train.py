@@ -54,6 +54,7 @@ class RankerData:
     hard_negatives: int = 30  # retrieved candidates the user never interacted with
     random_negatives: int = 10
     candidates: int = 200
+    max_users: int | None = None  # sample this many users per epoch (large catalogues); None = all
 
 
 @dataclass
@@ -193,7 +194,7 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
         return {**by_weight[weight], "retrieval_weight": weight,
                 "ndcg@10_by_weight": {str(w): r["ndcg@10"] for w, r in by_weight.items()}}
 
-    n_lists = int((fold.fit_counts >= 2).sum()) * data.cut_points
+    n_lists = int(min((fold.fit_counts >= 2).sum(), data.max_users or np.inf)) * data.cut_points
     result = run_epochs(name, model, schedule, batches, step, validate, epochs, n_lists)
     result.history.append({"retrieval_weight": best_weight["value"]})
     return result
@@ -207,7 +208,10 @@ def ranker_lists(fold: Fold, retrieval: TwoTower, item_emb: np.ndarray, fitted, 
     next interactions, its negatives retrieved candidates and random items the user never rated.
     """
     counts = fold.fit_counts
-    users = np.repeat(np.flatnonzero(counts >= 2), data.cut_points)
+    eligible = np.flatnonzero(counts >= 2)
+    if data.max_users is not None and len(eligible) > data.max_users:
+        eligible = np.sort(rng.choice(eligible, data.max_users, replace=False))
+    users = np.repeat(eligible, data.cut_points)
     start = fold.split.user_start[users]
     n = counts[users]
     # Cut somewhere in the second half, where the history resembles serving time.
