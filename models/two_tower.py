@@ -24,6 +24,7 @@ class TwoTowerConfig:
     item_hidden: tuple[int, ...] = (512, 256)
     out_dim: int = 128
     temperature: float = 0.05
+    logq_weight: float = 1.0  # 1: full sampling-bias correction; lower keeps some popularity signal
     id_dropout: float = 0.2  # hide the id this often in training, so id-less users/items still embed
     dropout: float = 0.1
 
@@ -143,7 +144,7 @@ class TwoTower(nn.Module):
         """Sampled softmax over the batch's items, logQ-corrected; repeats of the positive are masked."""
         u = self.user_tower(user_code, user_features, history)
         v = self.item_tower(item_code)
-        logits = u @ v.T / self.config.temperature - log_q[item_code].unsqueeze(0)
+        logits = u @ v.T / self.config.temperature - self.config.logq_weight * log_q[item_code].unsqueeze(0)
         same_item = item_code.unsqueeze(0) == item_code.unsqueeze(1)
         eye = torch.eye(len(item_code), dtype=torch.bool)
         logits = logits.masked_fill(same_item & ~eye, -1e9)
