@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from models.fold import Fold
 from models.ranker import Ranker, RankerConfig
-from models.train import StageResult, StageSchedule, TrainConfig, train_ranker, train_retrieval
+from models.train import StageResult, StageSchedule, TrainConfig, retrieval_loss, train_ranker, train_retrieval
 from models.two_tower import TwoTower, TwoTowerConfig
 
 
@@ -63,13 +63,13 @@ def retrieval_kd_loss(teacher: TwoTower, config: DistillConfig):
     with torch.no_grad():
         teacher_items = teacher.item_embeddings(len(teacher.item_tower.item_rows) - 1)
     t, a = config.temperature, config.label_weight
+    cache = TeacherCache(config.teacher_candidates)
 
     def loss_fn(student: TwoTower, inputs: dict) -> torch.Tensor:
-        label_loss = student.in_batch_loss(**inputs)
+        label_loss = retrieval_loss(student, inputs)
         with torch.no_grad():
-            u_t = teacher.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
-            extra = teacher_top_codes(u_t, teacher_items, config.teacher_candidates)
-            codes = torch.unique(torch.cat([inputs["item_code"], extra]))
+            u_t, top = cache.lookup(inputs, teacher, teacher_items)
+            codes = torch.unique(torch.cat([inputs["item_code"], top.flatten()]))
             logits_t = u_t @ teacher_items[codes - 1].T / teacher.config.temperature
         u_s = student.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
         logits_s = u_s @ student.item_tower(codes).T / student.config.temperature
@@ -78,6 +78,34 @@ def retrieval_kd_loss(teacher: TwoTower, config: DistillConfig):
         return a * label_loss + (1 - a) * kd
 
     return loss_fn
+
+
+class TeacherCache:
+    """The teacher's user embedding and top-M item codes per training example, computed once.
+
+    The teacher is frozen and in eval mode, so these never change between epochs; caching
+    them removes the teacher's forward pass, the costliest part of a distillation epoch.
+    Examples are keyed by their row; caching stops at `max_bytes` (huge datasets recompute).
+    """
+
+    def __init__(self, m: int, max_bytes: int = 1 << 30):
+        self.m, self.max_bytes = m, max_bytes
+        self.emb: dict[int, torch.Tensor] = {}
+        self.top: dict[int, torch.Tensor] = {}
+        self.bytes = 0
+
+    def lookup(self, inputs: dict, teacher: TwoTower, teacher_items: torch.Tensor):
+        rows = inputs.get("rows")
+        keys = rows.tolist() if rows is not None else []
+        if keys and all(k in self.emb for k in keys):
+            return torch.stack([self.emb[k] for k in keys]), torch.stack([self.top[k] for k in keys])
+        u_t = teacher.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
+        top = teacher_top_codes(u_t, teacher_items, self.m).view(len(u_t), -1)
+        if rows is not None and self.bytes < self.max_bytes:
+            for k, e, c in zip(keys, u_t, top):
+                self.emb[k], self.top[k] = e, c
+            self.bytes += u_t.numel() * 4 + top.numel() * 8
+        return u_t, top
 
 
 def teacher_top_codes(user_emb: torch.Tensor, item_emb: torch.Tensor, m: int,

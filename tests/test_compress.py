@@ -172,3 +172,20 @@ def test_shared_copy_of_tiny_teacher_is_not_modified(tiny_teacher):
 
     load_artifact(tiny_teacher)  # still verifies after compression read it
     assert np.isfinite(json.loads((tiny_teacher / "metrics.json").read_text())["two_stage"]["test"]["ndcg@10"])
+
+
+def test_teacher_cache_reuses_the_first_epochs_teacher_outputs():
+    torch.manual_seed(0)
+    teacher = TwoTower(TwoTowerConfig(id_dim=4, feature_dim=2, user_hidden=(8,), item_hidden=(8,), out_dim=4,
+                                      dropout=0.0, id_dropout=0.0), SPACE, tables()).eval()
+    student = TwoTower(TwoTowerConfig(id_dim=4, feature_dim=2, user_hidden=(8,), item_hidden=(8,), out_dim=4,
+                                      dropout=0.0, id_dropout=0.0), SPACE, tables()).eval()
+    loss_fn = retrieval_kd_loss(teacher, DistillConfig(label_weight=0.0, teacher_candidates=3))
+    inputs = {**batch(), "rows": torch.arange(5)}
+    first = loss_fn(student, inputs).item()
+
+    def frozen(*args):
+        raise AssertionError("teacher recomputed for cached rows")
+
+    teacher.user_tower.forward = frozen
+    assert loss_fn(student, inputs).item() == pytest.approx(first, rel=1e-6)
