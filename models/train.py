@@ -175,7 +175,6 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
     item_emb = item_embeddings(retrieval, fold.dataset.n_items)
     fitted = csr_from_pairs(fold.split.user[fold.fit_positions], fold.split.item[fold.fit_positions],
                             fold.dataset.n_users)
-    best_weight = {"value": retrieval_weights[0]}
 
     def batches():
         lists = ranker_lists(fold, retrieval, item_emb, fitted, data, rng)
@@ -194,13 +193,14 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
     def validate(m):
         by_weight = evaluate_two_stage(retrieval, m, fold, data.candidates, retrieval_weights)
         weight = max(by_weight, key=lambda w: by_weight[w]["ndcg@10"])
-        best_weight["value"] = weight
         return {**by_weight[weight], "retrieval_weight": weight,
                 "ndcg@10_by_weight": {str(w): r["ndcg@10"] for w, r in by_weight.items()}}
 
     n_lists = int(min((fold.fit_counts >= 2).sum(), data.max_users or np.inf)) * data.cut_points
     result = run_epochs(name, model, schedule, batches, step, validate, epochs, n_lists)
-    result.history.append({"retrieval_weight": best_weight["value"]})
+    # The weight chosen together with the kept state (the best epoch), not the last epoch's.
+    kept = result.history[result.epochs - 1].get("valid", {}) if epochs is None else {}
+    result.history.append({"retrieval_weight": kept.get("retrieval_weight", retrieval_weights[0])})
     return result
 
 
