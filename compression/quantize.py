@@ -75,7 +75,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
-from models.export import session
+from models.ort import session
 
 SUPPORTED_VERSIONS = (1,)
 EMBEDDING_BITS = (4, 8)
