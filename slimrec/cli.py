@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--preset", choices=sorted(presets.TRAIN_PRESETS), default="teacher")
     demo.set_defaults(run=cmd_demo, command="demo")
     from serving.cli import register as register_serve; register_serve(sub)  # noqa: E702, I001
+    from loadtest.cli import register as register_loadtest; register_loadtest(sub)  # noqa: E702, I001
     return parser
 
 
