@@ -47,10 +47,10 @@ def exact_top_k(user_emb: np.ndarray, item_emb: np.ndarray, k: int,
     block = max(1, min(USER_BATCH, 2**25 // max(1, len(item_emb))))  # bounds the [block, n_items] scores
     for s in range(0, len(user_emb), block):
         e = min(s + block, len(user_emb))
-        block = user_emb[s:e] @ item_emb.T
-        top = top_k_excluding(block, k, indptr[s : e + 1] - indptr[s], excluded[indptr[s] : indptr[e]])
+        block_scores = user_emb[s:e] @ item_emb.T  # a new name: `block` is the step of the loop
+        top = top_k_excluding(block_scores, k, indptr[s : e + 1] - indptr[s], excluded[indptr[s] : indptr[e]])
         items.append(top)
-        scores.append(np.where(top >= 0, np.take_along_axis(block, np.maximum(top, 0), 1), -np.inf))
+        scores.append(np.where(top >= 0, np.take_along_axis(block_scores, np.maximum(top, 0), 1), -np.inf))
     return np.concatenate(items), np.concatenate(scores).astype(np.float32)
 
 
