@@ -50,8 +50,10 @@ class Metrics:
         self.model_bytes = Gauge("slimrec_model_served_bytes", "Bytes of the files the server loads",
                                  ["variant"], registry=r)
         self.split_weight = Gauge("slimrec_split_weight", "A/B weight per variant", ["variant"], registry=r)
-        self.reloads = Counter("slimrec_reloads_total", "Admin reloads by outcome", ["variant", "outcome"],
-                               registry=r)
+        self.reloads = Counter("slimrec_reloads_total",
+                               "Admin reloads by outcome: swapped, invalid_artifact, not_promotable, "
+                               "bad_path",
+                               ["variant", "outcome"], registry=r)
 
     def record_variant(self, variant) -> None:
         """Export a (re)loaded variant's version, path and size."""

@@ -105,11 +105,16 @@ class Service:
         Raises:
             ReloadError: unknown variant (404), path outside the artifacts roots (403), not a
                 directory (400), not promotable without force (409), artifact invalid (422).
-                The running variant is untouched in every case.
+                The running variant is untouched in every case. Each outcome is counted in
+                slimrec_reloads_total: swapped, bad_path, not_promotable, invalid_artifact.
         """
         if name not in self.variants:
             raise ReloadError(404, f"unknown variant {name!r}; loaded: {', '.join(sorted(self.variants))}")
-        path = self.resolve_reload_path(path_text)
+        try:
+            path = self.resolve_reload_path(path_text)
+        except ReloadError:
+            self.metrics.reloads.labels(name, "bad_path").inc()
+            raise
         async with self._reload_lock:
             try:
                 manifest = (await asyncio.to_thread(load_artifact, path, False)).manifest
@@ -118,11 +123,12 @@ class Service:
                                            "send {\"force\": true} to load it anyway")
                 variant = await asyncio.to_thread(load_variant, name, path, self.settings.ort_threads)
             except ReloadError:
-                self.metrics.reloads.labels(name, "refused").inc()
+                self.metrics.reloads.labels(name, "not_promotable").inc()
                 raise
             except Exception as exc:  # checksums can pass on a broken model: ORT/FAISS errors count too
-                self.metrics.reloads.labels(name, "refused").inc()
+                self.metrics.reloads.labels(name, "invalid_artifact").inc()
                 reason = str(exc) if isinstance(exc, ArtifactError) else f"{type(exc).__name__}: {exc}"
+                log.warning("variant %s: reload from %s refused: %s", name, path, reason)
                 raise ReloadError(422, f"artifact refused, still serving the previous one: {reason}") from exc
             previous = self.variants[name]
             self._install(variant)
@@ -147,6 +153,10 @@ class Service:
         if not any(path.is_relative_to(root) for root in roots):
             raise ReloadError(403, f"{path_text!r} is outside the artifacts roots "
                                    f"({', '.join(map(str, roots))}); set SLIMREC_ARTIFACTS_ROOTS to allow it")
-        if not path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as exc:  # e.g. ENAMETOOLONG: is_dir() swallows only "does not exist" errors
+            raise ReloadError(400, f"invalid path {path_text[:200]!r}: {exc.strerror}") from exc
+        if not is_dir:
             raise ReloadError(400, f"{path} is not a directory")
         return path

@@ -19,6 +19,10 @@ from compression.artifact import Artifact, ArtifactError, load_artifact
 from compression.runtime import ServedModel
 
 CATALOGUE = "catalogue.json"
+# What serving feeds each graph (compression.runtime): input name -> rank; all int64.
+USER_TOWER_INPUTS = {"user_code": 1, "user_features": 2, "history": 2}
+RANKER_INPUTS = {**USER_TOWER_INPUTS, "candidates": 2}
+FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
 @dataclass
@@ -71,8 +75,9 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
         The loaded Variant.
 
     Raises:
-        ArtifactError: the manifest, a file, the catalogue or the smoke query is wrong
-            (the message names the file or the check).
+        ArtifactError: the manifest, a file (checksum, size, format version), a graph's
+            signature, a table's shape, the catalogue or the smoke query is wrong (the message
+            names the file and the problem).
 
     Example:
         >>> variant = load_variant("full", "artifacts/teacher")
@@ -82,6 +87,8 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
     path = Path(path)
     artifact = load_artifact(path)  # format version + sha256 of every listed file
     model = ServedModel(artifact, "", threads=ort_threads)
+    check_signatures(model)
+    check_tables(model)
     catalogue = artifact.read_json(CATALOGUE)
     item_ids = [str(i) for i in catalogue["item_ids"]]
     user_ids = [str(u) for u in catalogue["user_ids"]]
@@ -99,6 +106,75 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
     return variant
 
 
+def check_signatures(model: ServedModel) -> None:
+    """The ONNX graphs take what serving feeds them and return what it expects, or ArtifactError.
+
+    user_tower: inputs among user_code [B], user_features [B, F], history [B, N] (int64; an exporter
+    may drop an unused one) -> float [B, D] with D = the index's dimension. ranker: the same plus
+    candidates [B, C] (required) -> float [B, C]. Fixed dimensions must match the feature space.
+
+    Example:
+        >>> check_signatures(ServedModel(load_artifact("artifacts/teacher")))  # None: it fits
+    """
+    fixed = {"user_features": model.user_features.shape[1], "history": model.space.history_len}
+    prefix = model.prefix
+    _check_graph(model.artifact.file(f"{prefix}user_tower.onnx"), model.user_tower, USER_TOWER_INPUTS,
+                 required=(), out_dim=model.index.dim, fixed=fixed,
+                 out_what=f"the index dimension ({model.index.dim}, items.faiss)")
+    _check_graph(model.artifact.file(f"{prefix}ranker.onnx"), model.ranker, RANKER_INPUTS,
+                 required=("candidates",), out_dim=None, fixed=fixed, out_what="")
+
+
+def _check_graph(path: Path, session, expected: dict[str, int], required: tuple[str, ...],
+                 out_dim: int | None, fixed: dict[str, int], out_what: str) -> None:
+    def fail(problem: str) -> None:
+        raise ArtifactError(f"{path}: {problem}")
+
+    inputs = {i.name: i for i in session.get_inputs()}
+    unknown = sorted(set(inputs) - set(expected))
+    if unknown:
+        fail(f"input(s) {', '.join(map(repr, unknown))} are not ones serving provides "
+             f"({', '.join(expected)})")
+    missing = [name for name in required if name not in inputs]
+    if missing or not inputs:
+        fail(f"missing input(s) {', '.join(map(repr, missing or list(expected)))}")
+    for name, node in inputs.items():
+        if node.type != "tensor(int64)":
+            fail(f"input {name!r} is {node.type}, serving feeds tensor(int64)")
+        if len(node.shape) != expected[name]:
+            fail(f"input {name!r} has shape {node.shape}, serving feeds rank {expected[name]}")
+        if name in fixed and isinstance(node.shape[1], int) and node.shape[1] != fixed[name]:
+            fail(f"input {name!r} has shape {node.shape}, serving feeds [batch, {fixed[name]}]")
+    output = session.get_outputs()[0]
+    if output.type not in FLOAT_TYPES or len(output.shape) != 2:
+        fail(f"output {output.name!r} is {output.type} {output.shape}, serving expects a float [batch, N]")
+    if out_dim is not None and isinstance(output.shape[1], int) and output.shape[1] != out_dim:
+        fail(f"output {output.name!r} has shape {output.shape}, its last dimension must be {out_what}")
+
+
+def check_tables(model: ServedModel) -> None:
+    """Lookup tables (tables.safetensors) sized and ranged for the catalogue, or ArtifactError.
+
+    A wrong table would not fail the smoke query, only some users' requests at run time.
+    """
+    path = model.artifact.file(f"{model.prefix}tables.safetensors")
+    n_users, n_items = model.n_users, model.n_items
+    indptr, items = model.fitted_indptr, model.fitted_items
+    problems = []
+    if model.user_features.ndim != 2 or model.user_features.shape[0] != n_users + 1:
+        problems.append(f"user_features has shape {model.user_features.shape}, expected [{n_users + 1}, F]")
+    if indptr.shape != (n_users + 1,) or indptr[0] != 0 or (np.diff(indptr) < 0).any() \
+            or indptr[-1] != len(items):
+        problems.append(f"fitted_indptr is not a CSR row pointer for {n_users} users over {len(items)} items")
+    if len(items) and (items.min() < 0 or items.max() >= n_items):
+        problems.append(f"fitted_items holds indices outside [0, {n_items})")
+    popular = model.popular_items
+    if popular.ndim != 1 or (len(popular) and (popular.min() < 0 or popular.max() >= n_items)):
+        problems.append(f"popular_items holds indices outside [0, {n_items})")
+    if problems:
+        raise ArtifactError(f"{path}: {'; '.join(problems)}")
+
+
 def genre_masks(genres: list[str]) -> dict[str, np.ndarray]:
     """genre -> bool [n_items] from "|"-joined genre strings (empty names skipped)."""
     split = [set(filter(None, str(g).split("|"))) for g in genres]
@@ -111,7 +187,13 @@ def smoke_test(variant: Variant, k: int = 10) -> None:
     model = variant.model
     if model.n_users == 0 or model.n_items == 0:
         raise ArtifactError(f"{variant.path}: smoke query impossible, the catalogue is empty")
-    recs = model.recommend(model.known_users(np.array([0])), min(k, model.n_items))
+    batch = model.known_users(np.array([0]))
+    embedding = model.embed(batch)
+    if embedding.shape != (1, model.index.dim):  # a symbolic output dimension is only known now
+        raise ArtifactError(f"{model.artifact.file(f'{model.prefix}user_tower.onnx')}: user embedding has "
+                            f"shape {list(embedding.shape)} for one user, the index (items.faiss) "
+                            f"expects [1, {model.index.dim}]")
+    recs = model.recommend(batch, min(k, model.n_items))
     items, scores = recs.items[0], recs.scores[0]
     valid = items >= 0
     if not valid.any() or items.max() >= model.n_items or not np.isfinite(scores[valid]).all():
