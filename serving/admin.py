@@ -9,13 +9,13 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException
 
 from serving.deps import AdminDep, ReadyServiceDep
-from serving.schemas import ReloadRequest, ReloadResponse, SplitRequest, SplitResponse
+from serving.schemas import ReloadRequest, ReloadResponse, SplitRequest, SplitResponse, error_responses
 from serving.service import ReloadError
 
 router = APIRouter(prefix="/admin", dependencies=[AdminDep])
 
 
-@router.post("/variants/{name}/reload")
+@router.post("/variants/{name}/reload", responses=error_responses(400, 401, 403, 404, 409, 413, 422, 503))
 async def reload_variant(name: str, body: ReloadRequest, service: ReadyServiceDep) -> ReloadResponse:
     """Load + verify + smoke-test the artifact at `path` beside the running one, then swap.
 
@@ -29,7 +29,7 @@ async def reload_variant(name: str, body: ReloadRequest, service: ReadyServiceDe
                           path=str(new.path))
 
 
-@router.put("/split")
+@router.put("/split", responses=error_responses(400, 401, 403, 413, 422, 503))
 async def put_split(body: SplitRequest, service: ReadyServiceDep) -> SplitResponse:
     """Replace the A/B weights (variants left out get 0); users move only across changed ranges."""
     try:

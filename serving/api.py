@@ -1,7 +1,15 @@
-"""Public HTTP endpoints: recommendations, variants, health, readiness and metrics."""
+"""Public HTTP endpoints: recommendations, variants, health, readiness and metrics.
+
+Run-time failures of a variant's model do not fail requests: the request is answered by the
+next loaded variant (`"fallback": "variant:NAME"`), else by the failed variant's popularity
+list (`"fallback": "popular"`), and counted (`slimrec_model_errors_total`,
+`slimrec_runtime_fallback_total`). Client errors (422) and the deadline (504) are not masked.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import re
 import time
@@ -9,8 +17,10 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Path, Query, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 
 from serving.batcher import BatcherClosed
 from serving.deps import VARIANT_HEADER, ForcedVariantDep, MetricsDep, ReadyServiceDep, ServiceDep
@@ -23,14 +33,17 @@ from serving.schemas import (
     ScoredItem,
     VariantInfo,
     VariantsResponse,
+    error_responses,
 )
-from serving.service import Service
+from serving.service import Served, Service
 from serving.settings import MAX_K
 from serving.shadow import overlap_at_k, rank_biased_overlap
 from serving.variants import Variant
 
 router = APIRouter()
+log = logging.getLogger("slimrec.serving")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+RECOMMEND_ERRORS = error_responses(400, 403, 404, 413, 422, 503, 504)
 
 
 @router.get("/healthz")
@@ -39,21 +52,22 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=error_responses(503))
 async def readyz(service: ServiceDep):
     """Readiness: 200 once every variant is loaded and verified; 503 while loading or draining."""
     if not service.ready:
-        return JSONResponse({"status": "not ready"}, status_code=503)
+        return JSONResponse({"detail": "not ready"}, status_code=503, headers={"Retry-After": "1"})
     return {"status": "ready", "variants": {n: s.variant.version for n, s in service.variants.items()}}
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
 async def metrics(m: MetricsDep) -> Response:
     """Prometheus text exposition."""
     return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/variants")
+@router.get("/v1/variants", responses=error_responses(503))
 async def list_variants(service: ReadyServiceDep) -> VariantsResponse:
     """Loaded variants with their manifest summaries (sizes, metrics, promotable), and the split."""
     infos = [VariantInfo(weight=service.split.get(name, 0.0), **served.variant.describe())
@@ -63,14 +77,14 @@ async def list_variants(service: ReadyServiceDep) -> VariantsResponse:
                             shadow_fraction=service.settings.shadow_fraction)
 
 
-@router.post("/v1/recommend")
+@router.post("/v1/recommend", responses=RECOMMEND_ERRORS)
 async def recommend(body: RecommendRequest, service: ReadyServiceDep, forced: ForcedVariantDep,
                     request: Request, response: Response, background: BackgroundTasks) -> RecommendResponse:
     """Top-k items for a user: known users by id; new users by `history` and optional features."""
     return await serve(service, body, forced, request, response, background)
 
 
-@router.get("/v1/users/{user_id}/recommendations")
+@router.get("/v1/users/{user_id}/recommendations", responses=RECOMMEND_ERRORS)
 async def user_recommendations(
         user_id: Annotated[str, Path(min_length=1, max_length=128)], service: ReadyServiceDep,
         forced: ForcedVariantDep, request: Request, response: Response, background: BackgroundTasks,
@@ -78,24 +92,32 @@ async def user_recommendations(
         include_genres: Annotated[list[str], Query()] = [],  # noqa: B006 (FastAPI copies defaults)
         exclude_genres: Annotated[list[str], Query()] = []) -> RecommendResponse:  # noqa: B006
     """The same as POST /v1/recommend without a history (unknown users get the fallback)."""
-    body = RecommendRequest(user_id=user_id, k=k, exclude_seen=exclude_seen,
-                            include_genres=include_genres, exclude_genres=exclude_genres)
+    try:
+        body = RecommendRequest(user_id=user_id, k=k, exclude_seen=exclude_seen,
+                                include_genres=include_genres, exclude_genres=exclude_genres)
+    except ValidationError as exc:  # e.g. ?include_genres= (an empty name): a 422 like the POST's
+        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]) from None
     return await serve(service, body, forced, request, response, background)
 
 
 async def serve(service: Service, body: RecommendRequest, forced: str | None, request: Request,
                 response: Response, background: BackgroundTasks) -> RecommendResponse:
-    """Route, build the query, await the batcher, answer; maybe schedule a shadow comparison."""
+    """Route, build the query, await the batcher (or a fallback), answer; maybe schedule a shadow."""
     started = time.perf_counter()
     if len(body.history) > service.settings.max_history:
         raise HTTPException(422, f"history: {len(body.history)} items, at most "
                                  f"{service.settings.max_history} allowed (send the most recent ones)")
     name = forced or assign_variant(body.user_id, service.split, service.settings.salt)
     request.state.variant = name
-    served = service.variants[name]  # build and submit against the same Served, even mid-reload
-    query, answer = await _answer(served, body)
+    try:
+        async with asyncio.timeout_at(getattr(request.state, "deadline", None)):
+            served, query, answer = await answer_with_fallback(service, name, body)
+    except TimeoutError:
+        service.metrics.deadline.labels(name).inc()
+        raise HTTPException(504, f"no answer within the {service.settings.request_timeout_ms:.0f} ms "
+                                 "deadline (request_timeout_ms)") from None
     request_id = _request_id(request)
-    result = to_response(served.variant, body.user_id, answer, query.ignored_history, request_id)
+    result = to_response(served.variant, body.user_id, answer, query.ignored_history, request_id, name)
     timings = {**answer.timings, "total": time.perf_counter() - started}
     response.headers["Server-Timing"] = ", ".join(f"{s};dur={v * 1000:.3f}" for s, v in timings.items())
     response.headers[VARIANT_HEADER] = name
@@ -112,29 +134,77 @@ async def serve(service: Service, body: RecommendRequest, forced: str | None, re
     return result
 
 
-async def _answer(served, body: RecommendRequest) -> tuple[ModelQuery, Answer]:
+async def answer_with_fallback(service: Service, name: str,
+                               body: RecommendRequest) -> tuple[Served, ModelQuery, Answer]:
+    """The variant's answer; if its model raises, another variant's, else its popularity list.
+
+    Returns:
+        (the Served that answered, its query, the answer); `answer.fallback` says which path.
+
+    Raises:
+        HTTPException: 422 for a request the variant cannot answer as asked (not a model
+            failure, so no fallback), 503 while shutting down.
+    """
+    served = service.variants[name]
     try:
-        query = build_query(served.variant, body.user_id, body.k, body.exclude_seen, body.history,
-                            body.features(), body.include_genres, body.exclude_genres,
-                            reject_unknown_items=body.unknown_items == "reject")
+        return await _answer(service, served, body)
+    except HTTPException:
+        raise
+    except Exception as exc:  # the model failed at run time: ORT, FAISS, a bad table row, ...
+        service.record_model_error(name, exc)
+    for other in service.fallback_order(name):
+        try:
+            answered, query, answer = await _answer(service, service.variants[other], body)
+        except HTTPException:
+            continue  # e.g. a genre that variant's catalogue lacks
+        except Exception as exc:  # that model failing too
+            service.record_model_error(other, exc)
+            continue
+        answer.fallback = f"variant:{other}"
+        service.metrics.runtime_fallbacks.labels(name, answer.fallback).inc()
+        return answered, query, answer
+    query = _query(served, body)  # the popularity list needs no model call
+    exclude = query.batch.exclude_items if query.batch is not None else None
+    items = served.variant.model.popular(body.k, exclude=exclude, allowed=query.allowed)
+    service.metrics.runtime_fallbacks.labels(name, "popular").inc()
+    return served, query, Answer(items, None, "popular", {}, 1)
+
+
+def _query(served: Served, body: RecommendRequest) -> ModelQuery:
+    try:
+        return build_query(served.variant, body.user_id, body.k, body.exclude_seen, body.history,
+                           body.features(), body.include_genres, body.exclude_genres,
+                           reject_unknown_items=body.unknown_items == "reject")
     except QueryError as exc:
         raise HTTPException(422, str(exc)) from exc
-    try:
-        return query, await served.batcher.submit(query)
-    except BatcherClosed as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+
+
+async def _answer(service: Service, served: Served,
+                  body: RecommendRequest) -> tuple[Served, ModelQuery, Answer]:
+    """(the Served that answered, query, answer); model errors propagate."""
+    for attempt in range(2):
+        query = _query(served, body)
+        try:
+            return served, query, await served.batcher.submit(query)
+        except BatcherClosed as exc:
+            # A reload swapped this variant between routing and submitting: ask the new one, once.
+            current = service.variants.get(served.variant.name)
+            if attempt or not service.ready or current is None or current is served:
+                raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+            served = current
+    raise AssertionError("unreachable")
 
 
 def to_response(variant: Variant, user_id: str, answer: Answer, ignored_history: list[str],
-                request_id: str) -> RecommendResponse:
-    """Raw ids, titles and scores for the answer's item indices."""
+                request_id: str, routed_to: str | None = None) -> RecommendResponse:
+    """Raw ids, titles and scores for the answer's item indices (`routed_to`: the A/B variant)."""
     ids, titles = variant.item_ids, variant.titles
     scores = answer.scores.tolist() if answer.scores is not None else [None] * len(answer.items)
     items = [ScoredItem(item_id=ids[i], score=s, title=titles[i])
              for i, s in zip(answer.items.tolist(), scores, strict=True)]
-    return RecommendResponse(variant=variant.name, model_version=variant.version, user_id=user_id,
-                             items=items, fallback=answer.fallback, ignored_history=ignored_history,
-                             request_id=request_id)
+    return RecommendResponse(variant=routed_to or variant.name, model_version=variant.version,
+                             user_id=user_id, items=items, fallback=answer.fallback,
+                             ignored_history=ignored_history, request_id=request_id)
 
 
 async def shadow_compare(service: Service, primary: str, partner: str, body: RecommendRequest,
@@ -142,8 +212,10 @@ async def shadow_compare(service: Service, primary: str, partner: str, body: Rec
     """Answer the same request with the partner variant and record top-k agreement."""
     served = service.variants.get(partner)
     outcome = service.metrics.shadow.labels(primary, partner, "compared")
+    answer = None
     try:
-        answer = (await _answer(served, body))[1] if served else None
+        if served is not None:
+            served, _, answer = await _answer(service, served, body)
     except Exception:  # a shadow must never hurt the primary path; count it and move on
         answer = None
     if answer is None:

@@ -4,21 +4,29 @@
     slimrec serve --variant full=artifacts/teacher ...    # the CLI wraps the same factory
 
 No CORS middleware on purpose: browsers on other origins get no access. Bodies over
-`max_body_bytes` are refused with 413 before any parsing.
+`max_body_bytes` are refused with 413 before any parsing, bodies nested too deeply to parse
+with 422; past `max_in_flight` recommendation requests the answer is 503 + Retry-After
+(`serving/limits.py`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import signal
+import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from compression.artifact import ArtifactError
 from serving import admin, api
+from serving.limits import AdmissionMiddleware, json_too_deep, send_json_error
 from serving.metrics import NO_VARIANT, Metrics
 from serving.service import Service
 from serving.settings import Settings
@@ -53,7 +61,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(api.router)
     app.include_router(admin.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    # The last added runs first: instrumentation wraps the body limit, so 413s are counted too.
+    # The last added runs first: instrumentation -> body limit -> admission -> app, so 413s and
+    # overload 503s are counted, and a refused request has had its (bounded) body read, which
+    # keeps its keep-alive connection usable.
+    app.add_middleware(AdmissionMiddleware, limit=settings.max_in_flight,
+                       timeout_s=settings.request_timeout_ms / 1000, retry_after_s=settings.retry_after_s,
+                       metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(InstrumentMiddleware, metrics=metrics)
     return app
@@ -62,6 +75,27 @@ def create_app(settings: Settings) -> FastAPI:
 def create_app_from_env() -> FastAPI:
     """uvicorn factory: Settings from the environment (what `slimrec serve` hands its workers)."""
     return create_app(Settings())
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn.Server whose orderly stop exits 0: no re-raised SIGTERM after the graceful shutdown.
+
+    uvicorn re-raises the signal once it has drained, so the process ends "killed by SIGTERM"
+    (status -15) even when every in-flight request was answered. Here SIGTERM/SIGINT only ask
+    uvicorn to shut down (stop accepting, finish in-flight requests, lifespan shutdown).
+    """
+
+    @contextmanager
+    def capture_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in uvicorn.server.HANDLED_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -84,7 +118,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` with 413 (Content-Length checked, chunked bodies counted)."""
+    """Refuse request bodies over `max_bytes` with 413 (Content-Length checked, chunked bodies counted),
+    and bodies nested too deeply to parse with 422."""
+
+    # Before a 413 the rest of the body is read and dropped (at most this much, this long): closing
+    # with unread data makes the kernel reset the connection, and the client sees a broken pipe
+    # instead of the 413 (nginx's "lingering close").
+    DRAIN_BYTES = 16 * 1024 * 1024
+    DRAIN_SECONDS = 2.0
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -92,9 +133,12 @@ class BodyLimitMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            return await self._refuse(send)
+            # With "Expect: 100-continue" the client waits for our go-ahead: nothing to drain.
+            drain = length.isdigit() and b"expect" not in headers
+            return await self._refuse(receive, send, drain)
         chunks, size = [], 0
         while True:  # bodies are small by construction: buffer, then replay to the app
             message = await receive()
@@ -103,9 +147,12 @@ class BodyLimitMiddleware:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.max_bytes:
-                return await self._refuse(send)
+                return await self._refuse(receive, send, message.get("more_body", False))
             if not message.get("more_body", False):
                 break
+        if json_too_deep(b"".join(chunks)):
+            return await send_json_error(send, 422, "request body is JSON nested too deeply "
+                                                    "(requests nest 2 levels: object, list, string)")
         replayed = False
 
         async def replay():
@@ -117,12 +164,18 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send):
-        body = f'{{"detail":"request body too large: at most {self.max_bytes} bytes"}}'.encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", b"%d" % len(body)), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, receive, send, drain: bool):
+        if drain:
+            drained = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.DRAIN_SECONDS):
+                    while drained < self.DRAIN_BYTES:
+                        message = await receive()
+                        drained += len(message.get("body", b""))
+                        if message["type"] != "http.request" or not message.get("more_body", False):
+                            break
+        await send_json_error(send, 413, f"request body too large: at most {self.max_bytes} bytes",
+                              close=True)
 
 
 def endpoint_label(path: str) -> str:

@@ -78,14 +78,24 @@ def validation_message(exc) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Validate the settings, hand them to uvicorn's workers through the environment, and serve."""
+    """Validate the settings, hand them to uvicorn's workers through the environment, and serve.
+
+    On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish (30 s at most),
+    runs the lifespan shutdown (batchers drain), and the command exits 0.
+    """
     import os
 
     import uvicorn
 
+    from serving.app import GracefulServer
+
     settings = settings_from_args(args)
     os.environ.update(settings.to_env())  # workers (separate processes) rebuild the same Settings
-    uvicorn.run("serving.app:create_app_from_env", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_level=settings.log_level, timeout_graceful_shutdown=30,
-                server_header=False)
-    return 0
+    options = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
+                   timeout_graceful_shutdown=30, server_header=False)
+    if settings.workers > 1:
+        uvicorn.run("serving.app:create_app_from_env", factory=True, workers=settings.workers, **options)
+        return 0
+    server = GracefulServer(uvicorn.Config("serving.app:create_app_from_env", factory=True, **options))
+    server.run()
+    return 0 if server.started else 3  # 3: startup failed (uvicorn's code), e.g. an artifact refused

@@ -28,7 +28,8 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 def ready_service(service: ServiceDep) -> Service:
     """The service, or 503 while variants are loading or the server is draining."""
     if not service.ready:
-        raise HTTPException(503, "not ready: variants are loading or the server is shutting down")
+        raise HTTPException(503, "not ready: variants are loading or the server is shutting down",
+                            headers={"Retry-After": "1"})
     return service
 
 

@@ -54,6 +54,21 @@ class Metrics:
                                "Admin reloads by outcome: swapped, invalid_artifact, not_promotable, "
                                "bad_path",
                                ["variant", "outcome"], registry=r)
+        self.in_flight = Gauge("slimrec_in_flight_requests", "Recommendation requests being handled",
+                               registry=r)
+        self.overload = Counter("slimrec_overload_rejections_total",
+                                "Recommendation requests refused with 503 because max_in_flight were running",
+                                registry=r)
+        self.deadline = Counter("slimrec_deadline_exceeded_total",
+                                "Recommendation requests answered 504: past request_timeout_ms", ["variant"],
+                                registry=r)
+        self.model_errors = Counter("slimrec_model_errors_total",
+                                    "Model calls that raised at run time, by variant and exception type",
+                                    ["variant", "error"], registry=r)
+        self.runtime_fallbacks = Counter(
+            "slimrec_runtime_fallback_total",
+            "Requests whose variant failed at run time, by what answered instead (variant:NAME or popular)",
+            ["variant", "to"], registry=r)
 
     def record_variant(self, variant) -> None:
         """Export a (re)loaded variant's version, path and size."""

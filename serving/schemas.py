@@ -13,7 +13,9 @@ Genre = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a typo ("exclude_seem") is an error, not ignored
+    # extra="forbid": a typo ("exclude_seem") is an error, not ignored. strict: JSON types as
+    # declared, no coercion ("k": true or "k": "10" is a 422, not k=1 or k=10).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class RecommendRequest(_Strict):
@@ -45,11 +47,15 @@ class ScoredItem(BaseModel):
 
 
 class RecommendResponse(BaseModel):
-    variant: str
-    model_version: str
+    variant: str = Field(description="the A/B variant the request was routed to")
+    model_version: str = Field(description="version of the artifact that produced `items`")
     user_id: str
     items: list[ScoredItem]
-    fallback: Literal["popular"] | None = None
+    fallback: str | None = Field(
+        None, pattern=r"^(popular|variant:.+)$",
+        description="null: the variant's model answered. \"popular\": the popularity list (unknown user "
+                    "without usable history, or the variant's model failed). \"variant:NAME\": the "
+                    "variant's model failed and variant NAME answered instead")
     ignored_history: list[str] = Field(default_factory=list,
                                        description="history ids unknown to this model, not used")
     request_id: str
@@ -92,3 +98,34 @@ class SplitRequest(_Strict):
 
 class SplitResponse(BaseModel):
     split: dict[str, float]
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: one readable line, plus the field errors of a 422 from validation."""
+
+    detail: str
+    errors: list[dict] | None = Field(None, description="422 from request validation: loc, msg, type")
+
+
+_ERRORS = {
+    400: "malformed JSON, or X-Slimrec-Variant names a variant that is not loaded",
+    401: "missing or wrong admin token",
+    403: "X-Slimrec-Variant not allowed on this server; admin API disabled; reload path outside the roots",
+    404: "unknown variant (admin), or no such route (a user id containing '/': use POST /v1/recommend)",
+    409: "artifact manifest says promotable: false (send force)",
+    413: "request body larger than max_body_bytes",
+    422: "invalid request (the detail names the field), or body JSON nested too deeply",
+    503: "not ready (loading or shutting down), or overloaded: retry after Retry-After seconds",
+    504: "request_timeout_ms passed before the model answered",
+}
+_HEADERS = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
+    503: {"Retry-After": {"schema": {"type": "string"}, "required": True,
+                          "description": "seconds to wait before retrying"}},
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict]:
+    """OpenAPI `responses=` entries for the error statuses an endpoint can answer."""
+    return {code: {"model": ErrorResponse, "description": _ERRORS[code],
+                   **({"headers": _HEADERS[code]} if code in _HEADERS else {})} for code in codes}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,10 +53,14 @@ class Service:
         self._executor = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="slimrec-model")
         self._reload_lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
+        self._error_logged_at: dict[str, float] = {}  # variant -> last model-error log line
 
     async def start(self) -> None:
         """Load every configured variant (in parallel threads); raises ArtifactError naming the file."""
         names = list(self.settings.variants)
+        if self.settings.inject_delay_ms:
+            log.warning("inject_delay_ms=%s: every model call sleeps first (a test hook)",
+                        self.settings.inject_delay_ms)
         loaded = await asyncio.gather(*(
             asyncio.to_thread(load_variant, name, self.settings.variants[name], self.settings.ort_threads)
             for name in names))
@@ -75,9 +80,15 @@ class Service:
     def _install(self, variant: Variant) -> Served:
         settings = self.settings
         batch_sizes = self.metrics.batch_size.labels(variant.name)
-        batcher = Batcher(lambda queries: run_queries(variant, queries, settings.n_candidates),
-                          self._executor, settings.batch_max_size, settings.batch_max_wait_ms / 1000,
-                          on_batch=batch_sizes.observe)
+        delay_s = settings.inject_delay_ms / 1000
+
+        def run_batch(queries: list[Query]) -> list[Answer]:
+            if delay_s:
+                time.sleep(delay_s)  # test hook: slow requests for shutdown and overload tests
+            return run_queries(variant, queries, settings.n_candidates)
+
+        batcher = Batcher(run_batch, self._executor, settings.batch_max_size,
+                          settings.batch_max_wait_ms / 1000, on_batch=batch_sizes.observe)
         served = Served(variant, batcher)
         self.variants[variant.name] = served  # the atomic swap: one dict assignment on the loop
         self.metrics.record_variant(variant)
@@ -88,6 +99,21 @@ class Service:
         self.split = validate_split(weights, self.variants)
         self.metrics.record_split(self.split)
         return self.split
+
+    def fallback_order(self, name: str) -> list[str]:
+        """The other loaded variants, in name order starting after `name` (who answers if it fails)."""
+        names = sorted(self.variants)
+        start = names.index(name) + 1 if name in names else 0
+        return [n for n in names[start:] + names[:start] if n != name]
+
+    def record_model_error(self, name: str, exc: Exception, log_every_s: float = 10.0) -> None:
+        """Count a model failure; log it with its traceback at most once per `log_every_s` per variant."""
+        self.metrics.model_errors.labels(name, type(exc).__name__).inc()
+        now = time.monotonic()
+        if now - self._error_logged_at.get(name, -log_every_s) >= log_every_s:
+            self._error_logged_at[name] = now
+            log.error("variant %s: model call failed, answering with a fallback (logged at most every "
+                      "%.0f s; see slimrec_model_errors_total)", name, log_every_s, exc_info=exc)
 
     def shadow_partner(self, name: str) -> str | None:
         """The variant that shadows `name`: the next one in name order (None with one variant)."""

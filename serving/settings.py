@@ -17,7 +17,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
-    log_level: str = "info"
+    # No "trace": uvicorn's trace logging prints every request scope, Authorization header included.
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     n_candidates: int = Field(200, ge=1, le=100_000, description="FAISS top-N handed to the ranker")
     batch_max_size: int = Field(16, ge=1, le=4096, description="1 turns the batcher off")
     # 0: never wait on purpose; a batch is whatever queued while the previous one ran, so a
@@ -95,6 +96,16 @@ class Settings(BaseSettings):
         None, description="reload paths must lie under one of these; default: the variants' parents")
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_history: int = Field(1000, ge=1, le=100_000)
+    max_in_flight: int = Field(
+        64, ge=1, le=100_000,
+        description="recommendation requests handled at once; past it: 503 with Retry-After, no queueing")
+    request_timeout_ms: float = Field(
+        2000.0, gt=0, le=600_000, description="per-request deadline for recommendations; past it: 504")
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 answers")
+    inject_delay_ms: float = Field(
+        0.0, ge=0, le=60_000,
+        description="TESTS ONLY: sleep this long in every model call (slow-request tests); "
+                    "loopback binds only")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
@@ -152,6 +163,8 @@ class Settings(BaseSettings):
             if not path.is_dir():
                 raise ValueError(f"variant {name!r}: artifact directory {path} does not exist")
         self.split = validate_split(self.split or {name: 1.0 for name in self.variants}, self.variants)
+        if self.inject_delay_ms and not is_loopback(self.host):
+            raise ValueError("inject_delay_ms is a test hook: only allowed when bound to a loopback address")
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
             raise ValueError("admin_token: use at least 16 characters (e.g. `openssl rand -hex 32`)")
         return self
