@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    """Add the `serve` subcommand to slimrec's argparse subparsers."""
+    """Add the `serve` and `soak` subcommands to slimrec's argparse subparsers."""
     serve = subparsers.add_parser("serve", help="serve variants over HTTP (A/B split, shadow, metrics)")
     serve.add_argument("--variant", action="append", metavar="NAME=ARTIFACT_DIR",
                        help="a variant to serve; repeat for A/B (e.g. full=artifacts/teacher)")
@@ -37,6 +37,9 @@ def register(subparsers) -> None:
                        help="directory admin reloads may load from (repeatable)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run_serve, command="serve")
+    from serving.soak import register as register_soak  # argparse only; the load code imports lazily
+
+    register_soak(subparsers)
 
 
 def settings_from_args(args: argparse.Namespace):
