@@ -235,6 +235,10 @@ def finish_report(config: LoadConfig, out: Path, runs: dict[str, dict], names: l
         notes.append(f"A/B phase: each variant's RPS is its share of the traffic (split {split}, by user), "
                      "so the RPS ratio is the split, not relative capacity; compare latencies, or use "
                      "per-variant.")
+    if config.rate:
+        notes.append(f"fixed rate: every phase was offered {config.rate:g} RPS, so RPS ratios near 1 only "
+                     "say the rate was held (below 1: the variant could not keep up); compare latencies "
+                     "here and capacity in a saturation run (no --rate).")
     if any(run["generator_cpu_warning"] for run in runs.values()):
         notes.append("locust warned that a load-generator process hit its CPU limit: RPS may be the "
                      "generator's ceiling, not the server's (add --workers, or use wrk for ceilings).")
