@@ -177,6 +177,8 @@ def run_loadtest(config: LoadConfig, out: Path, host: str | None = None, start: 
     """
     if (host is None) == (start is None):
         raise ValueError("give either --host URL or --start NAME=ARTIFACT,...")
+    out = out.resolve()  # the processes run in the repository root, not necessarily the caller's cwd
+    start = {name: str(Path(path).resolve()) for name, path in start.items()} if start else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(exist_ok=True)
     servers = {}
