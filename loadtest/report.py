@@ -118,10 +118,10 @@ def build_report(rows: dict[str, dict], settings: dict, ceiling: dict | None = N
         (1.5, 0.5)
     """
     report = {"settings": settings, "variants": rows, "ceiling": ceiling, "ratios": {}, **(extra or {})}
-    if baseline in rows and candidate in rows:
+    if baseline in rows and candidate in rows and baseline != candidate:
         report["ratios"][f"{candidate}/{baseline}"] = ratios(rows[candidate], rows[baseline])
     if ceiling is not None:
-        for name in (candidate, baseline):
+        for name in dict.fromkeys((candidate, baseline)):
             if name in rows:
                 rps = ratio(rows[name].get("rps"), ceiling.get("rps"))
                 report["ratios"][f"{name}/ceiling"] = {"rps": rps}

@@ -140,6 +140,7 @@ def test_build_report_ratios_by_hand():
     assert report["ratios"]["full/ceiling"] == {"rps": 200 / 1200}
     # A missing or zero baseline gives no ratio rather than a crash or an infinity.
     assert rep.build_report({"full": FULL}, {})["ratios"] == {}
+    assert rep.build_report({"full": FULL}, {}, candidate="full")["ratios"] == {}  # one variant served
     assert rep.ratios({"rps": 1.0, "p50_ms": math.nan}, {"rps": 0.0, "p50_ms": 1.0})["rps"] is None
     assert rep.ratios({"rps": 1.0, "p50_ms": math.nan}, {"rps": 0.0, "p50_ms": 1.0})["p50_ms"] is None
 
