@@ -1,13 +1,9 @@
-"""Bad input against the HTTP API.
+"""Bad input against the HTTP API (the schema-driven part is tests/test_fuzz_openapi.py).
 
-1. schemathesis, against a real `slimrec serve` on a loopback port, from the server's own
-   OpenAPI schema: positive and negative examples for every operation (admin ones with the
-   token), bounded in examples; checks: no 5xx, status codes documented, bodies and headers
-   match the documented schemas.
-2. hypothesis on request parsing, in-process (lifespan runs): any JSON (or not-JSON) body is
-   a 200 or a 400/413/422 whose `detail` is a readable line; each field's bounds exactly.
-3. Hostile bodies (oversized, 60 KB histories, deeply nested JSON, huge k) in a concurrent
-   burst against the real server: each refused fast, and the server's RSS stays flat.
+- hypothesis on request parsing, in-process (lifespan runs): any JSON (or not-JSON) body is
+  a 200 or a 400/413/422 whose `detail` is a readable line; each field's bounds exactly.
+- Hostile bodies (oversized, 60 KB histories, deeply nested JSON, huge k) in a concurrent
+  burst against a real server: each refused fast, and the server's RSS stays flat.
 """
 
 from __future__ import annotations
@@ -15,28 +11,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import zlib
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
 import psutil
 import pytest
-import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from schemathesis import checks as sc
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, running_server
 
 from serving.app import create_app
 from serving.settings import Settings
 
 ERROR_STATUSES = {400, 413, 422}
-EXAMPLES_PER_OPERATION = 40
 
 
-# --- 1. schemathesis against a real server --------------------------------------------------------
+# --- real server (hostile bodies) ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -48,70 +39,7 @@ def fuzz_server(tiny_teacher, tmp_path_factory):
         yield srv
 
 
-def openapi_document() -> dict:
-    """The app's OpenAPI document, built without starting it (the schema does not depend on the
-    loaded artifacts; `test_the_server_serves_the_same_schema` checks the real server's copy).
-
-    Loaded at import because schemathesis's fixture-based loader needs a pytest internal
-    (`node._nodeid`) that pytest 9 no longer has.
-    """
-    return create_app(Settings(variants={"full": Path(__file__).parent})).openapi()
-
-
-SCHEMA_CONFIG = schemathesis.config.SchemathesisConfig.from_dict({
-    "seed": 20240601,  # reproducible in CI; change it locally to explore further
-    "generation": {"max-examples": EXAMPLES_PER_OPERATION},
-    "phases": {"stateful": {"enabled": False}},
-})
-schema = schemathesis.openapi.from_dict(openapi_document(), config=SCHEMA_CONFIG)
-CHECKS = [sc.not_a_server_error, sc.status_code_conformance, sc.content_type_conformance,
-          sc.response_headers_conformance, sc.response_schema_conformance, sc.negative_data_rejection]
-
-
-def test_the_server_serves_the_same_schema(fuzz_server):
-    assert fuzz_server.client.get("/openapi.json").json() == openapi_document()
-
-
-def steer(case) -> None:
-    """Point 2 of 3 positive cases at a loaded variant and the real token, so they reach the model
-    and the admin handlers instead of stopping at a 400 (unknown variant), 401 or 404.
-
-    Negative cases are left alone: whatever they break must be refused.
-    """
-    if case.meta is not None and case.meta.generation.mode.value != "positive":
-        return
-    pick = zlib.crc32(repr((case.path, case.path_parameters, case.query, case.body)).encode()) % 3
-    headers = {k: v for k, v in (case.headers or {}).items() if k.lower() != "x-slimrec-variant"}
-    if pick < 2:
-        headers["X-Slimrec-Variant"] = ("full", "compressed")[pick]
-    if case.path.startswith("/admin/"):
-        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-        headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
-        if case.path_parameters and "name" in case.path_parameters and pick < 2:
-            case.path_parameters["name"] = "full"
-    case.headers = headers
-
-
-@schema.parametrize()
-@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
-                                 HealthCheck.function_scoped_fixture])
-def test_api_conforms_to_its_own_openapi_schema(case, fuzz_server):
-    steer(case)
-    case.call_and_validate(base_url=fuzz_server.url, checks=CHECKS, timeout=30)
-
-
-def test_fuzzing_left_the_server_healthy(fuzz_server):
-    # Runs after the schemathesis cases (file order): still ready, still answering.
-    fuzz_server.client.put("/admin/split", json={"weights": {"full": 1, "compressed": 1}},
-                           headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
-    assert fuzz_server.client.get("/readyz").status_code == 200
-    response = fuzz_server.client.post("/v1/recommend", json={"user_id": "196", "k": 5})
-    assert response.status_code == 200 and len(response.json()["items"]) == 5
-    assert "Traceback" not in fuzz_server.log()
-
-
-# --- 2. hypothesis on request parsing (in-process) ------------------------------------------------
+# --- hypothesis on request parsing (in-process) ------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +49,7 @@ def client(tiny_teacher):
         yield test_client
 
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
@@ -156,9 +84,9 @@ def test_any_request_object_is_answered_or_refused_with_a_message(client, body):
         assert type(k) is int and 1 <= k <= 200 and len(answer["items"]) <= k
         assert isinstance(body.get("user_id"), str) and "typo_field" not in body
         return
-    detail = assert_clear_error(response)["detail"]
-    if response.status_code == 422 and "typo_field" in body:
-        assert "typo_field" in detail
+    error = assert_clear_error(response)
+    if response.status_code == 422 and "typo_field" in body and len(error.get("errors") or []) < 10:
+        assert "typo_field" in error["detail"]  # named, unless crowded out of the first 10 errors
 
 
 @FUZZ
@@ -203,7 +131,7 @@ def test_any_user_id_in_the_path(client, user_id):
         assert response.json()["user_id"] == user_id
 
 
-# --- 3. hostile bodies: fast refusals, flat memory ------------------------------------------------
+# --- hostile bodies: fast refusals, flat memory ------------------------------------------------
 
 HOSTILE = {
     "oversized (1 MiB, Content-Length)": (b'{"user_id": "1", "history": ["' + b"x" * (1 << 20) + b'"]}', 413),

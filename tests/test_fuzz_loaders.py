@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from models.data import DataFormatError
 from models.movielens import load_dataset
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])
 
 FLAGS = "|".join("0" * 19)
@@ -189,7 +189,7 @@ def damaged(draw) -> tuple[str, str, bytes, str]:
     return fmt, name, data, how
 
 
-@settings(max_examples=300, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(case=damaged())
 @example(case=("ml-100k", "u.data", b"1\t10\t4\t880000000\n\x00\n", "bytes"))
 @example(case=("ml-1m", "ratings.dat", b"1::10::5::978300760\n1::10::5\n", "truncate"))
