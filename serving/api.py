@@ -9,7 +9,6 @@ list (`"fallback": "popular"`), and counted (`slimrec_model_errors_total`,
 from __future__ import annotations
 
 import asyncio
-import logging
 import random
 import re
 import time
@@ -41,7 +40,6 @@ from serving.shadow import overlap_at_k, rank_biased_overlap
 from serving.variants import Variant
 
 router = APIRouter()
-log = logging.getLogger("slimrec.serving")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 RECOMMEND_ERRORS = error_responses(400, 403, 404, 413, 422, 503, 504)
 

@@ -12,12 +12,11 @@ with 422; past `max_in_flight` recommendation requests the answer is 503 + Retry
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -167,7 +166,7 @@ class BodyLimitMiddleware:
     async def _refuse(self, receive, send, drain: bool):
         if drain:
             drained = 0
-            with contextlib.suppress(TimeoutError):
+            with suppress(TimeoutError):
                 async with asyncio.timeout(self.DRAIN_SECONDS):
                     while drained < self.DRAIN_BYTES:
                         message = await receive()
