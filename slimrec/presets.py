@@ -11,7 +11,9 @@ from pathlib import Path
 from models.train import TrainConfig
 
 TRAIN_PRESETS: dict[str, dict] = {
-    "teacher": {},
+    # tau 0.1 over 0.05: higher validation recall@200 at every epoch (0.749 vs 0.743 at the kept
+    # epoch), the ceiling of the two-stage system; validation NDCG@10 within one standard error.
+    "teacher": {"two_tower": {"temperature": 0.1}},
     "tiny": {
         "two_tower": {"id_dim": 16, "feature_dim": 4, "user_hidden": [32], "item_hidden": [32], "out_dim": 16},
         "ranker": {"id_dim": 8, "feature_dim": 4, "n_cross": 1, "deep": [16]},
