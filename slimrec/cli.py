@@ -78,10 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the main job: fetch ml-100k, train, compress, serve A/B, compare")
     demo.add_argument("--out", type=Path, default=Path("artifacts"))
     demo.add_argument("--preset", choices=sorted(presets.TRAIN_PRESETS), default="teacher")
+    demo.add_argument("--compress-preset", choices=sorted(presets.COMPRESS_PRESETS), default="default")
+    demo.add_argument("--load-duration", default="20s", help="load test per variant (default 20s)")
     demo.set_defaults(run=cmd_demo, command="demo")
-    from serving.cli import register as register_serve; register_serve(sub)  # noqa: E702, I001
-    from loadtest.cli import register as register_loadtest; register_loadtest(sub)  # noqa: E702, I001
+    for register in subcommand_registrars():
+        register(sub)
     return parser
+
+
+def subcommand_registrars():
+    """Commands whose argparse part lives beside the package that runs them."""
+    from loadtest.cli import register as register_loadtest
+    from serving.cli import register as register_serve
+
+    return (register_serve, register_loadtest)
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -170,14 +180,26 @@ def cmd_compress(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> None:
+def cmd_demo(args) -> int:
+    """fetch -> train -> compress -> serve both variants and load-test them -> print the comparison."""
     from models.fetch import fetch_movielens_100k
     from models.movielens import data_root
 
     data = fetch_movielens_100k(data_root())
-    teacher = args.out / "teacher"
-    cmd_train(argparse.Namespace(data=str(data), out=teacher, preset=args.preset, config=None, seed=None,
-                                 threads=None))
+    teacher, compressed = args.out / "teacher", args.out / "compressed"
+    steps = [
+        ["train", "--data", str(data), "--out", str(teacher), "--preset", args.preset],
+        ["compress", "--teacher", str(teacher), "--out", str(compressed), "--preset", args.compress_preset],
+        ["loadtest", "--start", f"full={teacher},compressed={compressed}", "--mode", "per-variant",
+         "--users", "16", "--duration", args.load_duration, "--ceiling", "--out", str(args.out / "loadtest")],
+    ]
+    for step in steps:
+        print(f"\n$ slimrec {' '.join(step)}", flush=True)
+        code = main(step)
+        if code not in (0, 1):  # 1 = the quality gate said no: still serve and compare, and say so
+            return code
+    print(f"\nreports: {compressed / 'report.md'}, {args.out / 'loadtest' / 'loadtest-report.md'}")
+    return 0
 
 
 def print_metrics(metrics: dict) -> None:
