@@ -88,10 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def subcommand_registrars():
     """Commands whose argparse part lives beside the package that runs them."""
+    from loadtest.bench import register as register_bench
     from loadtest.cli import register as register_loadtest
     from serving.cli import register as register_serve
 
-    return (register_serve, register_loadtest)
+    return (register_serve, register_loadtest, register_bench)
 
 
 # --- commands ---------------------------------------------------------------------------------
