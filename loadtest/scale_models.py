@@ -1,0 +1,176 @@
+"""The model side of the scale benchmark: train briefly, tune the compressed index, write artifacts.
+
+Helpers of loadtest/scale.py; imported by its handler only (they pull in torch).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+
+from loadtest.scale import Clock, K, ScaleConfig, log
+
+
+def training_view(fold, n_rows: int | None, rng: np.random.Generator):
+    """`fold`, but one epoch over a random sample of its fitted rows.
+
+    The id tables, features, counts and popularity stay those of all fitted rows (they are
+    computed first, then the copy's `fit_positions` is replaced), so every fitted item keeps
+    its own id row; only which rows a retrieval epoch visits changes.
+    """
+    for name in ("tables", "user_features", "fit_counts", "item_popularity", "item_codes", "row_user_start"):
+        getattr(fold, name)
+    view = copy.copy(fold)
+    if n_rows is not None and n_rows < len(fold.fit_positions):
+        view.__dict__["fit_positions"] = np.sort(rng.choice(fold.fit_positions, n_rows, replace=False))
+    return view
+
+
+def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
+    """Teacher (retrieval on `sample`, ranker on `fold`), then a student distilled from it with
+    int8 embedding tables. Returns (teacher, student) as FoldModels."""
+    from compression.distill import distill_ranker, distill_two_tower
+    from compression.pipeline import PipelineConfig
+    from compression.quantize import quantize_embeddings_
+    from models.train import FoldModels, train_ranker, train_retrieval
+
+    w = config.retrieval_weight
+    retrieval = train_retrieval(sample, train_config, epochs=1)
+    clock.lap("teacher_retrieval")
+    ranking = train_ranker(fold, retrieval.model, train_config, epochs=1, retrieval_weights=(w,))
+    clock.lap("teacher_ranker")
+    teacher = FoldModels(fold, retrieval.model, ranking.model, w, retrieval, ranking)
+
+    distill = config.distill_config()
+    s_retrieval = distill_two_tower(retrieval.model, sample, train_config, distill, epochs=1)
+    clock.lap("student_retrieval")
+    s_ranking = distill_ranker(ranking.model, s_retrieval.model, fold, train_config, distill, epochs=1,
+                               retrieval_weights=(w,))
+    clock.lap("student_ranker")
+    for model in (s_retrieval.model, s_ranking.model):
+        quantize_embeddings_(model, PipelineConfig().embeddings)
+    student = FoldModels(fold, s_retrieval.model, s_ranking.model, w, s_retrieval, s_ranking)
+    return teacher, student
+
+
+def stage_summary(result) -> dict:
+    return {"seconds": round(result.seconds, 2), "epochs": result.epochs,
+            "loss": [round(h["loss"], 4) for h in result.history if "loss" in h],
+            "examples_per_s": [round(h["examples_per_s"]) for h in result.history if "examples_per_s" in h]}
+
+
+def build_indexes(teacher, student, fold, tune_users: np.ndarray, config: ScaleConfig, clock: Clock):
+    """Time the full model's exact index build; build and tune the student's IVF-SQ8.
+
+    Returns (IndexSpec of the compressed index, build.json's "index" entry).
+    """
+    from compression.index import IndexSpec, build_item_index
+    from models.evaluate import item_embeddings, user_embeddings
+
+    n_items = fold.dataset.n_items
+    t0 = time.perf_counter()
+    build_item_index(item_embeddings(teacher.two_tower, n_items), IndexSpec("flat"))
+    flat_seconds = time.perf_counter() - t0
+    clock.lap("index_full")
+    spec, curve, ivf_seconds = tune_ivf(item_embeddings(student.two_tower, n_items),
+                                        user_embeddings(student.two_tower, fold, tune_users), config)
+    clock.lap("index_compressed_tune")
+    return spec, {"full": {"kind": "flat", "build_seconds": flat_seconds},
+                  "compressed": {**spec.to_dict(), "build_seconds": ivf_seconds, "tuning": curve,
+                                 "target_recall": config.target_recall, "tuning_users": len(tune_users)}}
+
+
+def tune_ivf(items: np.ndarray, queries: np.ndarray, config: ScaleConfig):
+    """Build IVF-SQ8 once (timed), then raise nprobe along the grid until recall@K vs exact reaches
+    the target on `queries`. Returns (IndexSpec, [{nprobe, recall, ms_per_query}], build seconds)."""
+    from compression.index import IndexSpec, build_item_index, recall_at_k
+    from compression.tune_index import index_nlist
+
+    exact = build_item_index(items, IndexSpec("flat")).search(queries, K)[1]
+    t0 = time.perf_counter()
+    index = build_item_index(items, IndexSpec("ivf_sq8", nprobe=config.nprobe_grid[0]), seed=config.seed)
+    seconds = time.perf_counter() - t0
+    curve = []
+    for nprobe in config.nprobe_grid:
+        index.spec.nprobe = nprobe
+        index.apply_search_params()
+        t0 = time.perf_counter()
+        found = index.search(queries, K)[1]
+        curve.append({"nprobe": nprobe, "recall": recall_at_k(found, exact),
+                      "ms_per_query": (time.perf_counter() - t0) * 1e3 / len(queries)})
+        log(f"IVF-SQ8 nlist {index_nlist(index)}: nprobe {nprobe:>4}  "
+            f"recall@{K} vs exact {curve[-1]['recall']:.4f}")
+        if curve[-1]["recall"] >= config.target_recall:
+            break
+    else:
+        log(f"IVF-SQ8: recall target {config.target_recall} not reached; using nprobe {nprobe}")
+    return IndexSpec("ivf_sq8", nlist=index_nlist(index), nprobe=nprobe), curve, seconds
+
+
+def write_served(out: Path, variant: str, models, spec, dense_quant, data: dict, config: dict) -> None:
+    """An artifact holding only the served model (prefix ""); `write_fitted_artifact` would also
+    write a selection twin, which nothing at scale scores."""
+    from compression.artifact import ArtifactWriter
+    from compression.package import SERVED_PREFIX, model_entry, write_catalogue, write_model
+
+    writer = ArtifactWriter(out, variant, config={}, data=data)
+    try:
+        entry = {**model_entry(models, spec),
+                 **write_model(writer, SERVED_PREFIX, models.fold, models.two_tower, models.ranker, spec,
+                               dense_quant)}
+        write_catalogue(writer, models.fold)
+        writer.set("config", {**config, "feature_space": models.fold.space.to_dict(),
+                              "models": {SERVED_PREFIX: entry}})
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int) -> dict:
+    """Through the written artifacts, on held-out test users: the compressed index's recall@K
+    against exact search over its own item vectors, and (sanity, not PROTOCOL) two-stage
+    recall@10 of both variants next to popularity."""
+    from compression.artifact import load_artifact
+    from compression.evaluate import item_vectors
+    from compression.index import IndexSpec, build_item_index, recall_at_k
+    from compression.runtime import ServedModel
+    from models.metrics import csr_from_pairs, ranking_metrics
+    from models.split import TEST
+
+    slot = np.full(dataset.n_users, -1)
+    slot[users] = np.arange(len(users))
+    rows = np.flatnonzero((split.fold == TEST) & (slot[split.user] >= 0))
+    relevant = csr_from_pairs(slot[split.user[rows]], split.item[rows], len(users))
+    out = {"sanity_recall@10": {}, "sanity_users": int(len(users))}
+    for variant in ("full", "compressed"):
+        model = ServedModel(load_artifact(work / variant), threads=threads)
+        tops = [model.recommend(model.known_users(users[s : s + 100]), k=10, n_candidates=K).items
+                for s in range(0, len(users), 100)]
+        metrics = ranking_metrics(np.concatenate(tops), *relevant, ks=(10,))
+        out["sanity_recall@10"][variant] = metrics["recall@10"]
+        if variant == "compressed":
+            queries = model.embed(model.known_users(users, exclude_seen=False))
+            exact = build_item_index(item_vectors(model), IndexSpec("flat")).search(queries, K)[1]
+            out["index_recall@200"] = recall_at_k(model.index.search(queries, K)[1], exact)
+            out["sanity_recall@10"]["popularity"] = popularity_recall(model, users, relevant)
+        del model
+    log(f"index recall@{K} vs exact {out['index_recall@200']:.4f}; sanity two-stage recall@10 "
+        + ", ".join(f"{k} {v:.4f}" for k, v in out["sanity_recall@10"].items()))
+    return out
+
+
+def popularity_recall(model, users: np.ndarray, relevant) -> float:
+    """recall@10 of the served popularity fallback (most-interacted unseen items) for `users`."""
+    from models.metrics import ranking_metrics
+
+    batch = model.known_users(users)
+    top = np.full((len(users), 10), -1)
+    for j in range(len(users)):
+        seen = batch.exclude_items[batch.exclude_indptr[j] : batch.exclude_indptr[j + 1]]
+        items = model.popular(10, exclude=seen)
+        top[j, : len(items)] = items
+    return ranking_metrics(top, *relevant, ks=(10,))["recall@10"]
