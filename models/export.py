@@ -56,15 +56,21 @@ def export_onnx(module: torch.nn.Module, kind: str, path: Path, history_len: int
     return path
 
 
+KEPT_NODE_METADATA = ("namespace", "pkg.torch.onnx.name_scopes")  # module names: quantization reads them
+
+
 def strip_metadata(path: Path) -> None:
-    """Drop the exporter's per-node metadata (stack traces with local source paths, ~0.7 kB a node):
-    it says nothing at serving time, leaks the build machine's paths and outweighs small models."""
+    """Drop the exporter's stack traces and FX dumps from every node (local source paths, most of a
+    small model's bytes); keep the module names that say which layer a node belongs to."""
     import onnx
 
     model = onnx.load(str(path))
     for graph in [model.graph, *(f for f in model.functions)]:
         for node in graph.node:
+            kept = [(p.key, p.value) for p in node.metadata_props if p.key in KEPT_NODE_METADATA]
             del node.metadata_props[:]
+            for key, value in kept:
+                node.metadata_props.add(key=key, value=value)
             node.doc_string = ""
     onnx.save(model, str(path))
 
