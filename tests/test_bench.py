@@ -124,3 +124,23 @@ def test_training_view_samples_rows_but_keeps_every_id_row(ml100k):
     assert view.tables["item_rows"] is fold.tables["item_rows"]
     assert np.array_equal(view.fit_counts, fold.fit_counts)
     assert training_view(fold, None, np.random.default_rng(0)).fit_positions is fold.fit_positions
+
+
+def test_same_build_tolerates_a_longer_grid_only_where_tuning_had_stopped():
+    from loadtest.scale import same_build
+
+    def params(grid):
+        return {"size": {"n_items": 10}, "config": {"seed": 0, "nprobe_grid": grid}}
+
+    def record(grid, walked, last_recall):
+        tuning = [{"nprobe": n, "recall": 0.5} for n in walked]
+        tuning[-1]["recall"] = last_recall
+        return {"params": params(grid), "index": {"compressed": {"tuning": tuning, "target_recall": 0.9}}}
+
+    reached = record([1, 4, 16], [1, 4], 0.95)  # stopped at 4: a longer grid would stop there too
+    assert same_build(reached, params([1, 4, 16])) and same_build(reached, params([1, 4, 16, 64]))
+    missed = record([1, 4, 16], [1, 4, 16], 0.8)  # ran out of grid: a longer one would go further
+    assert not same_build(missed, params([1, 4, 16, 64])) and same_build(missed, params([1, 4, 16]))
+    assert not same_build(reached, {**params([1, 4, 16]), "size": {"n_items": 11}})
+    other_seed = {"size": {"n_items": 10}, "config": {"seed": 1, "nprobe_grid": [1, 4, 16]}}
+    assert not same_build(reached, other_seed)
