@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,16 +17,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from serving.launch import READY_TIMEOUT_S, STOP_TIMEOUT_S, free_port, serve_command, stop
+
 REPO = Path(__file__).resolve().parents[1]
-READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 15.0
 CPU_WARNING = "CPU usage above"  # locust's own warning that a generator process is saturated
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Process:
@@ -79,13 +71,7 @@ class Process:
 
     def stop(self) -> int | None:
         """SIGTERM this pid, SIGKILL it after STOP_TIMEOUT_S; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT_S)
+        stop(self.process, STOP_TIMEOUT_S)
         self._tee.join(5)
         self._log.close()
         return self.process.returncode
@@ -121,8 +107,7 @@ def running(command: list[str], url: str, log_path: Path):
 def slimrec_server(variants: dict[str, str], split: str | None, logs: Path):
     """`slimrec serve` with these variants on a free loopback port; a context manager yielding the Process."""
     port = free_port()
-    command = [sys.executable, "-m", "slimrec.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", *[a for n, p in variants.items() for a in ("--variant", f"{n}={p}")]]
+    command = serve_command(variants, port)
     if split:
         command += ["--split", split]
     return running(command, f"http://127.0.0.1:{port}", logs / "server.log")

@@ -14,55 +14,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def serve(variants: dict[str, str], *args: str, timeout_s: float = 120.0):
-    """Run `slimrec serve` on a free port until the block ends; yields its base URL."""
-    import httpx
-
-    port = free_port()
-    command = [sys.executable, "-m", "slimrec.cli", "serve", "--port", str(port), "--log-level", "warning",
-               *[a for n, p in variants.items() for a in ("--variant", f"{n}={p}")], *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMREC_")}
-    process = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {timeout_s:.0f} s")
-            time.sleep(0.1)
-        yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+from serving.launch import local_server
 
 
 def server_total_ms(header: str) -> float:
@@ -159,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     catalogue = json.loads((Path(next(iter(variants.values()))) / "catalogue.json").read_text())
     users = [str(u) for u in catalogue["user_ids"]]
     rows = []
-    with serve(variants) as url:  # default settings: batcher on, max batch 16, no deliberate wait
+    with local_server(variants) as (url, _):  # default settings: batcher on, max batch 16, no deliberate wait
         for name in variants:
             rows.append((f"sequential {name}", measure_sequential(url, name, users, args.requests)))
     if args.concurrency:
@@ -167,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                           ("batcher on (max 16, 2 ms)", ("--batch-max-wait-ms", "2")),
                           ("batcher off (thread pool)", ("--batch-max-size", "1")))
         for label, flags in configurations:
-            with serve(variants, *flags) as url:
+            with local_server(variants, *flags) as (url, _):
                 result = measure_concurrent(url, users, args.concurrent_requests, args.concurrency)
                 rows.append((f"c={args.concurrency} {label}", result))
                 print(f"{label}: mean batch size {batch_sizes(url)}", file=sys.stderr)

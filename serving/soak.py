@@ -19,19 +19,15 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-READY_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 15.0
+from serving.launch import local_server
+
 MAX_DURATION_S = 24 * 3600.0
 RSS_SAMPLE_S = 1.0
 
@@ -115,51 +111,10 @@ def soak(variants: dict[str, str], duration_s: float, concurrency: int, warmup_s
         0
     """
     catalogue = json.loads((Path(next(iter(variants.values()))) / "catalogue.json").read_text())
-    with started_server(variants) as (url, process):
+    with local_server(variants) as (url, process):
         tally = asyncio.run(_load(url, process.pid, list(variants), catalogue, duration_s, concurrency,
                                   warmup_s, max_requests, k, seed))
     return summarize(tally, variants, duration_s, concurrency, warmup_s, process)
-
-
-@contextlib.contextmanager
-def started_server(variants: dict[str, str]):
-    """`slimrec serve` on a free 127.0.0.1 port; yields (url, Popen); always stopped by its pid."""
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    command = [sys.executable, "-m", "slimrec.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning", *[a for n, p in variants.items() for a in ("--variant", f"{n}={p}")]]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMREC_")}  # only what we pass
-    process = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"server not ready after {READY_TIMEOUT_S:.0f} s")
-            time.sleep(0.2)
-        yield url, process
-    finally:
-        stop_process(process)
-
-
-def stop_process(process: subprocess.Popen) -> int:
-    """SIGTERM, then SIGKILL after STOP_TIMEOUT_S; the exit code."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(STOP_TIMEOUT_S)
-    return process.returncode
 
 
 def request_mix(rng: random.Random, catalogue: dict, k: int) -> dict:

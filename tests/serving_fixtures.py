@@ -5,25 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from serving.launch import free_port, serve_command, stop
+
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def copy_artifact(source: Path, target: Path) -> Path:
@@ -41,8 +34,7 @@ class Server:
         self.log_path = log_path
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMREC_")}
         full_env.update({"SLIMREC_DATA_DIR": os.environ.get("SLIMREC_DATA_DIR", ""), **env})
-        command = [sys.executable, "-m", "slimrec.cli", "serve", "--host", "127.0.0.1",
-                   "--port", str(self.port), "--log-level", "warning", *args]
+        command = serve_command({}, self.port, *args)
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=self._log,
                                         stderr=subprocess.STDOUT)
@@ -65,13 +57,7 @@ class Server:
     def stop(self) -> int | None:
         """SIGTERM our own process, SIGKILL it if it has not exited in time; returns its exit code."""
         self.client.close()
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT_S)
+        stop(self.process, STOP_TIMEOUT_S)
         self._log.close()
         return self.process.returncode
 
