@@ -23,6 +23,9 @@ def register(subparsers) -> None:
     target.add_argument("--start", action="append", metavar="NAME=ARTIFACT[,NAME=ARTIFACT]",
                         help="serve these variants on a free 127.0.0.1 port for the run (repeatable)")
     p.add_argument("--split", metavar="NAME=WEIGHT,...", help="A/B weights for --start (default: equal)")
+    p.add_argument("--batcher", choices=["on", "off"], default=None,
+                   help="with --start: the server's request batcher on (its default settings) or off "
+                        "(batch of 1); run once each to measure what batching gains")
     p.add_argument("--catalogue", type=Path, metavar="PATH",
                    help="artifact dir or catalogue.json to draw ids from (default: the served artifacts')")
     p.add_argument("--mode", choices=["per-variant", "ab"], default="per-variant",
@@ -85,12 +88,13 @@ def run_loadtest_command(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     start = parse_start(args.start) if args.start else None
-    if args.split and not start:
-        raise ValueError("--split goes with --start (a running server has its own split)")
+    if (args.split or args.batcher) and not start:
+        raise ValueError("--split and --batcher go with --start (a running server has its own settings)")
+    serve_args = ("--batch-max-size", "1") if args.batcher == "off" else ()
     out = args.out or Path("runs") / time.strftime("loadtest-%Y%m%d-%H%M%S")
     try:
         report, paths = run_loadtest(config, out, host=args.host, start=start, split=args.split,
-                                     catalogue=args.catalogue)
+                                     catalogue=args.catalogue, serve_args=serve_args)
     except (RuntimeError, TimeoutError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise

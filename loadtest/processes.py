@@ -104,10 +104,10 @@ def running(command: list[str], url: str, log_path: Path):
         process.stop()
 
 
-def slimrec_server(variants: dict[str, str], split: str | None, logs: Path):
+def slimrec_server(variants: dict[str, str], split: str | None, logs: Path, serve_args: tuple[str, ...] = ()):
     """`slimrec serve` with these variants on a free loopback port; a context manager yielding the Process."""
     port = free_port()
-    command = serve_command(variants, port)
+    command = serve_command(variants, port, *serve_args)
     if split:
         command += ["--split", split]
     return running(command, f"http://127.0.0.1:{port}", logs / "server.log")

@@ -169,11 +169,13 @@ def write_workload(out: Path, url: str, variants: list[dict], catalogue: Path | 
 
 
 def run_loadtest(config: LoadConfig, out: Path, host: str | None = None, start: dict[str, str] | None = None,
-                 split: str | None = None, catalogue: Path | None = None) -> tuple[dict, dict[str, Path]]:
+                 split: str | None = None, catalogue: Path | None = None,
+                 serve_args: tuple[str, ...] = ()) -> tuple[dict, dict[str, Path]]:
     """Drive the variants (each in turn, or the configured A/B split), then the ceiling; write the report.
 
     Exactly one of `host` (a running server) and `start` (variant name -> artifact dir, served here
-    for the run) is given. Returns (report, paths of the files written).
+    for the run, with `serve_args` added to its command line) is given. Returns (report, paths of
+    the files written).
     """
     if (host is None) == (start is None):
         raise ValueError("give either --host URL or --start NAME=ARTIFACT,...")
@@ -184,7 +186,7 @@ def run_loadtest(config: LoadConfig, out: Path, host: str | None = None, start: 
     servers = {}
     with contextlib.ExitStack() as stack:
         if start:
-            server = stack.enter_context(slimrec_server(start, split, out / "logs"))
+            server = stack.enter_context(slimrec_server(start, split, out / "logs", serve_args))
             url, servers["slimrec"] = server.url, {"url": server.url, "pid": server.pid}
         else:
             url = host.rstrip("/")
@@ -203,7 +205,8 @@ def run_loadtest(config: LoadConfig, out: Path, host: str | None = None, start: 
             ceiling = stack.enter_context(ceiling_server(out / "logs"))
             servers["ceiling"] = {"url": ceiling.url, "pid": ceiling.pid}
             runs["ceiling"] = run_phase("ceiling", ceiling.url, config, out, workload, None)
-    target = url if host else "slimrec serve started here: " + ", ".join(f"{n}={p}" for n, p in start.items())
+    target = url if host else ("slimrec serve started here: " + ", ".join(f"{n}={p}" for n, p in start.items())
+                               + (f" {' '.join(serve_args)}" if serve_args else ""))
     return finish_report(config, out, runs, names, listing, target, servers)
 
 

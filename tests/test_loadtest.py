@@ -84,8 +84,9 @@ def test_ab_names_requests_by_the_variant_that_answered(server, tmp_path):
 
 def test_start_serves_the_artifacts_and_stops_the_server(tiny_teacher, tmp_path):
     report = loadtest(tmp_path, "--start", f"full={tiny_teacher},compressed={tiny_teacher}", "--mode", "ab",
-                      "--duration", "2s")
+                      "--duration", "2s", "--batcher", "off")
     check_report(tmp_path, report, ("ab",))
+    assert report["settings"]["host"].endswith("--batch-max-size 1")  # the server ran without its batcher
     server = report["servers"]["slimrec"]
     assert server["url"].startswith("http://127.0.0.1:")
     assert not os.path.exists(f"/proc/{server['pid']}")
@@ -119,6 +120,7 @@ def test_request_cap_ends_a_phase_before_its_run_time(server, tmp_path):
 def test_usage_errors_exit_2(tmp_path):
     assert main(["loadtest", "--host", "http://127.0.0.1:9", "--duration", "3s", "--warmup", "5s"]) == 2
     assert main(["loadtest", "--host", "http://127.0.0.1:9", "--split", "full=50"]) == 2
+    assert main(["loadtest", "--host", "http://127.0.0.1:9", "--batcher", "off"]) == 2
     assert main(["loadtest", "--start", "full"]) == 2
     assert main(["loadtest", "--start", f"full={tmp_path / 'missing'}"]) == 2
 
