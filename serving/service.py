@@ -58,6 +58,10 @@ class Service:
     async def start(self) -> None:
         """Load every configured variant (in parallel threads); raises ArtifactError naming the file."""
         names = list(self.settings.variants)
+        if self.settings.index_threads:
+            import faiss
+
+            faiss.omp_set_num_threads(self.settings.index_threads)
         if self.settings.inject_delay_ms:
             log.warning("inject_delay_ms=%s: every model call sleeps first (a test hook)",
                         self.settings.inject_delay_ms)
