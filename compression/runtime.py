@@ -83,9 +83,8 @@ class ServedModel:
                  allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-n item indices [B, n] (-1 padded) and scores, excluded and disallowed items dropped."""
         n_excluded = np.diff(batch.exclude_indptr)
-        n_blocked = 0 if allowed is None else int((~allowed).sum())
-        k = min(self.n_items, n + int(n_excluded.max(initial=0)) + n_blocked)
-        scores, items = self.index.search(user_emb, k)
+        k = min(self.n_items, n + int(n_excluded.max(initial=0)))
+        scores, items = self.index.search(user_emb, k, allowed)
         drop = items < 0
         if len(batch.exclude_items):
             drop |= _member_rows(items, batch.exclude_indptr, batch.exclude_items)

@@ -43,3 +43,36 @@ def test_exact_search_has_recall_one_and_ivf_never_beats_it():
     found = build_item_index(items, IndexSpec("ivf_sq8", nlist=32, nprobe=1)).search(queries, 20)[1]
     strict, within = recall_at_k(found, exact), recall_within(found, scores, queries, items)
     assert 0 < strict <= within <= 1
+
+
+@pytest.mark.parametrize("spec", [IndexSpec("flat"), IndexSpec("ivf_sq8", nlist=16, nprobe=4),
+                                  IndexSpec("ivf_pq_refine", nlist=16, nprobe=4, pq_m=4),
+                                  IndexSpec("hnsw", hnsw_m=8, ef_search=64)], ids=lambda s: s.kind)
+def test_a_filtered_search_returns_only_allowed_items(spec):
+    rng = np.random.default_rng(1)
+    items = rng.normal(size=(3000, 16)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    queries = rng.normal(size=(20, 16)).astype(np.float32)
+    allowed = rng.random(3000) < 0.2
+    index = build_item_index(items, spec)
+    scores, ids = index.search(queries, 30, allowed)
+    assert ((ids < 0) | allowed[np.maximum(ids, 0)]).all()
+    assert (ids >= 0).mean() > 0.9  # a filter narrows the candidates, it does not empty the answer
+    unfiltered = index.search(queries, 30)[1]
+    assert not ((unfiltered < 0) | allowed[np.maximum(unfiltered, 0)]).all()  # the filter did something
+    if spec.kind == "flat":  # exact: the best allowed items, in order
+        expected = np.argsort(-(queries @ items.T + np.where(allowed, 0, -10)), axis=1, kind="stable")[:, :30]
+        np.testing.assert_array_equal(ids, expected)
+
+
+def test_an_ivf_filter_keeps_the_allowed_items_of_the_probed_lists():
+    rng = np.random.default_rng(2)
+    items = rng.normal(size=(2000, 8)).astype(np.float32)
+    queries = rng.normal(size=(10, 8)).astype(np.float32)
+    allowed = rng.random(2000) < 0.3
+    index = build_item_index(items, IndexSpec("ivf_sq8", nlist=16, nprobe=2))
+    deep_scores, deep = index.search(queries, 2000)  # the old way: search deep, then drop
+    filtered = index.search(queries, 50, allowed)[1]
+    for row, found in zip(deep, filtered):
+        kept = row[(row >= 0) & allowed[np.maximum(row, 0)]][:50]
+        assert set(found[found >= 0]) == set(kept)
