@@ -12,12 +12,16 @@ from serving.service import Service
 
 VARIANT_HEADER = "X-Slimrec-Variant"
 
+# Every dependency is `async def` although none awaits: FastAPI runs a plain `def` dependency in
+# its thread pool, a thread handoff per dependency per request. With four of them that cost
+# more event-loop time than the whole model path (py-spy, locust at saturation on 2 cores).
 
-def get_service(request: Request) -> Service:
+
+async def get_service(request: Request) -> Service:
     return request.app.state.service
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -25,7 +29,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def ready_service(service: ServiceDep) -> Service:
+async def ready_service(service: ServiceDep) -> Service:
     """The service, or 503 while variants are loading or the server is draining."""
     if not service.ready:
         raise HTTPException(503, "not ready: variants are loading or the server is shutting down",
@@ -36,7 +40,7 @@ def ready_service(service: ServiceDep) -> Service:
 ReadyServiceDep = Annotated[Service, Depends(ready_service)]
 
 
-def forced_variant(service: ReadyServiceDep,
+async def forced_variant(service: ReadyServiceDep,
                    x_slimrec_variant: Annotated[str | None, Header()] = None) -> str | None:
     """The variant named by X-Slimrec-Variant, if overrides are allowed and it is loaded.
 
@@ -57,7 +61,7 @@ def forced_variant(service: ReadyServiceDep,
 ForcedVariantDep = Annotated[str | None, Depends(forced_variant)]
 
 
-def require_admin(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
     """Admin endpoints: `Authorization: Bearer <SLIMREC_ADMIN_TOKEN>`; disabled without a token.
 
     Raises:
