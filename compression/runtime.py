@@ -88,9 +88,7 @@ class ServedModel:
         drop = items < 0
         if len(batch.exclude_items):
             drop |= _member_rows(items, batch.exclude_indptr, batch.exclude_items)
-        if allowed is not None:
-            drop |= ~allowed[np.maximum(items, 0)]
-        return _compact(items, scores, drop, n)
+        return _compact(items, scores, drop, n)  # disallowed items never left the index
 
     def rank(self, batch: UserBatch, candidates: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
         """Final scores [B, C]: ranker logit + retrieval_weight * retrieval score / temperature."""

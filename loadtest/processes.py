@@ -13,11 +13,9 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from serving.launch import READY_TIMEOUT_S, STOP_TIMEOUT_S, free_port, serve_command, stop
+from serving.launch import READY_TIMEOUT_S, STOP_TIMEOUT_S, free_port, is_ready, serve_command, stop
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_WARNING = "CPU usage above"  # locust's own warning that a generator process is saturated
@@ -83,10 +81,8 @@ def wait_ready(url: str, process: Process | None, timeout_s: float = READY_TIMEO
     while time.monotonic() < deadline:
         if process is not None and process.process.poll() is not None:
             raise RuntimeError(f"server exited with {process.process.returncode}:\n{process.tail()}")
-        with contextlib.suppress(OSError, urllib.error.URLError):
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:  # noqa: S310
-                if response.status == 200:
-                    return
+        if is_ready(url):
+            return
         time.sleep(0.2)
     raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s"
                        + (f":\n{process.tail()}" if process else ""))

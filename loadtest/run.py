@@ -205,8 +205,8 @@ def run_loadtest(config: LoadConfig, out: Path, host: str | None = None, start: 
             ceiling = stack.enter_context(ceiling_server(out / "logs"))
             servers["ceiling"] = {"url": ceiling.url, "pid": ceiling.pid}
             runs["ceiling"] = run_phase("ceiling", ceiling.url, config, out, workload, None)
-    target = url if host else ("slimrec serve started here: " + ", ".join(f"{n}={p}" for n, p in start.items())
-                               + (f" {' '.join(serve_args)}" if serve_args else ""))
+    served = ", ".join(f"{n}={p}" for n, p in start.items()) if start else ""
+    target = url if host else " ".join(["slimrec serve started here:", served, *serve_args])
     return finish_report(config, out, runs, names, listing, target, servers)
 
 

@@ -169,7 +169,8 @@ class ScaleConfig:
         # items embed from their side features; the student gets the same decay here.
         decay = self.train_config().retrieval_schedule.weight_decay
         return replace(distill, teacher_candidates=0,
-                       retrieval_schedule=replace(distill.retrieval_schedule, max_epochs=1, weight_decay=decay),
+                       retrieval_schedule=replace(distill.retrieval_schedule, max_epochs=1,
+                                                  weight_decay=decay),
                        ranker_schedule=replace(distill.ranker_schedule, max_epochs=1))
 
 

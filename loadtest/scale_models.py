@@ -164,7 +164,8 @@ def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, t
             out["index_recall@200_strict"] = recall_at_k(found, exact)
             out["sanity_recall@10"]["popularity"] = popularity_recall(model, users, relevant)
         del model
-    log(f"index recall@{K} vs exact {out['index_recall@200']:.4f} (strict {out['index_recall@200_strict']:.4f}); sanity two-stage recall@10 "
+    log(f"index recall@{K} vs exact {out['index_recall@200']:.4f} "
+        f"(strict {out['index_recall@200_strict']:.4f}); sanity two-stage recall@10 "
         + ", ".join(f"{k} {v:.4f}" for k, v in out["sanity_recall@10"].items()))
     return out
 

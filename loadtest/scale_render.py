@@ -49,7 +49,8 @@ def latency_rows(runs: list[dict]) -> list[str]:
 
 def index_rows(runs: list[dict]) -> list[str]:
     lines = ["## Index and memory", "",
-             "| catalogue | variant | d | index | build | index file | recall@200 vs exact (ties / strict) | resident "
+             "| catalogue | variant | d | index | build | index file "
+             "| recall@200 vs exact (ties / strict) | resident "
              "| served files |",
              "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for run in runs:
@@ -58,8 +59,9 @@ def index_rows(runs: list[dict]) -> list[str]:
             v, idx = variants[variant], run["build"]["index"][variant]
             kind = ("Flat (exact)" if idx["kind"] == "flat"
                     else f"IVF{idx['nlist']},SQ8 nprobe {idx['nprobe']}")
+            build = run["build"]
             recall = "1 (exact)" if variant == "full" else (
-                f"{run['build']['index_recall@200']:.4f} / {run['build'].get('index_recall@200_strict', float('nan')):.4f}")
+                f"{build['index_recall@200']:.4f} / {build['index_recall@200_strict']:.4f}")
             lines.append(f"| {label} | {variant} | {v['embedding_dim']} | {kind} | "
                          f"{idx['build_seconds']:.2f} s | {_mib(v['index_bytes'])} | {recall} | "
                          f"{_mib(v['memory']['resident_bytes'])} | {_mib(v['served_bytes'])} |")

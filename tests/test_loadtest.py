@@ -35,7 +35,8 @@ def server(tiny_teacher, tmp_path_factory):
 def loadtest(out, *args: str) -> dict:
     # No warm-up: on a busy machine locust can take most of a short phase to start, and these
     # tests check the run and its report, not steady-state figures.
-    assert main(["loadtest", *args, "--users", "4", "--spawn-rate", "4", "--warmup", "0", "--out", str(out)]) == 0
+    assert main(["loadtest", *args, "--users", "4", "--spawn-rate", "4", "--warmup", "0",
+                 "--out", str(out)]) == 0
     return json.loads((out / "loadtest-report.json").read_text())
 
 
