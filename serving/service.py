@@ -10,7 +10,9 @@ the old variant or the new one, never a mix, and the old batcher drains what it 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +26,21 @@ from serving.settings import Settings, validate_split
 from serving.variants import Variant, load_variant
 
 log = logging.getLogger("slimrec.serving")
+
+
+def freeze_loaded_objects(refreeze: bool = False) -> None:
+    """Move everything allocated so far (variants, catalogues, imported modules) out of the GC's sight.
+
+    A full collection walks every tracked object: ~80 ms with one ml-100k variant loaded, and
+    about once every 2 s at saturation that stalled every in-flight request (their p99 was that
+    pause). Frozen objects are never scanned again. `refreeze` (after a reload has drained the
+    old variant) first thaws and collects, so cycles in the replaced variant are freed: one
+    pause per reload instead of one every few seconds.
+    """
+    if refreeze:
+        gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class ReloadError(Exception):
@@ -58,6 +75,7 @@ class Service:
     async def start(self) -> None:
         """Load every configured variant (in parallel threads); raises ArtifactError naming the file."""
         names = list(self.settings.variants)
+        sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         if self.settings.index_threads:
             import faiss
 
@@ -72,6 +90,7 @@ class Service:
             self._install(variant)
             log.info("variant %s: %s (%s) loaded", variant.name, variant.path, variant.version)
         self.metrics.record_split(self.split)
+        freeze_loaded_objects()
         self.ready = True
 
     async def stop(self) -> None:
@@ -165,6 +184,7 @@ class Service:
             drain = asyncio.create_task(previous.batcher.close())
             self._draining.add(drain)
             drain.add_done_callback(self._draining.discard)
+            drain.add_done_callback(lambda _: freeze_loaded_objects(refreeze=True))
         self.metrics.reloads.labels(name, "swapped").inc()
         log.info("variant %s: swapped %s -> %s", name, previous.variant.version, variant.version)
         return variant, previous.variant

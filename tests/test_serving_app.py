@@ -136,3 +136,64 @@ def test_rank_biased_overlap_by_hand():
     top = rank_biased_overlap(list("abcdefghij"), list("bacdefghij"))
     bottom = rank_biased_overlap(list("abcdefghij"), list("abcdefghji"))
     assert top < bottom < 1.0
+
+
+# --- process settings for serving --------------------------------------------------------------------
+
+
+def test_startup_freezes_what_it_loaded_and_sets_the_gil_switch_interval(tiny_teacher, clean_env):
+    import gc
+    import sys
+
+    before = sys.getswitchinterval()
+    app = create_app(Settings(variants={"full": tiny_teacher}, gil_switch_interval_ms=0.25))
+    try:
+        with TestClient(app) as client:
+            assert client.get("/readyz").status_code == 200
+            assert sys.getswitchinterval() == pytest.approx(0.00025)
+            variant = app.state.service.variants["full"].variant
+            assert gc.is_tracked(variant) and gc.get_freeze_count() > 0
+            # Frozen: no generation holds it, so no collection walks it.
+            assert not any(obj is variant for obj in gc.get_objects())
+    finally:
+        gc.unfreeze()
+        sys.setswitchinterval(before)
+
+
+def test_refreezing_after_a_reload_frees_cycles_of_the_replaced_variant():
+    import gc
+    import weakref
+
+    from serving.service import freeze_loaded_objects
+
+    class Node:
+        pass
+
+    old = Node()
+    old.self = old  # a reference cycle: only the collector frees it
+    alive = weakref.ref(old)
+    try:
+        freeze_loaded_objects()
+        del old
+        gc.collect()
+        assert alive() is not None  # frozen objects are never collected...
+        freeze_loaded_objects(refreeze=True)
+        assert alive() is None  # ...until a reload thaws, collects and freezes again
+    finally:
+        gc.unfreeze()
+
+
+def test_non_finite_scores_are_written_as_null(tiny_teacher, clean_env):
+    import numpy as np
+    import orjson
+
+    from serving.api import to_response
+    from serving.queries import Answer
+
+    with TestClient(create_app(Settings(variants={"full": tiny_teacher}))) as client:
+        assert client.get("/readyz").status_code == 200
+        variant = client.app.state.service.variants["full"].variant
+        answer = Answer(np.array([0, 1, 2]), np.array([0.5, np.nan, -np.inf], np.float32), None, {}, 1)
+        body = orjson.loads(orjson.dumps(to_response(variant, "u", answer, [], "r")))  # as served
+    assert [item["score"] for item in body["items"]] == [0.5, None, None]
+    assert [item["item_id"] for item in body["items"]] == variant.item_ids[:3]
