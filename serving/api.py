@@ -15,21 +15,30 @@ import time
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, HTTPException, Path, Query, Request, Response
+import orjson
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.background import BackgroundTask
 
 from serving.batcher import BatcherClosed
-from serving.deps import VARIANT_HEADER, ForcedVariantDep, MetricsDep, ReadyServiceDep, ServiceDep
+from serving.deps import (
+    VARIANT_HEADER,
+    VARIANT_HEADER_DOC,
+    MetricsDep,
+    ReadyServiceDep,
+    ServiceDep,
+    check_forced_variant,
+    ready_service,
+)
 from serving.queries import Answer, QueryError, build_query
 from serving.queries import Query as ModelQuery
 from serving.router import assign_variant
 from serving.schemas import (
     RecommendRequest,
     RecommendResponse,
-    ScoredItem,
     VariantInfo,
     VariantsResponse,
     error_responses,
@@ -75,33 +84,40 @@ async def list_variants(service: ReadyServiceDep) -> VariantsResponse:
                             shadow_fraction=service.settings.shadow_fraction)
 
 
-@router.post("/v1/recommend", responses=RECOMMEND_ERRORS)
-async def recommend(body: RecommendRequest, service: ReadyServiceDep, forced: ForcedVariantDep,
-                    request: Request, response: Response, background: BackgroundTasks) -> RecommendResponse:
+# The two recommendation routes are the hot path: they take no dependencies (FastAPI resolves
+# each one per request) and return ready JSON bytes (a returned model would be dumped,
+# validated against `response_model` and dumped again). `response_model` still documents them.
+# The dependencies' header, readiness and override checks run as plain calls, in their order.
+
+
+@router.post("/v1/recommend", response_model=RecommendResponse, responses=RECOMMEND_ERRORS,
+             openapi_extra=VARIANT_HEADER_DOC)
+async def recommend(body: RecommendRequest, request: Request) -> Response:
     """Top-k items for a user: known users by id; new users by `history` and optional features."""
-    return await serve(service, body, forced, request, response, background)
+    return await serve(body, request)
 
 
-@router.get("/v1/users/{user_id}/recommendations", responses=RECOMMEND_ERRORS)
+@router.get("/v1/users/{user_id}/recommendations", response_model=RecommendResponse,
+            responses=RECOMMEND_ERRORS, openapi_extra=VARIANT_HEADER_DOC)
 async def user_recommendations(
-        user_id: Annotated[str, Path(min_length=1, max_length=128)], service: ReadyServiceDep,
-        forced: ForcedVariantDep, request: Request, response: Response, background: BackgroundTasks,
+        user_id: Annotated[str, Path(min_length=1, max_length=128)], request: Request,
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10, exclude_seen: bool = True,
         include_genres: Annotated[list[str], Query()] = [],  # noqa: B006 (FastAPI copies defaults)
-        exclude_genres: Annotated[list[str], Query()] = []) -> RecommendResponse:  # noqa: B006
+        exclude_genres: Annotated[list[str], Query()] = []) -> Response:  # noqa: B006
     """The same as POST /v1/recommend without a history (unknown users get the fallback)."""
     try:
         body = RecommendRequest(user_id=user_id, k=k, exclude_seen=exclude_seen,
                                 include_genres=include_genres, exclude_genres=exclude_genres)
     except ValidationError as exc:  # e.g. ?include_genres= (an empty name): a 422 like the POST's
         raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]) from None
-    return await serve(service, body, forced, request, response, background)
+    return await serve(body, request)
 
 
-async def serve(service: Service, body: RecommendRequest, forced: str | None, request: Request,
-                response: Response, background: BackgroundTasks) -> RecommendResponse:
+async def serve(body: RecommendRequest, request: Request) -> Response:
     """Route, build the query, await the batcher (or a fallback), answer; maybe schedule a shadow."""
     started = time.perf_counter()
+    service = ready_service(request.app.state.service)
+    forced = check_forced_variant(service, request.headers.get(VARIANT_HEADER))
     if len(body.history) > service.settings.max_history:
         raise HTTPException(422, f"history: {len(body.history)} items, at most "
                                  f"{service.settings.max_history} allowed (send the most recent ones)")
@@ -117,19 +133,20 @@ async def serve(service: Service, body: RecommendRequest, forced: str | None, re
     request_id = _request_id(request)
     result = to_response(served.variant, body.user_id, answer, query.ignored_history, request_id, name)
     timings = {**answer.timings, "total": time.perf_counter() - started}
-    response.headers["Server-Timing"] = ", ".join(f"{s};dur={v * 1000:.3f}" for s, v in timings.items())
-    response.headers[VARIANT_HEADER] = name
-    response.headers["X-Request-ID"] = request_id
+    headers = {"Server-Timing": ", ".join(f"{s};dur={v * 1000:.3f}" for s, v in timings.items()),
+               VARIANT_HEADER: name, "X-Request-ID": request_id}
     service.metrics.record_answer(name, answer.timings, answer.fallback)
-    if result.ignored_history:
-        service.metrics.ignored_history.labels(name).inc(len(result.ignored_history))
+    if query.ignored_history:
+        service.metrics.ignored_history.labels(name).inc(len(query.ignored_history))
+    background = None
     fraction = service.settings.shadow_fraction
     if answer.fallback is None and fraction > 0 and random.random() < fraction:
         partner = service.shadow_partner(name)
-        if partner is not None:  # runs after the response is sent (Starlette BackgroundTasks)
-            background.add_task(shadow_compare, service, name, partner, body,
-                                [item.item_id for item in result.items])
-    return result
+        if partner is not None:  # runs after the response is sent
+            background = BackgroundTask(shadow_compare, service, name, partner, body,
+                                        [item["item_id"] for item in result["items"]])
+    return Response(orjson.dumps(result), headers=headers, media_type="application/json",
+                    background=background)
 
 
 async def answer_with_fallback(service: Service, name: str,
@@ -194,15 +211,17 @@ async def _answer(service: Service, served: Served,
 
 
 def to_response(variant: Variant, user_id: str, answer: Answer, ignored_history: list[str],
-                request_id: str, routed_to: str | None = None) -> RecommendResponse:
-    """Raw ids, titles and scores for the answer's item indices (`routed_to`: the A/B variant)."""
+                request_id: str, routed_to: str | None = None) -> dict:
+    """The RecommendResponse (as its JSON dict): raw ids, titles and scores for the answer's item
+    indices (`routed_to`: the A/B variant). Built as plain data: every field is already typed."""
     ids, titles = variant.item_ids, variant.titles
+    # orjson writes NaN and infinity as null (JSON has neither), as pydantic would.
     scores = answer.scores.tolist() if answer.scores is not None else [None] * len(answer.items)
-    items = [ScoredItem(item_id=ids[i], score=s, title=titles[i])
+    items = [{"item_id": ids[i], "score": s, "title": titles[i]}
              for i, s in zip(answer.items.tolist(), scores, strict=True)]
-    return RecommendResponse(variant=routed_to or variant.name, model_version=variant.version,
-                             user_id=user_id, items=items, fallback=answer.fallback,
-                             ignored_history=ignored_history, request_id=request_id)
+    return {"variant": routed_to or variant.name, "model_version": variant.version, "user_id": user_id,
+            "items": items, "fallback": answer.fallback, "ignored_history": ignored_history,
+            "request_id": request_id}
 
 
 async def shadow_compare(service: Service, primary: str, partner: str, body: RecommendRequest,

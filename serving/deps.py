@@ -29,7 +29,7 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-async def ready_service(service: ServiceDep) -> Service:
+def ready_service(service: Service) -> Service:
     """The service, or 503 while variants are loading or the server is draining."""
     if not service.ready:
         raise HTTPException(503, "not ready: variants are loading or the server is shutting down",
@@ -37,28 +37,35 @@ async def ready_service(service: ServiceDep) -> Service:
     return service
 
 
-ReadyServiceDep = Annotated[Service, Depends(ready_service)]
+async def _ready_service(service: ServiceDep) -> Service:
+    return ready_service(service)
 
 
-async def forced_variant(service: ReadyServiceDep,
-                   x_slimrec_variant: Annotated[str | None, Header()] = None) -> str | None:
-    """The variant named by X-Slimrec-Variant, if overrides are allowed and it is loaded.
+ReadyServiceDep = Annotated[Service, Depends(_ready_service)]
+
+
+def check_forced_variant(service: Service, name: str | None) -> str | None:
+    """The variant named by X-Slimrec-Variant (`name`), if overrides are allowed and it is loaded.
 
     Raises:
         HTTPException: 403 when overrides are disabled, 400 for a variant that is not loaded.
     """
-    if x_slimrec_variant is None:
+    if name is None:
         return None
     if not service.settings.overrides_allowed:
         raise HTTPException(403, f"{VARIANT_HEADER} is disabled on this server "
                                  "(enable with SLIMREC_ALLOW_VARIANT_OVERRIDE=true)")
-    if x_slimrec_variant not in service.variants:
-        raise HTTPException(400, f"{VARIANT_HEADER}: unknown variant {x_slimrec_variant!r}; "
+    if name not in service.variants:
+        raise HTTPException(400, f"{VARIANT_HEADER}: unknown variant {name!r}; "
                                  f"loaded: {', '.join(sorted(service.variants))}")
-    return x_slimrec_variant
+    return name
 
 
-ForcedVariantDep = Annotated[str | None, Depends(forced_variant)]
+# The recommendation routes read the header themselves (no per-request dependency); this
+# documents it in their OpenAPI operation.
+VARIANT_HEADER_DOC = {"parameters": [{
+    "name": VARIANT_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+    "description": "serve this variant instead of the A/B choice (when overrides are allowed)"}]}
 
 
 async def require_admin(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
