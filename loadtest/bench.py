@@ -55,6 +55,9 @@ def register(subparsers) -> None:
                        help="fitted interactions one retrieval epoch samples (default 250k; tiny: all)")
     scale.add_argument("--ranker-users", type=_size, default=None,
                        help="users whose lists one ranker epoch uses (default 2k)")
+    scale.add_argument("--embedding-min-count", type=int, default=None,
+                       help="compressed variant: ids with fewer fitted interactions share the fallback "
+                            "row (default 10; 0 keeps every row)")
     scale.add_argument("--target-recall", type=float, default=0.97,
                        help="recall@200 vs exact the IVF-SQ8 nprobe is tuned to (default 0.97)")
     scale.add_argument("--train-threads", type=int, default=None,
@@ -77,6 +80,7 @@ def run_bench(args) -> int:
             raise ValueError(f"--target-recall must be in (0, 1], got {args.target_recall}")
         config = ScaleConfig.for_preset(args.preset, train_interactions=args.train_interactions,
                                         ranker_users=args.ranker_users, target_recall=args.target_recall,
+                                        embedding_min_count=args.embedding_min_count,
                                         train_threads=args.train_threads, seed=args.seed)
         out = args.out or Path("runs/scale")
         run_scale(parse_sizes(args.catalogue), out, config, timing, fresh=args.fresh)

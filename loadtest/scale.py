@@ -109,6 +109,11 @@ class ScaleConfig:
         ranker_users, cut_points: one ranker epoch's lists (RankerData.max_users, cut_points).
             Every stage keeps its preset's batch size and learning rate, for one epoch.
         retrieval_weight: the blend weight of the retrieval score (not chosen on validation here).
+        embedding_min_count: the compressed variant's pruning at scale: users and items with fewer
+            fitted interactions share the fallback id row (`share_rare_rows_`) and embed from
+            their side features and history. A Zipf catalogue's tail is most of its id table
+            and barely trained; 0 keeps every row. (The hidden-unit pruning of `slimrec
+            compress` needs a fine-tuning pass that the one-epoch scale training skips.)
         target_recall, nprobe_grid: the IVF-SQ8 tuning (smallest nprobe reaching the target).
         recall_tolerance: a found item within this of the exact K-th best score counts as a hit
             (`compression.index.recall_within`); the strict set intersection is reported beside it.
@@ -123,6 +128,7 @@ class ScaleConfig:
     ranker_users: int = 2_000
     cut_points: int = 2
     retrieval_weight: float = 0.4
+    embedding_min_count: int = 10
     target_recall: float = 0.97
     recall_tolerance: float = 1e-3
     nprobe_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -135,6 +141,8 @@ class ScaleConfig:
         self.nprobe_grid = tuple(self.nprobe_grid)
         if self.preset not in ("default", "tiny"):
             raise ValueError(f"unknown preset {self.preset!r}; expected 'default' or 'tiny'")
+        if self.embedding_min_count < 0:
+            raise ValueError(f"embedding_min_count must be >= 0, got {self.embedding_min_count}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
 
@@ -207,6 +215,7 @@ def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool
 
     from compression.index import IndexSpec
     from compression.pipeline import PipelineConfig
+    from compression.prune import embedding_rows
     from loadtest.scale_models import (
         build_indexes,
         served_checks,
@@ -265,7 +274,9 @@ def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool
                   "fitted_interactions": int(len(fold.fit_positions)),
                   "items_with_fitted_interactions": int((fold.item_popularity > 0).sum()),
                   "retrieval_epoch_interactions": int(len(sample.fit_positions)),
-                  "items_in_retrieval_epoch": int(len(np.unique(fold.split.item[sample.fit_positions])))},
+                  "items_in_retrieval_epoch": int(len(np.unique(fold.split.item[sample.fit_positions]))),
+                  "compressed_id_rows": {**embedding_rows(student.two_tower), **{
+                      f"ranker.{k}": v for k, v in embedding_rows(student.ranker).items()}}},
         "training": {name: stage_summary(stage) for name, stage in (
             ("teacher_retrieval", teacher.retrieval), ("teacher_ranker", teacher.ranking),
             ("student_retrieval", student.retrieval), ("student_ranker", student.ranking))},

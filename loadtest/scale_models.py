@@ -30,10 +30,12 @@ def training_view(fold, n_rows: int | None, rng: np.random.Generator):
 
 
 def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
-    """Teacher (retrieval on `sample`, ranker on `fold`), then a student distilled from it with
-    int8 embedding tables. Returns (teacher, student) as FoldModels."""
+    """Teacher (retrieval on `sample`, ranker on `fold`), then a student distilled from it, its
+    rare ids on the shared row (`config.embedding_min_count`) and its embedding tables int8.
+    Returns (teacher, student) as FoldModels."""
     from compression.distill import distill_ranker, distill_two_tower
     from compression.pipeline import PipelineConfig
+    from compression.prune import PruneConfig, prune_
     from compression.quantize import quantize_embeddings_
     from models.train import FoldModels, train_ranker, train_retrieval
 
@@ -51,6 +53,10 @@ def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
                                retrieval_weights=(w,))
     clock.lap("student_ranker")
     for model in (s_retrieval.model, s_ranking.model):
+        if config.embedding_min_count:
+            rare_rows = PruneConfig(keep_fraction=1.0, prune_cross_rank=False,
+                                    embedding_min_count=config.embedding_min_count)
+            prune_(model, rare_rows, user_counts=fold.fit_counts, item_counts=fold.item_popularity)
         quantize_embeddings_(model, PipelineConfig().embeddings)
     student = FoldModels(fold, s_retrieval.model, s_ranking.model, w, s_retrieval, s_ranking)
     return teacher, student

@@ -58,6 +58,11 @@ def test_bench_catalogue_tiny_end_to_end(tmp_path):
     assert build["index"]["compressed"]["build_seconds"] > 0
     for stage in ("teacher_retrieval", "teacher_ranker", "student_retrieval", "student_ranker"):
         assert build["training"][stage]["epochs"] == 1 and build["seconds"][stage] > 0
+    # The student's rare items share the fallback row (embedding_min_count 10): fewer rows than
+    # items with fitted interactions, and at least the fallback row plus one.
+    rows = build["shape"]["compressed_id_rows"]
+    for table in ("user_tower.history.embedding", "ranker.item_embedding"):
+        assert 2 <= rows[table] < build["shape"]["items_with_fitted_interactions"], rows
     variants = run["bench"]["variants"]
     assert variants["full"]["embedding_dim"] > variants["compressed"]["embedding_dim"]
     assert variants["compressed"]["index"]["kind"] == "ivf_sq8"
