@@ -53,7 +53,20 @@ def export_onnx(module: torch.nn.Module, kind: str, path: Path, history_len: int
                                     output_names=list(outputs), dynamic_shapes=shapes, verbose=False)
         program.save(str(path))
     strip_metadata(path)
+    compact_tables(path)
     return path
+
+
+def compact_tables(path: Path) -> dict[str, int]:
+    """Deduplicate, narrow and bit-pack the graph's lookup tables (`models.onnx_tables`); lossless."""
+    import onnx
+
+    from models.onnx_tables import compact_lookup_tables
+
+    model = onnx.load(str(path))
+    stats = compact_lookup_tables(model)
+    onnx.save(model, str(path))
+    return stats
 
 
 KEPT_NODE_METADATA = ("namespace", "pkg.torch.onnx.name_scopes")  # module names: quantization reads them
