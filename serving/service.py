@@ -111,7 +111,8 @@ class Service:
             return run_queries(variant, queries, settings.n_candidates)
 
         batcher = Batcher(run_batch, self._executor, settings.batch_max_size,
-                          settings.batch_max_wait_ms / 1000, on_batch=batch_sizes.observe)
+                          settings.batch_max_wait_ms / 1000, on_batch=batch_sizes.observe,
+                          name=f"slimrec-batcher-{variant.name}")
         served = Served(variant, batcher)
         self.variants[variant.name] = served  # the atomic swap: one dict assignment on the loop
         self.metrics.record_variant(variant)
