@@ -17,10 +17,8 @@ from typing import Annotated
 
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
 from serving.batcher import BatcherClosed
@@ -33,7 +31,8 @@ from serving.deps import (
     check_forced_variant,
     ready_service,
 )
-from serving.queries import Answer, QueryError, build_query
+from serving.direct import direct_route, recommend_body, user_query
+from serving.queries import Answer, QueryError, build_query, seen_items
 from serving.queries import Query as ModelQuery
 from serving.router import assign_variant
 from serving.schemas import (
@@ -84,33 +83,40 @@ async def list_variants(service: ReadyServiceDep) -> VariantsResponse:
                             shadow_fraction=service.settings.shadow_fraction)
 
 
-# The two recommendation routes are the hot path: they take no dependencies (FastAPI resolves
-# each one per request) and return ready JSON bytes (a returned model would be dumped,
-# validated against `response_model` and dumped again). `response_model` still documents them.
-# The dependencies' header, readiness and override checks run as plain calls, in their order.
+# The two recommendation routes are the hot path. FastAPI documents them from the signatures
+# below; their requests are parsed by serving/direct.py (same models, same errors) and answered
+# by `serve`, with no per-request dependency solving and no response-model round trip: they
+# return ready JSON bytes. The readiness and override checks run as plain calls in `serve`.
 
 
-@router.post("/v1/recommend", response_model=RecommendResponse, responses=RECOMMEND_ERRORS,
-             openapi_extra=VARIANT_HEADER_DOC)
-async def recommend(body: RecommendRequest, request: Request) -> Response:
+async def recommend(body: RecommendRequest) -> RecommendResponse:
     """Top-k items for a user: known users by id; new users by `history` and optional features."""
-    return await serve(body, request)
+    raise NotImplementedError("documents the route; requests go to answer_recommend")
 
 
-@router.get("/v1/users/{user_id}/recommendations", response_model=RecommendResponse,
-            responses=RECOMMEND_ERRORS, openapi_extra=VARIANT_HEADER_DOC)
 async def user_recommendations(
-        user_id: Annotated[str, Path(min_length=1, max_length=128)], request: Request,
+        user_id: Annotated[str, Path(min_length=1, max_length=128)],
         k: Annotated[int, Query(ge=1, le=MAX_K)] = 10, exclude_seen: bool = True,
         include_genres: Annotated[list[str], Query()] = [],  # noqa: B006 (FastAPI copies defaults)
-        exclude_genres: Annotated[list[str], Query()] = []) -> Response:  # noqa: B006
+        exclude_genres: Annotated[list[str], Query()] = []) -> RecommendResponse:  # noqa: B006
     """The same as POST /v1/recommend without a history (unknown users get the fallback)."""
-    try:
-        body = RecommendRequest(user_id=user_id, k=k, exclude_seen=exclude_seen,
-                                include_genres=include_genres, exclude_genres=exclude_genres)
-    except ValidationError as exc:  # e.g. ?include_genres= (an empty name): a 422 like the POST's
-        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in exc.errors()]) from None
-    return await serve(body, request)
+    raise NotImplementedError("documents the route; requests go to answer_user_recommendations")
+
+
+async def answer_recommend(request: Request) -> Response:
+    return await serve(await recommend_body(request), request)
+
+
+async def answer_user_recommendations(request: Request) -> Response:
+    return await serve(await user_query(request), request)
+
+
+for path, method, documented, answer in (
+        ("/v1/recommend", "POST", recommend, answer_recommend),
+        ("/v1/users/{user_id}/recommendations", "GET", user_recommendations, answer_user_recommendations)):
+    router.add_api_route(path, documented, methods=[method], response_model=RecommendResponse,
+                         responses=RECOMMEND_ERRORS, openapi_extra=VARIANT_HEADER_DOC,
+                         route_class_override=direct_route(answer))
 
 
 async def serve(body: RecommendRequest, request: Request) -> Response:
@@ -179,8 +185,8 @@ async def answer_with_fallback(service: Service, name: str,
         service.metrics.runtime_fallbacks.labels(name, answer.fallback).inc()
         return answered, query, answer
     query = _query(served, body)  # the popularity list needs no model call
-    exclude = query.batch.exclude_items if query.batch is not None else None
-    items = served.variant.model.popular(body.k, exclude=exclude, allowed=query.allowed)
+    seen = seen_items(served.variant, query)
+    items = served.variant.model.popular(body.k, exclude=seen, allowed=query.allowed)
     service.metrics.runtime_fallbacks.labels(name, "popular").inc()
     return served, query, Answer(items, None, "popular", {}, 1)
 

@@ -32,14 +32,26 @@ class QueryError(ValueError):
 
 @dataclass
 class Query:
-    """One request for one variant, ready for `run_queries` (batch is None: popularity fallback)."""
+    """One request for one variant, checked and resolved to indices, ready for `run_queries`.
+
+    The model inputs (`UserBatch` rows) are assembled in `run_queries`, on a model thread and
+    for a whole batch at once, not per request on the event loop.
+    """
 
     k: int
-    batch: UserBatch | None
+    user: int | None  # a known user's index; None: a new user, described by `extra` and `features`
+    extra: np.ndarray  # item indices sent as history (appended to a known user's stored one)
+    features: dict = field(default_factory=dict)  # a new user's sent side features
+    exclude_seen: bool = True
     filter_key: FilterKey | None = None
     allowed: np.ndarray | None = None  # bool [n_items]
     ignored_history: list[str] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def popular_only(self) -> bool:
+        """An unknown user with no usable history: the popularity fallback answers."""
+        return self.user is None and not len(self.extra)
 
 
 @dataclass
@@ -68,13 +80,20 @@ def build_query(variant: Variant, user_id: str, k: int, exclude_seen: bool = Tru
                          f"{', '.join(map(repr, ignored[:20]))}")
     key, allowed = allowed_items(variant, include_genres or [], exclude_genres or [])
     user = variant.user_index.get(user_id)
-    if user is not None:
-        batch = known_user_batch(variant, user, extra, exclude_seen)
-    elif len(extra):
-        batch = new_user_batch(variant, extra, features or {}, exclude_seen)
-    else:
-        batch = None
-    return Query(k=k, batch=batch, filter_key=key, allowed=allowed, ignored_history=ignored)
+    return Query(k=k, user=user, extra=extra, features=features or {}, exclude_seen=exclude_seen,
+                 filter_key=key, allowed=allowed, ignored_history=ignored)
+
+
+def seen_items(variant: Variant, query: Query) -> np.ndarray | None:
+    """What the query's answer must not contain: its user's fitted items and sent history (if
+    exclude_seen); for answers assembled outside `run_queries` (the popularity fallback)."""
+    if not query.exclude_seen:
+        return None
+    if query.user is None:
+        return query.extra
+    model = variant.model
+    fitted = model.fitted_items[model.fitted_indptr[query.user]: model.fitted_indptr[query.user + 1]]
+    return np.concatenate([fitted, query.extra])
 
 
 def history_indices(variant: Variant, history: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -134,6 +153,30 @@ def _batch(model, code: int, features: np.ndarray, items: np.ndarray, exclude_se
                      np.array([0, len(exclude)], np.int64), exclude.astype(np.int64))
 
 
+def user_batch(variant: Variant, queries: list[Query]) -> tuple[UserBatch, list[int]]:
+    """Model inputs for `queries` (none popular-only) and the query position of each row.
+
+    Known users without a sent history, the common case, come from one vectorised
+    `known_users` call per exclude_seen value; the others are assembled row by row.
+    """
+    parts, order = [], []
+    for exclude_seen in (True, False):
+        plain = [i for i, q in enumerate(queries)
+                 if q.user is not None and not len(q.extra) and q.exclude_seen == exclude_seen]
+        if plain:
+            users = np.array([queries[i].user for i in plain], np.int64)
+            parts.append(variant.model.known_users(users, exclude_seen))
+            order += plain
+    for i, q in enumerate(queries):
+        if q.user is not None and len(q.extra):
+            parts.append(known_user_batch(variant, q.user, q.extra, q.exclude_seen))
+            order.append(i)
+        elif q.user is None:
+            parts.append(new_user_batch(variant, q.extra, q.features, q.exclude_seen))
+            order.append(i)
+    return concat_batches(parts), order
+
+
 def concat_batches(batches: list[UserBatch]) -> UserBatch:
     """Stack single- or multi-row UserBatches into one (exclusion CSRs re-offset)."""
     if len(batches) == 1:
@@ -157,16 +200,17 @@ def run_queries(variant: Variant, queries: list[Query], n_candidates: int) -> li
     answers: list[Answer | None] = [None] * len(queries)
     groups: dict[FilterKey | None, list[int]] = {}
     for i, query in enumerate(queries):
-        if query.batch is None:
+        if query.popular_only:
             items = variant.model.popular(query.k, allowed=query.allowed)
             answers[i] = Answer(items, None, "popular", {"queue": started - query.submitted_at}, len(queries))
         else:
             groups.setdefault(query.filter_key, []).append(i)
     for members in groups.values():
         group = [queries[i] for i in members]
-        recs = variant.model.recommend(concat_batches([q.batch for q in group]), max(q.k for q in group),
-                                       n_candidates, allowed=group[0].allowed)
-        for row, (i, query) in enumerate(zip(members, group, strict=True)):
+        batch, order = user_batch(variant, group)
+        recs = variant.model.recommend(batch, max(q.k for q in group), n_candidates, allowed=group[0].allowed)
+        for row, position in enumerate(order):
+            i, query = members[position], group[position]
             items, scores = recs.items[row, : query.k], recs.scores[row, : query.k]
             keep = items >= 0  # fewer than k candidates survived the filters
             timings = {"queue": started - query.submitted_at, **recs.timings}

@@ -197,3 +197,52 @@ def test_non_finite_scores_are_written_as_null(tiny_teacher, clean_env):
         body = orjson.loads(orjson.dumps(to_response(variant, "u", answer, [], "r")))  # as served
     assert [item["score"] for item in body["items"]] == [0.5, None, None]
     assert [item["item_id"] for item in body["items"]] == variant.item_ids[:3]
+
+
+# --- the recommendation routes parse their own requests (serving/direct.py), as FastAPI would ----
+
+
+@pytest.fixture(scope="module")
+def direct_client(tiny_teacher):
+    with TestClient(create_app(Settings(variants={"full": tiny_teacher}))) as client:
+        yield client
+
+
+JSON = {"content-type": "application/json"}
+
+
+@pytest.mark.parametrize(("method", "url", "kwargs", "status", "message"), [
+    ("post", "/v1/recommend", {"content": b"", "headers": JSON}, 422, "Field required"),
+    ("post", "/v1/recommend", {"content": b'{"user_id": "1"}'}, 200, None),  # no content type: JSON
+    ("post", "/v1/recommend", {"content": b'{"user_id": "1"}',
+                               "headers": {"content-type": "application/vnd.slimrec+json; charset=utf-8"}},
+     200, None),
+    ("post", "/v1/recommend", {"content": b'{"user_id": "1"}', "headers": {"content-type": "text/plain"}},
+     422, "must be a JSON object"),
+    ("post", "/v1/recommend", {"content": b'\xff{"user_id"', "headers": JSON}, 400, "malformed JSON body"),
+    ("post", "/v1/recommend", {"content": b'["1"]', "headers": JSON}, 422, "Input should be"),
+    ("post", "/v1/recommend", {"content": b'{"user_id": "1", "k": "5"}', "headers": JSON}, 422,
+     "k: Input should be a valid integer"),  # strict: no coercion in JSON bodies
+    ("get", "/v1/users/1/recommendations?k=abc", {}, 422, "k: Input should be a valid integer"),
+    ("get", "/v1/users/1/recommendations?k=5&exclude_seen=false&utm_source=x", {}, 200, None),
+    ("get", "/v1/users/" + "u" * 129 + "/recommendations", {}, 422,
+     "user_id: String should have at most 128"),
+    ("get", "/v1/users/1/recommendations?include_genres=", {}, 422,
+     "include_genres.0: String should have at least"),
+])
+def test_recommendation_requests_are_parsed_as_fastapi_would(direct_client, method, url, kwargs, status,
+                                                             message):
+    response = getattr(direct_client, method)(url, **kwargs)
+    assert response.status_code == status, response.text
+    if message is not None:
+        assert message in response.json()["detail"]
+    else:
+        assert response.json()["variant"] == "full" and response.headers["content-type"] == "application/json"
+
+
+def test_k_and_exclude_seen_from_the_query_string_take_effect(direct_client):
+    seen = direct_client.get("/v1/users/1/recommendations?k=7&exclude_seen=false").json()["items"]
+    unseen = direct_client.get("/v1/users/1/recommendations?k=7").json()["items"]
+    assert len(seen) == len(unseen) == 7
+    body = direct_client.post("/v1/recommend", json={"user_id": "1", "k": 7, "exclude_seen": False}).json()
+    assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in seen]
