@@ -47,7 +47,7 @@ class ServedModel:
         self.ranker = session(artifact.file(f"{prefix}ranker.onnx"), threads)
         self.index = ItemIndex.load(artifact.file(f"{prefix}items.faiss"), IndexSpec(**entry["index"]))
         tables = artifact.read_tensors(f"{prefix}tables.safetensors")
-        self.user_features = tables["user_features"].astype(np.int64)
+        self.user_features = tables["user_features"]  # int32 at rest; rows widen to int64 per batch
         self.fitted_indptr, self.fitted_items = tables["fitted_indptr"], tables["fitted_items"]
         self.popular_items = tables["popular_items"]
         self.n_users, self.n_items = self.space.n_users, self.space.n_items
@@ -71,7 +71,8 @@ class ServedModel:
             exclude = self.fitted_items[rows]
         else:
             exclude_indptr, exclude = np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int64)
-        return UserBatch(codes, self.user_features[codes], history.astype(np.int64), exclude_indptr, exclude)
+        features = self.user_features[codes].astype(np.int64)
+        return UserBatch(codes, features, history.astype(np.int64), exclude_indptr, exclude)
 
     # --- stages -------------------------------------------------------------------------------
 
