@@ -111,10 +111,11 @@ async def answer_user_recommendations(request: Request) -> Response:
     return await serve(await user_query(request), request)
 
 
-for path, method, documented, answer in (
-        ("/v1/recommend", "POST", recommend, answer_recommend),
-        ("/v1/users/{user_id}/recommendations", "GET", user_recommendations, answer_user_recommendations)):
-    router.add_api_route(path, documented, methods=[method], response_model=RecommendResponse,
+DIRECT_ROUTES = [("POST", "/v1/recommend", answer_recommend),
+                 ("GET", "/v1/users/{user_id}/recommendations", answer_user_recommendations)]
+_DOCUMENTED = {"/v1/recommend": recommend, "/v1/users/{user_id}/recommendations": user_recommendations}
+for method, path, answer in DIRECT_ROUTES:  # serving/app.py also hands them to DirectDispatch
+    router.add_api_route(path, _DOCUMENTED[path], methods=[method], response_model=RecommendResponse,
                          responses=RECOMMEND_ERRORS, openapi_extra=VARIANT_HEADER_DOC,
                          route_class_override=direct_route(answer))
 

@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 
 from compression.artifact import ArtifactError
 from serving import admin, api
+from serving.direct import DirectDispatch
 from serving.limits import AdmissionMiddleware, json_too_deep, send_json_error
 from serving.metrics import NO_VARIANT, Metrics
 from serving.service import Service
@@ -60,9 +61,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(api.router)
     app.include_router(admin.router)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    # The last added runs first: instrumentation -> body limit -> admission -> app, so 413s and
-    # overload 503s are counted, and a refused request has had its (bounded) body read, which
-    # keeps its keep-alive connection usable.
+    # The last added runs first: instrumentation -> body limit -> admission -> the direct
+    # recommendation routes -> FastAPI's router, so 413s and overload 503s are counted, and a
+    # refused request has had its (bounded) body read, which keeps its connection usable.
+    app.add_middleware(DirectDispatch, routes=api.DIRECT_ROUTES)
     app.add_middleware(AdmissionMiddleware, limit=settings.max_in_flight,
                        timeout_s=settings.request_timeout_ms / 1000, retry_after_s=settings.retry_after_s,
                        metrics=metrics)

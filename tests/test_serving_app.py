@@ -246,3 +246,21 @@ def test_k_and_exclude_seen_from_the_query_string_take_effect(direct_client):
     assert len(seen) == len(unseen) == 7
     body = direct_client.post("/v1/recommend", json={"user_id": "1", "k": 7, "exclude_seen": False}).json()
     assert [i["item_id"] for i in body["items"]] == [i["item_id"] for i in seen]
+
+
+def test_routes_answer_alike_through_the_direct_dispatch_and_through_fastapi(tiny_teacher, clean_env):
+    from serving.direct import DirectDispatch
+
+    def answers(app) -> list:
+        with TestClient(app) as client:
+            got = [client.get("/v1/users/1/recommendations?k=3"),
+                   client.get("/v1/users/1/recommendations?k=0"),
+                   client.post("/v1/recommend", json={"user_id": "2", "k": 4, "history": ["1", "nope"]}),
+                   client.post("/v1/recommend", content=b"{", headers=JSON)]
+        return [(r.status_code, {k: v for k, v in r.json().items() if k != "request_id"}) for r in got]
+
+    direct = create_app(Settings(variants={"full": tiny_teacher}))
+    routed = create_app(Settings(variants={"full": tiny_teacher}))
+    routed.user_middleware = [m for m in routed.user_middleware if m.cls is not DirectDispatch]
+    assert len(routed.user_middleware) == len(direct.user_middleware) - 1
+    assert answers(direct) == answers(routed)
