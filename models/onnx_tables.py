@@ -76,8 +76,8 @@ def _deduplicate(graph: onnx.GraphProto) -> int:
     for tensor in graph.initializer:
         if _size(tensor) < MIN_ELEMENTS:
             continue
-        key = (tensor.data_type, tuple(tensor.dims),
-               hashlib.sha256(numpy_helper.to_array(tensor).tobytes()).hexdigest())
+        data = tensor.raw_data or numpy_helper.to_array(tensor).tobytes()  # the exporter writes raw_data
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
         if key in first:
             rename[tensor.name] = first[key]
         else:
@@ -156,4 +156,6 @@ def _size(tensor: onnx.TensorProto) -> int:
 
 
 def _initializer_bytes(graph: onnx.GraphProto) -> int:
-    return sum(numpy_helper.to_array(t).nbytes for t in graph.initializer)
+    """Bytes the initializers hold, from their shapes and types (no copy of the data)."""
+    return sum(_size(t) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+               for t in graph.initializer)

@@ -111,11 +111,12 @@ async def answer_user_recommendations(request: Request) -> Response:
     return await serve(await user_query(request), request)
 
 
-DIRECT_ROUTES = [("POST", "/v1/recommend", answer_recommend),
-                 ("GET", "/v1/users/{user_id}/recommendations", answer_user_recommendations)]
-_DOCUMENTED = {"/v1/recommend": recommend, "/v1/users/{user_id}/recommendations": user_recommendations}
-for method, path, answer in DIRECT_ROUTES:  # serving/app.py also hands them to DirectDispatch
-    router.add_api_route(path, _DOCUMENTED[path], methods=[method], response_model=RecommendResponse,
+# (method, path, documented endpoint, handler); serving/app.py hands them to DirectDispatch too.
+DIRECT_ROUTES = [("POST", "/v1/recommend", recommend, answer_recommend),
+                 ("GET", "/v1/users/{user_id}/recommendations", user_recommendations,
+                  answer_user_recommendations)]
+for method, path, documented, answer in DIRECT_ROUTES:
+    router.add_api_route(path, documented, methods=[method], response_model=RecommendResponse,
                          responses=RECOMMEND_ERRORS, openapi_extra=VARIANT_HEADER_DOC,
                          route_class_override=direct_route(answer))
 

@@ -107,18 +107,18 @@ class DirectDispatch:
     Below this point FastAPI would add an exception middleware, an exit stack, two levels of
     router matching and its per-route request wrapper before reaching the same handler (half
     the event loop's time per request at saturation). The routes stay registered with
-    FastAPI (`direct_route`) for the OpenAPI document and for what this does not take (HEAD,
-    a root_path prefix); errors are answered by the app's own exception handlers, so both
-    paths answer alike.
+    FastAPI (`direct_route`) for the OpenAPI document and for what this does not take (paths
+    under a root_path prefix); errors are answered by the app's own exception handlers, so
+    both paths answer alike.
 
     Args:
         app: the ASGI app below (FastAPI's exception middleware and router).
-        routes: (method, path template as Starlette writes it, handler) triples.
+        routes: (method, path template as Starlette writes it, documented endpoint, handler).
     """
 
-    def __init__(self, app, routes: list[tuple[str, str, Handler]]):
+    def __init__(self, app, routes: list[tuple[str, str, Callable, Handler]]):
         self.app = app
-        self.routes = [(method, compile_path(path)[0], handler) for method, path, handler in routes]
+        self.routes = [(method, compile_path(path)[0], handler) for method, path, _, handler in routes]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":

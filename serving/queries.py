@@ -91,9 +91,7 @@ def seen_items(variant: Variant, query: Query) -> np.ndarray | None:
         return None
     if query.user is None:
         return query.extra
-    model = variant.model
-    fitted = model.fitted_items[model.fitted_indptr[query.user]: model.fitted_indptr[query.user + 1]]
-    return np.concatenate([fitted, query.extra])
+    return np.concatenate([stored_items(variant.model, query.user), query.extra])
 
 
 def history_indices(variant: Variant, history: list[str]) -> tuple[np.ndarray, list[str]]:
@@ -121,15 +119,18 @@ def allowed_items(variant: Variant, include: list[str], exclude: list[str]):
     return (tuple(sorted(set(include))), tuple(sorted(set(exclude)))), allowed
 
 
+def stored_items(model, user: int) -> np.ndarray:
+    """A known user's fitted items from the artifact, oldest first."""
+    return model.fitted_items[model.fitted_indptr[user]: model.fitted_indptr[user + 1]]
+
+
 def known_user_batch(variant: Variant, user: int, extra: np.ndarray, exclude_seen: bool) -> UserBatch:
-    """A known user's row; `extra` items are appended to the stored history (and excluded)."""
+    """A known user's row with `extra` items appended to the stored history (and excluded).
+    Without extra items `model.known_users` gives the row, as `slimrec evaluate` feeds it."""
     model = variant.model
-    batch = model.known_users(np.array([user], np.int64), exclude_seen)
-    if not len(extra):
-        return batch  # exactly what `slimrec evaluate` feeds the model
-    fitted = model.fitted_items[model.fitted_indptr[user]: model.fitted_indptr[user + 1]]
-    items = np.concatenate([fitted, extra])
-    return _batch(model, code=user + 1, features=batch.features[0], items=items, exclude_seen=exclude_seen)
+    items = np.concatenate([stored_items(model, user), extra])
+    return _batch(model, code=user + 1, features=model.user_features[user + 1], items=items,
+                  exclude_seen=exclude_seen)
 
 
 def new_user_batch(variant: Variant, items: np.ndarray, features: dict, exclude_seen: bool) -> UserBatch:
