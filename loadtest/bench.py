@@ -58,8 +58,10 @@ def register(subparsers) -> None:
     scale.add_argument("--embedding-min-count", type=int, default=None,
                        help="compressed variant: ids with fewer fitted interactions share the fallback "
                             "row (default 10; 0 keeps every row)")
+    scale.add_argument("--index-kind", choices=("ivf_sq8", "ivf_sq6", "ivf_sq4"), default=None,
+                       help="compressed variant's IVF code: 8, 6 or 4 bits per dimension (default ivf_sq6)")
     scale.add_argument("--target-recall", type=float, default=0.97,
-                       help="recall@200 vs exact the IVF-SQ8 nprobe is tuned to (default 0.97)")
+                       help="recall@200 vs exact the IVF nprobe is tuned to (default 0.97)")
     scale.add_argument("--train-threads", type=int, default=None,
                        help="torch + FAISS threads while training and building (default 1; 0 = all CPUs)")
     scale.add_argument("--fresh", action="store_true",
@@ -81,6 +83,7 @@ def run_bench(args) -> int:
         config = ScaleConfig.for_preset(args.preset, train_interactions=args.train_interactions,
                                         ranker_users=args.ranker_users, target_recall=args.target_recall,
                                         embedding_min_count=args.embedding_min_count,
+                                        index_kind=args.index_kind,
                                         train_threads=args.train_threads, seed=args.seed)
         out = args.out or Path("runs/scale")
         run_scale(parse_sizes(args.catalogue), out, config, timing, fresh=args.fresh)

@@ -69,7 +69,7 @@ def stage_summary(result) -> dict:
 
 
 def build_indexes(teacher, student, fold, tune_users: np.ndarray, config: ScaleConfig, clock: Clock):
-    """Time the full model's exact index build; build and tune the student's IVF-SQ8.
+    """Time the full model's exact index build; build and tune the student's IVF index.
 
     Returns (IndexSpec of the compressed index, build.json's "index" entry).
     """
@@ -90,15 +90,17 @@ def build_indexes(teacher, student, fold, tune_users: np.ndarray, config: ScaleC
 
 
 def tune_ivf(items: np.ndarray, queries: np.ndarray, config: ScaleConfig):
-    """Build IVF-SQ8 once (timed), then raise nprobe along the grid until recall@K vs exact (ties
-    within `config.recall_tolerance` count, see `recall_within`) reaches the target on `queries`.
+    """Build the IVF index (`config.index_kind`) once (timed), then raise nprobe along the grid
+    until recall@K vs exact (ties within `config.recall_tolerance` count, see `recall_within`)
+    reaches the target on `queries`.
     Returns (IndexSpec, [{nprobe, recall, recall_strict, ms_per_query}], build seconds)."""
     from compression.index import IndexSpec, build_item_index, recall_at_k, recall_within
     from compression.tune_index import index_nlist
 
     exact_scores, exact = build_item_index(items, IndexSpec("flat")).search(queries, K)
     t0 = time.perf_counter()
-    index = build_item_index(items, IndexSpec("ivf_sq8", nprobe=config.nprobe_grid[0]), seed=config.seed)
+    spec = IndexSpec(config.index_kind, nprobe=config.nprobe_grid[0])
+    index = build_item_index(items, spec, seed=config.seed)
     seconds = time.perf_counter() - t0
     curve = []
     for nprobe in config.nprobe_grid:
@@ -110,13 +112,13 @@ def tune_ivf(items: np.ndarray, queries: np.ndarray, config: ScaleConfig):
         curve.append({"nprobe": nprobe, "ms_per_query": ms,
                       "recall": recall_within(found, exact_scores, queries, items, config.recall_tolerance),
                       "recall_strict": recall_at_k(found, exact)})
-        log(f"IVF-SQ8 nlist {index_nlist(index)}: nprobe {nprobe:>4}  recall@{K} vs exact "
+        log(f"{config.index_kind} nlist {index_nlist(index)}: nprobe {nprobe:>4}  recall@{K} vs exact "
             f"{curve[-1]['recall']:.4f} (strict {curve[-1]['recall_strict']:.4f})  {ms:.3f} ms/query")
         if curve[-1]["recall"] >= config.target_recall:
             break
     else:
-        log(f"IVF-SQ8: recall target {config.target_recall} not reached; using nprobe {nprobe}")
-    return IndexSpec("ivf_sq8", nlist=index_nlist(index), nprobe=nprobe), curve, seconds
+        log(f"{config.index_kind}: recall target {config.target_recall} not reached; using nprobe {nprobe}")
+    return IndexSpec(config.index_kind, nlist=index_nlist(index), nprobe=nprobe), curve, seconds
 
 
 def write_served(out: Path, variant: str, models, spec, dense_quant, data: dict, config: dict) -> None:

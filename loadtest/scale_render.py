@@ -57,8 +57,9 @@ def index_rows(runs: list[dict]) -> list[str]:
         label, variants = run["size"]["label"], run["bench"]["variants"]
         for variant in VARIANT_NAMES:
             v, idx = variants[variant], run["build"]["index"][variant]
+            code = idx["kind"].removeprefix("ivf_").upper()
             kind = ("Flat (exact)" if idx["kind"] == "flat"
-                    else f"IVF{idx['nlist']},SQ8 nprobe {idx['nprobe']}")
+                    else f"IVF{idx['nlist']},{code} nprobe {idx['nprobe']}")
             build = run["build"]
             recall = "1 (exact)" if variant == "full" else (
                 f"{build['index_recall@200']:.4f} / {build['index_recall@200_strict']:.4f}")
@@ -97,7 +98,7 @@ def build_rows(runs: list[dict]) -> list[str]:
 
 def sanity_rows(runs: list[dict]) -> list[str]:
     lines = ["Sanity, not PROTOCOL: two-stage recall@10 of the served path on "
-             f"{runs[-1]['build']['sanity_users']} sampled test users, next to popularity; the IVF-SQ8 "
+             f"{runs[-1]['build']['sanity_users']} sampled test users, next to popularity; the IVF "
              "tuning curve (recall@200 vs exact with ties within the tolerance counted, tuning users).", "",
              "| catalogue | full | compressed | popularity | items fitted / in the retrieval epoch "
              "| nprobe: recall |",

@@ -54,7 +54,7 @@ def test_bench_catalogue_tiny_end_to_end(tmp_path):
     build = run["build"]
     assert build["shape"]["n_items"] == 2000 and build["shape"]["n_users"] == 1000
     assert 0.0 <= build["index_recall@200"] <= 1.0
-    assert build["index"]["compressed"]["kind"] == "ivf_sq8" and build["index"]["full"]["kind"] == "flat"
+    assert build["index"]["compressed"]["kind"] == "ivf_sq6" and build["index"]["full"]["kind"] == "flat"
     assert build["index"]["compressed"]["build_seconds"] > 0
     for stage in ("teacher_retrieval", "teacher_ranker", "student_retrieval", "student_ranker"):
         assert build["training"][stage]["epochs"] == 1 and build["seconds"][stage] > 0
@@ -65,7 +65,7 @@ def test_bench_catalogue_tiny_end_to_end(tmp_path):
         assert 2 <= rows[table] < build["shape"]["items_with_fitted_interactions"], rows
     variants = run["bench"]["variants"]
     assert variants["full"]["embedding_dim"] > variants["compressed"]["embedding_dim"]
-    assert variants["compressed"]["index"]["kind"] == "ivf_sq8"
+    assert variants["compressed"]["index"]["kind"] == "ivf_sq6"
     assert all(v["index_bytes"] > 0 and v["memory"]["resident_bytes"] > 0 for v in variants.values())
     assert (out / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "recall@200" in (out / "scale.md").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from compression.index import IndexSpec, build_item_index, recall_at_k, recall_within
+from compression.index import IndexSpec, ItemIndex, build_item_index, recall_at_k, recall_within
 
 # One query along x; items at cosines 0.9, 0.8, 0.8 (a tie) and 0.1.
 QUERY = np.array([[1.0, 0.0]], np.float32)
@@ -46,6 +46,8 @@ def test_exact_search_has_recall_one_and_ivf_never_beats_it():
 
 
 @pytest.mark.parametrize("spec", [IndexSpec("flat"), IndexSpec("ivf_sq8", nlist=16, nprobe=4),
+                                  IndexSpec("ivf_sq6", nlist=16, nprobe=4),
+                                  IndexSpec("ivf_sq4", nlist=16, nprobe=4),
                                   IndexSpec("ivf_pq_refine", nlist=16, nprobe=4, pq_m=4),
                                   IndexSpec("hnsw", hnsw_m=8, ef_search=64)], ids=lambda s: s.kind)
 def test_a_filtered_search_returns_only_allowed_items(spec):
@@ -63,6 +65,24 @@ def test_a_filtered_search_returns_only_allowed_items(spec):
     if spec.kind == "flat":  # exact: the best allowed items, in order
         expected = np.argsort(-(queries @ items.T + np.where(allowed, 0, -10)), axis=1, kind="stable")[:, :30]
         np.testing.assert_array_equal(ids, expected)
+
+
+def test_fewer_code_bits_make_a_smaller_index_that_still_finds_the_neighbours(tmp_path):
+    rng = np.random.default_rng(3)
+    items = rng.normal(size=(4000, 32)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    queries = items[:50] + 0.1 * rng.normal(size=(50, 32)).astype(np.float32)
+    exact = build_item_index(items, IndexSpec("flat")).search(queries, 50)[1]
+    sizes = {}
+    for kind in ("ivf_sq8", "ivf_sq6", "ivf_sq4"):
+        index = build_item_index(items, IndexSpec(kind, nlist=16, nprobe=16))  # all lists: only codes differ
+        sizes[kind] = index.memory_bytes()
+        assert recall_at_k(index.search(queries, 50)[1], exact) > 0.8, kind
+        index.save(tmp_path / f"{kind}.faiss")
+        reloaded = ItemIndex.load(tmp_path / f"{kind}.faiss", index.spec)
+        np.testing.assert_array_equal(reloaded.search(queries, 50)[1], index.search(queries, 50)[1])
+    two_bits_a_dimension = 4000 * 32 * 2 // 8  # ids, centroids and quantizer ranges are alike
+    assert sizes["ivf_sq8"] - sizes["ivf_sq6"] == sizes["ivf_sq6"] - sizes["ivf_sq4"] == two_bits_a_dimension
 
 
 def test_an_ivf_filter_keeps_the_allowed_items_of_the_probed_lists():
