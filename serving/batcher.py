@@ -1,8 +1,9 @@
 """Micro-batching between HTTP handlers and the model: concurrent requests share one model call.
 
-Handlers `await batcher.submit(query)`; one batching thread per batcher (one per variant)
-takes the queued queries as a batch, runs `run_batch(batch)` and hands the answers back to
-the event loop. The thread starts the next batch the moment the previous one returns: the
+Handlers `await batcher.submit(query)`; the batcher's threads (one per variant by default)
+each take the queued queries as a batch, run `run_batch(batch)` and hand the answers back to
+the event loop. With two threads a second batch runs while the first one's thread waits for
+the GIL or computes natively. The thread starts the next batch the moment the previous one returns: the
 event loop, busy with HTTP, never sits between two batches (when it dispatched them, the model
 idled ~35% of the time at saturation). A batch closes when it holds `max_batch_size` queries or
 when its *oldest* query has waited `max_wait_s`; queries that queued while the previous batch
@@ -42,8 +43,10 @@ class Batcher(Generic[T, R]):
         executor: thread pool for `run_batch` when max_batch_size is 1.
         max_batch_size: most queries per call; 1 = no batching.
         max_wait_s: longest a query waits for others to join its batch.
-        on_batch: called with each batch's size, on the batching thread (metrics).
-        name: the batching thread's name.
+        on_batch: called with each batch's size, on a batching thread (metrics).
+        name: the batching threads' name (numbered past one).
+        threads: batches run at once; `run_batch` must then be safe to call concurrently.
+        thread_init: called first on each batching thread (per-thread runtime settings).
 
     Example:
         >>> batcher = Batcher(lambda xs: [x * 2 for x in xs], ThreadPoolExecutor(2), 16, 0.001)
@@ -53,16 +56,18 @@ class Batcher(Generic[T, R]):
 
     def __init__(self, run_batch: Callable[[list[T]], list[R]], executor: Executor,
                  max_batch_size: int = 16, max_wait_s: float = 0.001,
-                 on_batch: Callable[[int], None] | None = None, name: str = "slimrec-batcher"):
-        if max_batch_size < 1 or max_wait_s < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and max_wait_s >= 0, got "
-                             f"{max_batch_size}, {max_wait_s}")
-        self.run_batch, self.executor, self.name = run_batch, executor, name
+                 on_batch: Callable[[int], None] | None = None, name: str = "slimrec-batcher",
+                 threads: int = 1, thread_init: Callable[[], None] | None = None):
+        if max_batch_size < 1 or max_wait_s < 0 or threads < 1:
+            raise ValueError(f"max_batch_size and threads must be >= 1 and max_wait_s >= 0, got "
+                             f"{max_batch_size}, {threads}, {max_wait_s}")
+        self.run_batch, self.executor, self.name, self.n_threads = run_batch, executor, name, threads
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
         self.on_batch = on_batch or (lambda size: None)
+        self.thread_init = thread_init or (lambda: None)
         self._pending: deque[tuple[T, asyncio.Future, float]] = deque()  # guarded by _ready
         self._ready = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._direct: set[asyncio.Future] = set()
         self._closing = False
@@ -87,19 +92,21 @@ class Batcher(Generic[T, R]):
         with self._ready:  # held by the batching thread only to take a batch: microseconds
             self._pending.append((query, future, time.monotonic()))
             self._ready.notify()
-        if self._thread is None:
+        if not self._threads:
             self._loop = loop
-            self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-            self._thread.start()
+            names = [self.name] if self.n_threads == 1 else [f"{self.name}-{i}" for i in range(self.n_threads)]
+            self._threads = [threading.Thread(target=self._work, name=name, daemon=True) for name in names]
+            for thread in self._threads:
+                thread.start()
         return await future
 
     async def close(self) -> None:
         """Stop taking queries and wait until every queued and running one is answered."""
         self._closing = True
-        if self._thread is not None:
-            with self._ready:
-                self._ready.notify()
-            await asyncio.to_thread(self._thread.join)  # the answers it posted are delivered first
+        with self._ready:
+            self._ready.notify_all()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)  # the answers it posted are delivered first
         if self._direct:
             await asyncio.gather(*self._direct, return_exceptions=True)
 
@@ -116,6 +123,7 @@ class Batcher(Generic[T, R]):
 
     def _work(self) -> None:
         """Take a batch, run it, post the answers to the loop; until closed and drained."""
+        self.thread_init()
         while (batch := self._next_batch()) is not None:
             live = [(query, future) for query, future, _ in batch if not future.cancelled()]
             if not live:

@@ -67,7 +67,8 @@ class Service:
         self.split: dict[str, float] = dict(settings.split)
         self.variants: dict[str, Served] = {}
         self.ready = False
-        self._executor = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="slimrec-model")
+        self._executor = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="slimrec-model",
+                                            initializer=self.init_model_thread)
         self._reload_lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
         self._error_logged_at: dict[str, float] = {}  # variant -> last model-error log line
@@ -76,10 +77,6 @@ class Service:
         """Load every configured variant (in parallel threads); raises ArtifactError naming the file."""
         names = list(self.settings.variants)
         sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
-        if self.settings.index_threads:
-            import faiss
-
-            faiss.omp_set_num_threads(self.settings.index_threads)
         if self.settings.inject_delay_ms:
             log.warning("inject_delay_ms=%s: every model call sleeps first (a test hook)",
                         self.settings.inject_delay_ms)
@@ -100,6 +97,18 @@ class Service:
                              *self._draining, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
+    def init_model_thread(self) -> None:
+        """Per-thread runtime settings of a thread that runs model calls.
+
+        OpenMP's thread count is a per-thread setting: set on the event loop's thread, it left
+        every model thread searching FAISS with a team as large as the machine, whose idle
+        member spins between searches (0.56 of 2 cores at saturation, compressed on ml-100k).
+        """
+        if self.settings.index_threads:
+            import faiss
+
+            faiss.omp_set_num_threads(self.settings.index_threads)
+
     def _install(self, variant: Variant) -> Served:
         settings = self.settings
         batch_sizes = self.metrics.batch_size.labels(variant.name)
@@ -112,7 +121,8 @@ class Service:
 
         batcher = Batcher(run_batch, self._executor, settings.batch_max_size,
                           settings.batch_max_wait_ms / 1000, on_batch=batch_sizes.observe,
-                          name=f"slimrec-batcher-{variant.name}")
+                          name=f"slimrec-batcher-{variant.name}", threads=settings.batch_threads,
+                          thread_init=self.init_model_thread)
         served = Served(variant, batcher)
         self.variants[variant.name] = served  # the atomic swap: one dict assignment on the loop
         self.metrics.record_variant(variant)

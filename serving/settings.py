@@ -86,6 +86,7 @@ class Settings(BaseSettings):
     # 0: never wait on purpose; a batch is whatever queued while the previous one ran, so a
     # lone request pays nothing and batches grow with load. >0 trades latency for batch size.
     batch_max_wait_ms: float = Field(0.0, ge=0, le=1000)
+    batch_threads: int = Field(1, ge=1, le=64, description="batches each variant runs at once")
     model_threads: int = Field(2, ge=1, le=256, description="threads running model calls when batching "
                                "is off (batch_max_size 1); batched, each variant has its own thread")
     ort_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session")

@@ -53,6 +53,52 @@ def test_concurrent_submits_are_coalesced(executor):
     assert threading.main_thread().name not in run.threads  # never on the event loop
 
 
+def test_two_threads_run_two_batches_at_once_and_close_drains_both(executor):
+    second_started = threading.Event()
+    run = Recorder(delay_s=0)
+
+    def overlapping(xs):
+        if 1 in xs:  # the first batch finishes only once another one has started beside it
+            assert second_started.wait(timeout=5), "no second batch ran while the first did"
+        else:
+            second_started.set()
+        return run(xs)
+
+    async def main():
+        batcher = Batcher(overlapping, executor, max_batch_size=4, max_wait_s=0, threads=2, name="b")
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0.05)  # the first batch (of one) is running, waiting for a second batch
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(2, 10)]
+        await asyncio.sleep(0)
+        close = asyncio.ensure_future(batcher.close())
+        results = await asyncio.gather(first, *rest)
+        await close
+        return results
+
+    assert asyncio.run(main()) == [2 * i for i in range(1, 10)]
+    assert run.threads == {"b-0", "b-1"} and sum(run.sizes) == 9 and max(run.sizes) <= 4
+
+
+def test_each_batching_thread_runs_thread_init_before_its_first_batch(executor):
+    initialised: set[str] = set()
+    seen_uninitialised: list[str] = []
+
+    def run(xs):
+        if threading.current_thread().name not in initialised:
+            seen_uninitialised.append(threading.current_thread().name)
+        time.sleep(0.002)
+        return xs
+
+    async def main():
+        batcher = Batcher(run, executor, max_batch_size=2, max_wait_s=0, threads=3, name="t",
+                          thread_init=lambda: initialised.add(threading.current_thread().name))
+        await asyncio.gather(*(batcher.submit(i) for i in range(20)))
+        await batcher.close()
+
+    asyncio.run(main())
+    assert initialised == {"t-0", "t-1", "t-2"} and not seen_uninitialised
+
+
 def test_lone_request_waits_at_most_max_wait(executor):
     run = Recorder(delay_s=0)
 

@@ -160,6 +160,37 @@ def test_startup_freezes_what_it_loaded_and_sets_the_gil_switch_interval(tiny_te
         sys.setswitchinterval(before)
 
 
+def test_model_threads_set_their_own_faiss_thread_count(tiny_teacher, clean_env):
+    """OpenMP's thread count is per thread: set on the event loop's thread it does not reach the
+    model threads, which is why each one sets it itself."""
+    import os
+    import threading
+
+    import faiss
+
+    from serving.metrics import Metrics
+    from serving.service import Service
+
+    def on_new_thread(work):
+        out = []
+        thread = threading.Thread(target=lambda: out.append(work()))
+        thread.start()
+        thread.join()
+        return out[0]
+
+    service = Service(Settings(variants={"full": tiny_teacher}, index_threads=1), Metrics())
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        untouched = on_new_thread(faiss.omp_get_max_threads)
+        set_up = on_new_thread(lambda: (service.init_model_thread(), faiss.omp_get_max_threads())[1])
+    finally:
+        faiss.omp_set_num_threads(before)
+    assert set_up == 1
+    if (os.cpu_count() or 1) > 1 and "OMP_NUM_THREADS" not in os.environ:
+        assert untouched > 1
+
+
 def test_refreezing_after_a_reload_frees_cycles_of_the_replaced_variant():
     import gc
     import weakref
