@@ -7,14 +7,15 @@ and so does `slimrec evaluate`, so the quality measured offline is the quality s
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 
 from compression.artifact import Artifact
 from compression.index import IndexSpec, ItemIndex
-from models.ort import session
 from models.features import FeatureSpace
+from models.ort import session
 
 
 @dataclass
@@ -124,9 +125,14 @@ class ServedModel:
         return self.popular_items[keep][:k]
 
 
+_INPUT_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its input names
+
+
 def _run(sess, **feeds: np.ndarray) -> np.ndarray:
     """Run a session on the inputs it declares (an exporter may drop an unused one)."""
-    names = [i.name for i in sess.get_inputs()]
+    names = _INPUT_NAMES.get(sess)
+    if names is None:  # get_inputs() builds new objects on every call: ask once per session
+        names = _INPUT_NAMES[sess] = [i.name for i in sess.get_inputs()]
     return sess.run(None, {name: feeds[name] for name in names})[0]
 
 

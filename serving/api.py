@@ -9,10 +9,11 @@ list (`"fallback": "popular"`), and counted (`slimrec_model_errors_total`,
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import re
+import secrets
 import time
-import uuid
 from typing import Annotated
 
 import orjson
@@ -49,6 +50,9 @@ from serving.variants import Variant
 
 router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# Generated ids: a random tag per process, then a counter (unique, and cheaper than a uuid4).
+_PROCESS_TAG = secrets.token_hex(6)
+_REQUEST_COUNTER = itertools.count()
 RECOMMEND_ERRORS = error_responses(400, 403, 404, 413, 422, 503, 504)
 
 
@@ -255,4 +259,4 @@ async def shadow_compare(service: Service, primary: str, partner: str, body: Rec
 
 def _request_id(request: Request) -> str:
     given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+    return given if _REQUEST_ID.match(given) else f"{_PROCESS_TAG}-{next(_REQUEST_COUNTER):x}"

@@ -208,10 +208,11 @@ class InstrumentMiddleware:
             nonlocal recorded
             recorded = True
             variant, endpoint = state.get("variant", NO_VARIANT), endpoint_label(scope["path"])
-            self.metrics.requests.labels(variant, endpoint, str(status)).inc()
+            metrics = self.metrics
+            metrics.child(metrics.requests, variant, endpoint, str(status)).inc()
             if status >= 400:
-                self.metrics.errors.labels(variant, endpoint, str(status)).inc()
-            self.metrics.latency.labels(variant, endpoint).observe(time.perf_counter() - started)
+                metrics.child(metrics.errors, variant, endpoint, str(status)).inc()
+            metrics.child(metrics.latency, variant, endpoint).observe(time.perf_counter() - started)
 
         async def capture(message):
             nonlocal status

@@ -95,8 +95,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     os.environ.update(settings.to_env())  # workers (separate processes) rebuild the same Settings
+    # Access lines are info records: above info uvicorn would still format each one's arguments
+    # (client address, quoted path) only for the logger to drop it.
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                   timeout_graceful_shutdown=30, server_header=False)
+                   access_log=settings.log_level in ("info", "debug"), timeout_graceful_shutdown=30,
+                   server_header=False)
     if settings.workers > 1:
         uvicorn.run("serving.app:create_app_from_env", factory=True, workers=settings.workers, **options)
         return 0

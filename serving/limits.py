@@ -69,6 +69,7 @@ class AdmissionMiddleware:
         self.app, self.limit, self.timeout_s = app, limit, timeout_s
         self.retry_after, self.metrics = str(retry_after_s), metrics
         self.in_flight = 0
+        metrics.in_flight.set_function(lambda: self.in_flight)  # read when scraped, not per request
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not scope["path"].startswith(LIMITED_PREFIXES):
@@ -79,10 +80,8 @@ class AdmissionMiddleware:
                 send, 503, f"overloaded: {self.limit} requests in flight; retry after {self.retry_after} s",
                 {"Retry-After": self.retry_after})
         self.in_flight += 1
-        self.metrics.in_flight.set(self.in_flight)
         scope.setdefault("state", {})["deadline"] = asyncio.get_running_loop().time() + self.timeout_s
         try:
             await self.app(scope, receive, send)
         finally:
             self.in_flight -= 1
-            self.metrics.in_flight.set(self.in_flight)

@@ -21,6 +21,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._children: dict = {}
         r = self.registry
         self.requests = Counter("slimrec_requests_total", "API requests by variant, endpoint and status",
                                 ["variant", "endpoint", "status"], registry=r)
@@ -84,9 +85,18 @@ class Metrics:
         for name, weight in weights.items():
             self.split_weight.labels(name).set(weight)
 
+    def child(self, metric, *labels: str):
+        """`metric.labels(*labels)`, looked up once: labels() takes a lock and str()s every value, per
+        call, and the request path records several. Only for bounded label values."""
+        key = (metric, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def record_answer(self, variant: str, timings: dict[str, float], fallback: str | None) -> None:
         for stage, seconds in timings.items():
-            self.stage_latency.labels(variant, stage).observe(seconds)
+            self.child(self.stage_latency, variant, stage).observe(seconds)
         if fallback:
             self.fallbacks.labels(variant, fallback).inc()
 

@@ -16,6 +16,7 @@ import ipaddress
 import json
 import math
 import re
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -180,7 +181,7 @@ class Settings(BaseSettings):
             raise ValueError("admin_token: use at least 16 characters (e.g. `openssl rand -hex 32`)")
         return self
 
-    @property
+    @cached_property  # asked on every request that carries the header
     def overrides_allowed(self) -> bool:
         """Whether X-Slimrec-Variant is honoured: the setting, else only on a loopback bind."""
         return is_loopback(self.host) if self.allow_variant_override is None else self.allow_variant_override
