@@ -59,6 +59,20 @@ class Served:
     batcher: Batcher[Query, Answer]
 
 
+def drop_faiss_interrupt_checks() -> None:
+    """Stop FAISS from taking the GIL inside searches to look for Ctrl-C.
+
+    FAISS's Python module installs a callback that long loops (IVF lists, flat blocks) call to
+    check for signals, and each call takes the GIL: with the event loop holding it, the model
+    thread waited a switch interval for every check. Measured with a Python-busy thread beside
+    it (compressed, ml-100k, batch 16): a batch took 15.4-16.8 ms with the checks and
+    11.5-12.1 ms without. A server's searches last milliseconds; its signals go to uvicorn.
+    """
+    import faiss
+
+    faiss.InterruptCallback.clear_instance()
+
+
 class Service:
     """Variants, split and lifecycle of one server process (see the module docstring)."""
 
@@ -77,6 +91,7 @@ class Service:
         """Load every configured variant (in parallel threads); raises ArtifactError naming the file."""
         names = list(self.settings.variants)
         sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
+        drop_faiss_interrupt_checks()
         if self.settings.inject_delay_ms:
             log.warning("inject_delay_ms=%s: every model call sleeps first (a test hook)",
                         self.settings.inject_delay_ms)
