@@ -3,14 +3,14 @@
 Handlers `await batcher.submit(query)`; the batcher's threads (one per variant by default)
 each take the queued queries as a batch, run `run_batch(batch)` and hand the answers back to
 the event loop. With two threads a second batch runs while the first one's thread waits for
-the GIL or computes natively. The thread starts the next batch the moment the previous one returns: the
-event loop, busy with HTTP, never sits between two batches (when it dispatched them, the model
-idled ~35% of the time at saturation). A batch closes when it holds `max_batch_size` queries or
-when its *oldest* query has waited `max_wait_s`; queries that queued while the previous batch
-ran have usually waited long enough already, so under load batches form without extra delay
-and at low load a lone request waits at most `max_wait_s`. With `max_wait_s=0` (the server's
-default) nothing waits on purpose: a batch is whatever queued while the previous one ran, so
-batches appear exactly when the model is the bottleneck.
+the GIL or computes natively. A thread starts the next batch the moment the previous one
+returns: the event loop, busy with HTTP, never sits between two batches (when it dispatched
+them, the model idled ~35% of the time at saturation). A batch closes when it holds
+`max_batch_size` queries or when its *oldest* query has waited `max_wait_s`; queries that
+queued while the previous batch ran have usually waited long enough already, so under load
+batches form without extra delay and at low load a lone request waits at most `max_wait_s`.
+With `max_wait_s=0` (the server's default) nothing waits on purpose: a batch is whatever queued
+while the previous one ran, so batches appear exactly when the model is the bottleneck.
 
 `max_batch_size=1` turns batching off: each query goes straight to the thread pool.
 `close()` refuses new queries and drains everything queued or running (graceful shutdown).
@@ -94,7 +94,8 @@ class Batcher(Generic[T, R]):
             self._ready.notify()
         if not self._threads:
             self._loop = loop
-            names = [self.name] if self.n_threads == 1 else [f"{self.name}-{i}" for i in range(self.n_threads)]
+            many = self.n_threads > 1
+            names = [f"{self.name}-{i}" if many else self.name for i in range(self.n_threads)]
             self._threads = [threading.Thread(target=self._work, name=name, daemon=True) for name in names]
             for thread in self._threads:
                 thread.start()
