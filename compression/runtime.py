@@ -89,7 +89,7 @@ class ServedModel:
         scores, items = self.index.search(user_emb, k, allowed)
         drop = items < 0
         if len(batch.exclude_items):
-            drop |= _member_rows(items, batch.exclude_indptr, batch.exclude_items)
+            drop |= _member_rows(items, batch.exclude_indptr, batch.exclude_items, self.n_items)
         return _compact(items, scores, drop, n)  # disallowed items never left the index
 
     def rank(self, batch: UserBatch, candidates: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
@@ -136,10 +136,20 @@ def _run(sess, **feeds: np.ndarray) -> np.ndarray:
     return sess.run(None, {name: feeds[name] for name in names})[0]
 
 
-def _member_rows(items: np.ndarray, indptr: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """[B, K] bool: is items[b, j] in row b of the CSR (indptr, members)."""
-    bound = np.int64(max(int(items.max(initial=0)), int(members.max(initial=0))) + 2)
+# Below this many [rows x items] cells the member test uses a dense mask: fancy indexing
+# only, where the sorted-key test's sort and binary search each drop the GIL and, under load,
+# wait for the event loop to hand it back.
+DENSE_MEMBER_CELLS = 1 << 22
+
+
+def _member_rows(items: np.ndarray, indptr: np.ndarray, members: np.ndarray, n_items: int) -> np.ndarray:
+    """[B, K] bool: is items[b, j] in row b of the CSR (indptr, members); items are in [-1, n_items)."""
     rows = np.repeat(np.arange(len(indptr) - 1), np.diff(indptr))
+    if len(items) * (n_items + 1) <= DENSE_MEMBER_CELLS:
+        mask = np.zeros((len(items), n_items + 1), bool)  # column n_items stays False: -1 lands there
+        mask[rows, members] = True
+        return mask[np.arange(len(items))[:, None], items]
+    bound = np.int64(n_items + 2)
     keys = np.sort(rows * bound + members)
     query = np.arange(len(items))[:, None] * bound + items
     pos = np.minimum(np.searchsorted(keys, query), max(len(keys) - 1, 0))
@@ -148,13 +158,13 @@ def _member_rows(items: np.ndarray, indptr: np.ndarray, members: np.ndarray) -> 
 
 def _compact(items: np.ndarray, scores: np.ndarray, drop: np.ndarray, n: int):
     """Keep the first n undropped entries of each row, in order; pad with -1 / -inf."""
-    order = np.argsort(drop, axis=1, kind="stable")[:, :n]
-    kept_items = np.take_along_axis(items, order, 1)
-    kept_scores = np.take_along_axis(scores, order, 1)
-    dropped = np.take_along_axis(drop, order, 1)
+    keep = ~drop
+    slot = np.cumsum(keep, axis=1) - 1  # where each kept entry lands in its row
+    placed = keep & (slot < n)
+    rows = np.nonzero(placed)[0]
     width = max(n, 0)
     out_items = np.full((len(items), width), -1, np.int64)
     out_scores = np.full((len(items), width), -np.inf, np.float32)
-    out_items[:, : order.shape[1]] = np.where(dropped, -1, kept_items)
-    out_scores[:, : order.shape[1]] = np.where(dropped, -np.inf, kept_scores)
+    out_items[rows, slot[placed]] = items[placed]
+    out_scores[rows, slot[placed]] = scores[placed]
     return out_items, out_scores

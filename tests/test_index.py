@@ -96,3 +96,31 @@ def test_an_ivf_filter_keeps_the_allowed_items_of_the_probed_lists():
     for row, found in zip(deep, filtered):
         kept = row[(row >= 0) & allowed[np.maximum(row, 0)]][:50]
         assert set(found[found >= 0]) == set(kept)
+
+
+@pytest.mark.parametrize("dense_cells", [1 << 22, 0], ids=["dense-mask", "sorted-keys"])
+def test_seen_items_are_dropped_and_the_rest_kept_in_order(monkeypatch, dense_cells):
+    """ServedModel.retrieve's exclusion: each row keeps its first n items that are neither
+    padding (-1) nor in that row's excluded set, in search order, padded with -1 / -inf."""
+    from compression import runtime
+
+    monkeypatch.setattr(runtime, "DENSE_MEMBER_CELLS", dense_cells)
+    rng = np.random.default_rng(4)
+    n_items, n = 300, 40
+    lengths = rng.integers(0, 120, size=12)
+    lengths[0] = 280  # a heavy user: fewer than n items survive
+    indptr = np.concatenate([[0], np.cumsum(lengths)])
+    members = np.concatenate([rng.choice(n_items, k, replace=False) for k in lengths]).astype(np.int64)
+    items = np.stack([rng.permutation(n_items)[:150] for _ in lengths]).astype(np.int64)
+    items[:, -7:] = -1  # FAISS's padding
+    scores = -np.sort(-rng.random(items.shape).astype(np.float32), axis=1)
+    drop = (items < 0) | runtime._member_rows(items, indptr, members, n_items)
+    kept_items, kept_scores = runtime._compact(items, scores, drop, n)
+    for row, (start, stop) in enumerate(zip(indptr[:-1], indptr[1:], strict=True)):
+        seen = set(members[start:stop])
+        pairs = zip(items[row], scores[row], strict=True)
+        expected = [(i, s) for i, s in pairs if i >= 0 and i not in seen][:n]
+        got = [(i, s) for i, s in zip(kept_items[row], kept_scores[row], strict=True) if i >= 0]
+        assert got == expected
+        assert (kept_items[row, len(got):] == -1).all() and np.isneginf(kept_scores[row, len(got):]).all()
+    assert (kept_items == -1).any() and (kept_items >= 0).sum(1).max() == n  # both cases occur
