@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     scale.add_argument("--embedding-min-count", type=int, default=None,
                        help="compressed variant: ids with fewer fitted interactions share the fallback "
                             "row (default 10; 0 keeps every row)")
-    scale.add_argument("--index-kind", choices=("ivf_sq8", "ivf_sq6", "ivf_sq4"), default=None,
+    scale.add_argument("--index-kind", default=None,  # ScaleConfig checks it against compression.index
                        help="compressed variant's IVF code: 8, 6 or 4 bits per dimension (default ivf_sq6)")
     scale.add_argument("--target-recall", type=float, default=0.97,
                        help="recall@200 vs exact the IVF nprobe is tuned to (default 0.97)")

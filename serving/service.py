@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compression.artifact import ArtifactError, load_artifact
+from compression.index import drop_interrupt_checks, set_search_threads
 from serving.batcher import Batcher
 from serving.metrics import Metrics
 from serving.queries import Answer, Query, run_queries  # noqa: F401 (Answer, Query: types)
@@ -59,20 +60,6 @@ class Served:
     batcher: Batcher[Query, Answer]
 
 
-def drop_faiss_interrupt_checks() -> None:
-    """Stop FAISS from taking the GIL inside searches to look for Ctrl-C.
-
-    FAISS's Python module installs a callback that long loops (IVF lists, flat blocks) call to
-    check for signals, and each call takes the GIL: with the event loop holding it, the model
-    thread waited a switch interval for every check. Measured with a Python-busy thread beside
-    it (compressed, ml-100k, batch 16): a batch took 15.4-16.8 ms with the checks and
-    11.5-12.1 ms without. A server's searches last milliseconds; its signals go to uvicorn.
-    """
-    import faiss
-
-    faiss.InterruptCallback.clear_instance()
-
-
 class Service:
     """Variants, split and lifecycle of one server process (see the module docstring)."""
 
@@ -91,7 +78,7 @@ class Service:
         """Load every configured variant (in parallel threads); raises ArtifactError naming the file."""
         names = list(self.settings.variants)
         sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
-        drop_faiss_interrupt_checks()
+        drop_interrupt_checks()
         if self.settings.inject_delay_ms:
             log.warning("inject_delay_ms=%s: every model call sleeps first (a test hook)",
                         self.settings.inject_delay_ms)
@@ -113,16 +100,8 @@ class Service:
         self._executor.shutdown(wait=True)
 
     def init_model_thread(self) -> None:
-        """Per-thread runtime settings of a thread that runs model calls.
-
-        OpenMP's thread count is a per-thread setting: set on the event loop's thread, it left
-        every model thread searching FAISS with a team as large as the machine, whose idle
-        member spins between searches (0.56 of 2 cores at saturation, compressed on ml-100k).
-        """
-        if self.settings.index_threads:
-            import faiss
-
-            faiss.omp_set_num_threads(self.settings.index_threads)
+        """Per-thread runtime settings, run first on every thread that makes model calls."""
+        set_search_threads(self.settings.index_threads)
 
     def _install(self, variant: Variant) -> Served:
         settings = self.settings

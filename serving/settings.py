@@ -89,7 +89,7 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = Field(0.0, ge=0, le=1000)
     batch_threads: int = Field(1, ge=1, le=64, description="batches each variant runs at once")
     model_threads: int = Field(2, ge=1, le=256, description="threads running model calls when batching "
-                               "is off (batch_max_size 1); batched, each variant has its own thread")
+                               "is off (batch_max_size 1); batched, each variant has batch_threads")
     ort_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session")
     # FAISS parallelises one search over OpenMP threads that spin between calls; with the model
     # thread pool already running searches side by side, more than one per search oversubscribes
