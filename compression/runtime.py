@@ -83,9 +83,31 @@ class ServedModel:
 
     def retrieve(self, user_emb: np.ndarray, n: int, batch: UserBatch,
                  allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-n item indices [B, n] (-1 padded) and scores, excluded and disallowed items dropped."""
+        """Top-n item indices [B, n] (-1 padded) and scores, excluded and disallowed items dropped.
+
+        A row is safe when searched n + (its excluded count) deep. One search that deep for the
+        whole batch makes every row pay for the heaviest user's history, and the heap's cost
+        grows with k (ml-100k, 16 users: 0.47 ms at k 200, 1.27 ms at k 524). So the batch is
+        searched FIRST_PASS_DEPTH x n deep (enough for 90% of ml-100k users), and only the rows
+        left short by their exclusions are searched again, as deep as they need (16 users:
+        0.92 ms instead of 1.38). The answer is the same: a row's first n kept items do not
+        depend on how deep it was searched (for flat and IVF indexes, exactly).
+        """
         n_excluded = np.diff(batch.exclude_indptr)
-        k = min(self.n_items, n + int(n_excluded.max(initial=0)))
+        needed = np.minimum(self.n_items, n + n_excluded)  # per row
+        k = int(needed.max(initial=n))
+        if len(needed) > 1:  # a single row gains nothing from two passes
+            k = min(k, max(n, int(FIRST_PASS_DEPTH * n)))
+        items, scores = self._search_excluding(user_emb, k, n, batch, allowed)
+        redo = np.flatnonzero((needed > k) & (items[:, -1] < 0)) if n > 0 else []
+        if len(redo):
+            deeper = int(needed[redo].max())
+            items[redo], scores[redo] = self._search_excluding(user_emb[redo], deeper, n,
+                                                               _rows(batch, redo), allowed)
+        return items, scores
+
+    def _search_excluding(self, user_emb: np.ndarray, k: int, n: int, batch: UserBatch,
+                          allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         scores, items = self.index.search(user_emb, k, allowed)
         drop = items < 0
         if len(batch.exclude_items):
@@ -134,6 +156,20 @@ def _run(sess, **feeds: np.ndarray) -> np.ndarray:
     if names is None:  # get_inputs() builds new objects on every call: ask once per session
         names = _INPUT_NAMES[sess] = [i.name for i in sess.get_inputs()]
     return sess.run(None, {name: feeds[name] for name in names})[0]
+
+
+# The first retrieval pass searches this many times n deep (see ServedModel.retrieve).
+FIRST_PASS_DEPTH = 1.5
+
+
+def _rows(batch: UserBatch, rows: np.ndarray) -> UserBatch:
+    """The sub-batch of these rows (the exclusion CSR re-based)."""
+    starts, stops = batch.exclude_indptr[rows], batch.exclude_indptr[rows + 1]
+    lengths = stops - starts
+    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    take = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+    return UserBatch(batch.codes[rows], batch.features[rows], batch.history[rows], indptr,
+                     batch.exclude_items[take])
 
 
 # Below this many [rows x items] cells the member test uses a dense mask: fancy indexing

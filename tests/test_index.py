@@ -124,3 +124,34 @@ def test_seen_items_are_dropped_and_the_rest_kept_in_order(monkeypatch, dense_ce
         assert got == expected
         assert (kept_items[row, len(got):] == -1).all() and np.isneginf(kept_scores[row, len(got):]).all()
     assert (kept_items == -1).any() and (kept_items >= 0).sum(1).max() == n  # both cases occur
+
+
+def test_retrieval_searches_deeper_only_the_rows_that_need_it(tiny_teacher, monkeypatch):
+    """Two passes (a shallow one for the batch, a deep one for rows short of n after dropping
+    their seen items) give what one search as deep as the heaviest row needs gives."""
+    from compression.artifact import load_artifact
+    from compression.runtime import ServedModel
+
+    model = ServedModel(load_artifact(tiny_teacher))
+    searches, search = [], model.index.search
+
+    def counted_search(queries, k, allowed=None):
+        searches.append(k)
+        return search(queries, k, allowed)
+
+    monkeypatch.setattr(model.index, "search", counted_search)
+    users = np.arange(model.n_users)
+    allowed = np.random.default_rng(0).random(model.n_items) < 0.5
+    passes = []
+    for n, filtered in ((200, None), (20, None), (100, allowed)):
+        for start in range(0, len(users), 16):
+            batch = model.known_users(users[start : start + 16])
+            emb = model.embed(batch)
+            searches.clear()
+            got = model.retrieve(emb, n, batch, filtered)
+            passes.append(len(searches))
+            deepest = min(model.n_items, n + int(np.diff(batch.exclude_indptr).max()))
+            expected = model._search_excluding(emb, deepest, n, batch, filtered)
+            np.testing.assert_array_equal(got[0], expected[0])
+            np.testing.assert_array_equal(got[1], expected[1])
+    assert set(passes) == {1, 2}  # some batches were answered by the first pass, some needed two
