@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     p.add_argument("--batcher", choices=["on", "off"], default=None,
                    help="with --start: the server's request batcher on (its default settings) or off "
                         "(batch of 1); run once each to measure what batching gains")
+    p.add_argument("--model-process", action="store_true",
+                   help="with --start: the server runs model calls in child processes (serve --model-process)")
     p.add_argument("--catalogue", type=Path, metavar="PATH",
                    help="artifact dir or catalogue.json to draw ids from (default: the served artifacts')")
     p.add_argument("--mode", choices=["per-variant", "ab"], default="per-variant",
@@ -88,9 +90,12 @@ def run_loadtest_command(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     start = parse_start(args.start) if args.start else None
-    if (args.split or args.batcher) and not start:
-        raise ValueError("--split and --batcher go with --start (a running server has its own settings)")
+    if (args.split or args.batcher or args.model_process) and not start:
+        raise ValueError("--split, --batcher and --model-process go with --start (a running server has "
+                         "its own settings)")
     serve_args = ("--batch-max-size", "1") if args.batcher == "off" else ()
+    if args.model_process:
+        serve_args += ("--model-process",)
     out = args.out or Path("runs") / time.strftime("loadtest-%Y%m%d-%H%M%S")
     try:
         report, paths = run_loadtest(config, out, host=args.host, start=start, split=args.split,

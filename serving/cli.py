@@ -31,6 +31,9 @@ def register(subparsers) -> None:
     serve.add_argument("--batch-threads", type=int, help="batches each variant runs at once (default 1)")
     serve.add_argument("--model-threads", type=int,
                        help="threads running model calls when batching is off (default 2)")
+    serve.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=None,
+                       help="run model calls in child processes, each with its own GIL (default: off; "
+                            "costs the model's memory once more per child)")
     serve.add_argument("--shadow-fraction", type=float,
                        help="fraction of requests also answered by another variant, for agreement metrics")
     serve.add_argument("--allow-variant-override", action=argparse.BooleanOptionalAction, default=None,
@@ -52,8 +55,8 @@ def settings_from_args(args: argparse.Namespace):
 
     overrides = {name: getattr(args, name) for name in (
         "host", "port", "workers", "salt", "n_candidates", "batch_max_size", "batch_max_wait_ms",
-        "batch_threads", "model_threads", "shadow_fraction", "allow_variant_override", "log_level",
-        "split")
+        "batch_threads", "model_threads", "model_process", "shadow_fraction", "allow_variant_override",
+        "log_level", "split")
         if getattr(args, name) is not None}
     if args.config is not None:
         overrides["config_file"] = args.config

@@ -16,12 +16,14 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from compression.artifact import ArtifactError, load_artifact
 from compression.index import drop_interrupt_checks, set_search_threads
 from serving.batcher import Batcher
 from serving.metrics import Metrics
+from serving.model_process import ModelProcessError, ModelProcesses
 from serving.queries import Answer, Query, run_queries  # noqa: F401 (Answer, Query: types)
 from serving.settings import Settings, validate_split
 from serving.variants import Variant, load_variant
@@ -54,10 +56,17 @@ class ReloadError(Exception):
 
 @dataclass(frozen=True)
 class Served:
-    """A loaded variant and the batcher in front of its model."""
+    """A loaded variant, the batcher in front of its model, and its model processes if any."""
 
     variant: Variant
     batcher: Batcher[Query, Answer]
+    processes: ModelProcesses | None = None
+
+    async def retire(self) -> None:
+        """Answer everything queued or running, then stop the model processes."""
+        await self.batcher.close()
+        if self.processes is not None:
+            await asyncio.to_thread(self.processes.close)
 
 
 class Service:
@@ -82,20 +91,26 @@ class Service:
         if self.settings.inject_delay_ms:
             log.warning("inject_delay_ms=%s: every model call sleeps first (a test hook)",
                         self.settings.inject_delay_ms)
-        loaded = await asyncio.gather(*(
-            asyncio.to_thread(load_variant, name, self.settings.variants[name], self.settings.ort_threads)
-            for name in names))
-        for variant in loaded:
-            self._install(variant)
+        loaded = await asyncio.gather(*(asyncio.to_thread(self._load, name, self.settings.variants[name])
+                                        for name in names), return_exceptions=True)
+        failed = [outcome for outcome in loaded if isinstance(outcome, BaseException)]
+        if failed:
+            for outcome in loaded:
+                if not isinstance(outcome, BaseException) and outcome[1] is not None:
+                    outcome[1].close()
+            raise failed[0]
+        for variant, processes in loaded:
+            self._install(variant, processes)
             log.info("variant %s: %s (%s) loaded", variant.name, variant.path, variant.version)
         self.metrics.record_split(self.split)
         freeze_loaded_objects()
         self.ready = True
 
     async def stop(self) -> None:
-        """Refuse new work, answer everything queued or running, then stop the thread pool."""
+        """Refuse new work, answer everything queued or running, then stop the model processes
+        (if any) and the thread pool."""
         self.ready = False
-        await asyncio.gather(*(served.batcher.close() for served in self.variants.values()),
+        await asyncio.gather(*(served.retire() for served in self.variants.values()),
                              *self._draining, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
@@ -103,21 +118,35 @@ class Service:
         """Per-thread runtime settings, run first on every thread that makes model calls."""
         set_search_threads(self.settings.index_threads)
 
-    def _install(self, variant: Variant) -> Served:
+    def _load(self, name: str, path) -> tuple[Variant, ModelProcesses | None]:
+        """Load and verify a variant, and start its model processes when configured (blocking)."""
+        settings = self.settings
+        variant = load_variant(name, path, settings.ort_threads)
+        if not settings.model_process:
+            return variant, None
+        size = settings.batch_threads if settings.batch_max_size > 1 else settings.model_threads
+        try:
+            processes = ModelProcesses(name, variant.path, size, settings.ort_threads, settings.index_threads)
+        except ModelProcessError as exc:
+            raise ArtifactError(f"{variant.path}: {exc}") from exc
+        return variant, processes
+
+    def _install(self, variant: Variant, processes: ModelProcesses | None = None) -> Served:
         settings = self.settings
         batch_sizes = self.metrics.batch_size.labels(variant.name)
         delay_s = settings.inject_delay_ms / 1000
+        answer = processes.run if processes else partial(run_queries, variant)
 
         def run_batch(queries: list[Query]) -> list[Answer]:
             if delay_s:
                 time.sleep(delay_s)  # test hook: slow requests for shutdown and overload tests
-            return run_queries(variant, queries, settings.n_candidates)
+            return answer(queries, settings.n_candidates)
 
         batcher = Batcher(run_batch, self._executor, settings.batch_max_size,
                           settings.batch_max_wait_ms / 1000, on_batch=batch_sizes.observe,
                           name=f"slimrec-batcher-{variant.name}", threads=settings.batch_threads,
                           thread_init=self.init_model_thread)
-        served = Served(variant, batcher)
+        served = Served(variant, batcher, processes)
         self.variants[variant.name] = served  # the atomic swap: one dict assignment on the loop
         self.metrics.record_variant(variant)
         return served
@@ -175,7 +204,7 @@ class Service:
                 if manifest.get("promotable") is False and not force:
                     raise ReloadError(409, f"{path}: manifest says promotable: false; "
                                            "send {\"force\": true} to load it anyway")
-                variant = await asyncio.to_thread(load_variant, name, path, self.settings.ort_threads)
+                variant, processes = await asyncio.to_thread(self._load, name, path)
             except ReloadError:
                 self.metrics.reloads.labels(name, "not_promotable").inc()
                 raise
@@ -185,8 +214,8 @@ class Service:
                 log.warning("variant %s: reload from %s refused: %s", name, path, reason)
                 raise ReloadError(422, f"artifact refused, still serving the previous one: {reason}") from exc
             previous = self.variants[name]
-            self._install(variant)
-            drain = asyncio.create_task(previous.batcher.close())
+            self._install(variant, processes)
+            drain = asyncio.create_task(previous.retire())
             self._draining.add(drain)
             drain.add_done_callback(self._draining.discard)
             drain.add_done_callback(lambda _: freeze_loaded_objects(refreeze=True))

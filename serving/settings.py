@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     # that long each time (locust at saturation, compressed on ml-100k: 673 RPS at 5 ms, 829 at 0.1).
     gil_switch_interval_ms: float = Field(0.1, gt=0, le=100,
                                           description="sys.setswitchinterval of the server process")
+    # Model calls in child processes (serving/model_process.py): no GIL shared with the event
+    # loop, at the price of the model's memory once more per child.
+    model_process: bool = Field(False, description="run each variant's model calls in child processes "
+                                "(one per batch thread), each with its own GIL")
     shadow_fraction: float = Field(0.0, ge=0, le=1)
     allow_variant_override: bool | None = Field(
         None, description="honour X-Slimrec-Variant; default: only when bound to loopback")
