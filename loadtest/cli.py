@@ -27,7 +27,7 @@ def register(subparsers) -> None:
                    help="with --start: the server's request batcher on (its default settings) or off "
                         "(batch of 1); run once each to measure what batching gains")
     p.add_argument("--model-process", action="store_true",
-                   help="with --start: the server runs model calls in child processes (serve --model-process)")
+                   help="with --start: model calls in child processes (serve --model-process)")
     p.add_argument("--catalogue", type=Path, metavar="PATH",
                    help="artifact dir or catalogue.json to draw ids from (default: the served artifacts')")
     p.add_argument("--mode", choices=["per-variant", "ab"], default="per-variant",

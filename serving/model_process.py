@@ -4,8 +4,8 @@ In the server process the batching thread releases the GIL in every ONNX Runtime
 large numpy call, then waits for the event loop to hand it back: about 25 waits for a batch
 of 16, which then takes twice its solo time. A child process runs the same `run_queries` with
 nobody to wait for; the batching thread only sends the batch down a pipe and waits for the
-answers. The pipe carries pickles between this process and the children it spawned, never
-data from outside.
+answers. The pipe, held only by this process and the children it spawned, carries pickles
+that one of them made from its own objects (parsed queries, answers), never a client's bytes.
 
 The cost: each child loads (and verifies) the artifact again, so the model's memory is paid
 once in the server process (request checks, the popularity fallback) and once per child.

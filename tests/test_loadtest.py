@@ -93,6 +93,14 @@ def test_start_serves_the_artifacts_and_stops_the_server(tiny_teacher, tmp_path)
     assert not os.path.exists(f"/proc/{server['pid']}")
 
 
+def test_start_with_model_processes(tiny_teacher, tmp_path):
+    report = loadtest(tmp_path, "--start", f"full={tiny_teacher},compressed={tiny_teacher}", "--mode", "ab",
+                      "--duration", "2s", "--model-process")
+    check_report(tmp_path, report, ("ab",))
+    assert report["settings"]["host"].endswith("--model-process")
+    assert not os.path.exists(f"/proc/{report['servers']['slimrec']['pid']}")
+
+
 def test_master_and_one_worker(server, tmp_path):
     report = loadtest(tmp_path, "--host", server.url, "--mode", "ab", "--duration", "3s", "--workers", "1")
     check_report(tmp_path, report, ("ab",))
@@ -122,6 +130,7 @@ def test_usage_errors_exit_2(tmp_path):
     assert main(["loadtest", "--host", "http://127.0.0.1:9", "--duration", "3s", "--warmup", "5s"]) == 2
     assert main(["loadtest", "--host", "http://127.0.0.1:9", "--split", "full=50"]) == 2
     assert main(["loadtest", "--host", "http://127.0.0.1:9", "--batcher", "off"]) == 2
+    assert main(["loadtest", "--host", "http://127.0.0.1:9", "--model-process"]) == 2
     assert main(["loadtest", "--start", "full"]) == 2
     assert main(["loadtest", "--start", f"full={tmp_path / 'missing'}"]) == 2
 
