@@ -91,7 +91,8 @@ class ServedModel:
         searched FIRST_PASS_DEPTH x n deep (enough for 90% of ml-100k users), and only the rows
         left short by their exclusions are searched again, as deep as they need (16 users:
         0.92 ms instead of 1.38). The answer is the same: a row's first n kept items do not
-        depend on how deep it was searched (for flat and IVF indexes, exactly).
+        depend on how deep it was searched (for flat and IVF indexes; among items with equal
+        scores at the cut, which ones fill the last slots may differ).
         """
         n_excluded = np.diff(batch.exclude_indptr)
         needed = np.minimum(self.n_items, n + n_excluded)  # per row

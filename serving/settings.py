@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     # Model calls in child processes (serving/model_process.py): no GIL shared with the event
     # loop, at the price of the model's memory once more per child.
     model_process: bool = Field(False, description="run each variant's model calls in child processes "
-                                "(one per batch thread), each with its own GIL")
+                                "(one per batch thread; per model thread when batching is off), each "
+                                "with its own GIL")
     shadow_fraction: float = Field(0.0, ge=0, le=1)
     allow_variant_override: bool | None = Field(
         None, description="honour X-Slimrec-Variant; default: only when bound to loopback")
