@@ -66,10 +66,7 @@ class ServedModel:
         history = np.where(idx >= start[:, None], self.fitted_items[np.maximum(idx, 0)] + 1, 0)
         codes = users.astype(np.int64) + 1
         if exclude_seen:
-            lengths = stop - start
-            exclude_indptr = np.concatenate([[0], np.cumsum(lengths)])
-            rows = np.repeat(start - exclude_indptr[:-1], lengths) + np.arange(lengths.sum())
-            exclude = self.fitted_items[rows]
+            exclude_indptr, exclude = _csr_rows(self.fitted_indptr, self.fitted_items, users)
         else:
             exclude_indptr, exclude = np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int64)
         features = self.user_features[codes].astype(np.int64)
@@ -163,14 +160,19 @@ def _run(sess, **feeds: np.ndarray) -> np.ndarray:
 FIRST_PASS_DEPTH = 1.5
 
 
+def _csr_rows(indptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """These rows of the CSR (indptr, values), as a CSR of their own (int64 indptr)."""
+    starts = indptr[rows]
+    lengths = indptr[rows + 1] - starts
+    out = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    take = np.repeat(starts - out[:-1], lengths) + np.arange(out[-1])
+    return out, values[take]
+
+
 def _rows(batch: UserBatch, rows: np.ndarray) -> UserBatch:
-    """The sub-batch of these rows (the exclusion CSR re-based)."""
-    starts, stops = batch.exclude_indptr[rows], batch.exclude_indptr[rows + 1]
-    lengths = stops - starts
-    indptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    take = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
-    return UserBatch(batch.codes[rows], batch.features[rows], batch.history[rows], indptr,
-                     batch.exclude_items[take])
+    """The sub-batch of these rows."""
+    indptr, excluded = _csr_rows(batch.exclude_indptr, batch.exclude_items, rows)
+    return UserBatch(batch.codes[rows], batch.features[rows], batch.history[rows], indptr, excluded)
 
 
 # Below this many [rows x items] cells the member test uses a dense mask: fancy indexing
