@@ -9,7 +9,7 @@ ARTIFACTS ?= artifacts
 $(BIN)/slimrec: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all,test]'
 	touch $@
 
 install: $(BIN)/slimrec

@@ -17,11 +17,17 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-
-from models.fold import Fold
-from models.ranker import Ranker, RankerConfig
-from models.train import StageResult, StageSchedule, TrainConfig, retrieval_loss, train_ranker, train_retrieval
-from models.two_tower import TwoTower, TwoTowerConfig
+from slimrec.models.fold import Fold
+from slimrec.models.ranker import Ranker, RankerConfig
+from slimrec.models.train import (
+    StageResult,
+    StageSchedule,
+    TrainConfig,
+    retrieval_loss,
+    train_ranker,
+    train_retrieval,
+)
+from slimrec.models.two_tower import TwoTower, TwoTowerConfig
 
 
 @dataclass

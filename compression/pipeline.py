@@ -18,19 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from compression.artifact import load_artifact, update_metrics
-from compression.distill import DistillConfig, distill_ranker, distill_two_tower
-from compression.evaluate import evaluate_artifact
-from compression.index import IndexSpec
-from compression.package import SELECTION_PREFIX, SERVED_PREFIX, read_teacher, write_fitted_artifact
-from compression.prune import PruneConfig, prune_
-from compression.quantize import EmbeddingQuantConfig, OnnxQuantConfig, quantize_embeddings_
-from models.data import Dataset
-from models.features import FeatureSpace
-from models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
-from models.split import protocol_split
-from models.train import FoldModels, StageResult, StageSchedule, TrainConfig, log
+from slimrec.artifact import load_artifact, update_metrics
+from slimrec.artifact.features import FeatureSpace
+from slimrec.artifact.index import IndexSpec
+from slimrec.compression.distill import DistillConfig, distill_ranker, distill_two_tower
+from slimrec.compression.prune import PruneConfig, prune_
+from slimrec.compression.quantize import EmbeddingQuantConfig, OnnxQuantConfig, quantize_embeddings_
+from slimrec.models.data import Dataset
+from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
+from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX, read_teacher, write_fitted_artifact
+from slimrec.models.served_eval import evaluate_artifact
+from slimrec.models.split import protocol_split
+from slimrec.models.train import FoldModels, StageResult, StageSchedule, TrainConfig, log
 
 STAGES = ("teacher", "student", "pruned", "int8", "compressed")
 
@@ -192,8 +191,8 @@ def chosen(models: dict[str, FoldModels]) -> dict:
 
 def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineConfig) -> dict:
     """Run every stage on both folds, write one artifact per stage, evaluate, gate, report."""
-    from compression.report import measure_latency, stage_sizes, write_report
-    from compression.tune_index import tune_index
+    from slimrec.compression.report import measure_latency, stage_sizes, write_report
+    from slimrec.compression.tune_index import tune_index
 
     torch.manual_seed(config.seed)
     teacher_artifact = load_artifact(teacher_path)

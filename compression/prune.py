@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from slimrec.models.ranker import CrossLayer, Ranker
+from slimrec.models.two_tower import ItemTower, TwoTower, UserTower
 from torch import nn
-
-from models.ranker import CrossLayer, Ranker
-from models.two_tower import ItemTower, TwoTower, UserTower
 
 IMPORTANCE = ("weight_norm", "taylor")
 FilterFn = Callable[[nn.Module, str], bool]

@@ -73,9 +73,8 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from slimrec.artifact.ort import session
 from torch import nn
-
-from models.ort import session
 
 SUPPORTED_VERSIONS = (1,)
 EMBEDDING_BITS = (4, 8)
@@ -341,6 +340,10 @@ class OnnxQuantConfig:
                 "calibration_feeds": None if self.calibration is None else len(self.calibration),
                 "calibration_method": self.calibration_method}
 
+    def quantize_graph(self, src_path: Path, dst_path: Path) -> None:
+        """`quantize_onnx_dense` with this config: what the artifact writer calls after export."""
+        quantize_onnx_dense(src_path, dst_path, self)
+
 
 def quantize_onnx_dense(src_path: Path | str, dst_path: Path | str,
                         config: OnnxQuantConfig | None = None) -> Path:
@@ -352,7 +355,7 @@ def quantize_onnx_dense(src_path: Path | str, dst_path: Path | str,
     Only MatMuls with a constant weight are quantized (never attention's act x act).
 
     Args:
-        src_path: fp32 ONNX model (e.g. from models.export.export_onnx).
+        src_path: fp32 ONNX model (e.g. from slimrec.models.export.export_onnx).
         dst_path: where to write the quantized model; same inputs and outputs.
         config: OnnxQuantConfig; default dynamic, per-tensor.
     Returns:

@@ -13,14 +13,13 @@ import sys
 import time
 
 import numpy as np
+from slimrec.artifact import Artifact, amend_artifact
+from slimrec.artifact.index import recall_at_k
+from slimrec.artifact.runtime import ServedModel
+from slimrec.models.data import Dataset
+from slimrec.models.served_eval import item_vectors
+from slimrec.models.split import TEST, protocol_split
 from tqdm import tqdm
-
-from compression.artifact import Artifact, amend_artifact
-from compression.evaluate import item_vectors
-from compression.index import recall_at_k
-from compression.runtime import ServedModel
-from models.data import Dataset
-from models.split import TEST, protocol_split
 
 SERVED_PARTS = {"user_tower.onnx": "user tower", "ranker.onnx": "ranker", "items.faiss": "index"}
 DATA_PARTS = {"tables.safetensors": "user data", "catalogue.json": "catalogue"}
@@ -45,7 +44,7 @@ def resident_bytes(path) -> int:
     """RSS growth of a fresh process when it loads the served model (ONNX sessions, index, tables)."""
     code = (
         "import gc, psutil, sys\n"
-        "from compression.artifact import load_artifact\nfrom compression.runtime import ServedModel\n"
+        "from slimrec.artifact.manifest import load_artifact\nfrom slimrec.artifact.runtime import ServedModel\n"
         "art = load_artifact(sys.argv[1]); gc.collect(); p = psutil.Process(); before = p.memory_info().rss\n"
         "m = ServedModel(art); gc.collect(); print(p.memory_info().rss - before)\n"
     )
@@ -78,7 +77,7 @@ def measure_latency(artifacts: dict[str, Artifact], dataset: Dataset, n_requests
 
 def index_recall(art: Artifact, dataset: Dataset, k: int = 200) -> float:
     """recall@k of the served index against exact search over the item tower's vectors (test users)."""
-    from compression.index import IndexSpec, build_item_index
+    from slimrec.artifact.index import IndexSpec, build_item_index
 
     model = ServedModel(art)
     split = protocol_split(dataset)
@@ -104,10 +103,10 @@ def build_rows(artifacts, sizes, latency, dataset) -> list[dict]:
 
 def write_report(out, artifacts: dict[str, Artifact], sizes, latency, gate_config) -> dict:
     """report.md / report.json / report.png into the compressed artifact; records `promotable`."""
-    from compression.pipeline import gate
+    from slimrec.compression.pipeline import gate
 
     dataset_name = artifacts["teacher"].manifest["data"].get("dataset")
-    from models.movielens import load_dataset
+    from slimrec.models.movielens import load_dataset
 
     dataset = load_dataset(artifacts["teacher"].manifest["data"].get("source") or dataset_name)
     rows = build_rows(artifacts, sizes, latency, dataset)
@@ -126,7 +125,7 @@ def write_report(out, artifacts: dict[str, Artifact], sizes, latency, gate_confi
     report = {"dataset": dataset_name, "split": "PROTOCOL.md", "rows": rows, "ratios": ratios,
               "gate": {"tolerance": gate_config.tolerance, "metrics": list(gate_config.metrics),
                        "failures": failures, "promotable": not failures}}
-    from compression.report_render import render_markdown, render_plot
+    from slimrec.compression.report_render import render_markdown, render_plot
 
     amend_artifact(out, files={
         "report.json": (json.dumps(report, indent=2, default=float).encode(), "offline"),

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from compression.index import IndexSpec, build_item_index, recall_at_k
-from models.evaluate import user_embeddings
-from models.train import FoldModels, log
+from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k
+from slimrec.models.evaluate import user_embeddings
+from slimrec.models.train import FoldModels, log
 
 K = 200
 

@@ -72,8 +72,8 @@ def parse_start(values: list[str]) -> dict[str, str]:
 
 
 def config_from_args(args: argparse.Namespace):
-    from loadtest.run import LoadConfig, parse_duration
-    from loadtest.workload import DEFAULT_K_MIX, RequestMix
+    from slimrec.loadtest.run import LoadConfig, parse_duration
+    from slimrec.loadtest.workload import DEFAULT_K_MIX, RequestMix
 
     return LoadConfig(users=args.users, spawn_rate=args.spawn_rate or float(args.users),
                       duration_s=parse_duration(args.duration), mode=args.mode, rate=args.rate,
@@ -85,8 +85,8 @@ def config_from_args(args: argparse.Namespace):
 
 def run_loadtest_command(args: argparse.Namespace) -> int:
     """Validate, run every phase, print the markdown report and where the files are."""
-    from loadtest.report import render_markdown
-    from loadtest.run import run_loadtest
+    from slimrec.loadtest.report import render_markdown
+    from slimrec.loadtest.run import run_loadtest
 
     config = config_from_args(args)
     start = parse_start(args.start) if args.start else None

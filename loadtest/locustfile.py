@@ -21,8 +21,7 @@ import gevent
 from locust import FastHttpUser, events, task
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
 from locust.user.wait_time import constant_throughput
-
-from loadtest.workload import DEFAULT_K_MIX, RequestMix, Workload, ZipfSampler, workload_from_server
+from slimrec.loadtest.workload import DEFAULT_K_MIX, RequestMix, Workload, ZipfSampler, workload_from_server
 
 VARIANT_HEADER = "X-Slimrec-Variant"
 

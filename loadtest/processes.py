@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from serving.launch import READY_TIMEOUT_S, STOP_TIMEOUT_S, free_port, is_ready, serve_command, stop
+from slimrec.loadtest.launch import READY_TIMEOUT_S, STOP_TIMEOUT_S, free_port, is_ready, serve_command, stop
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_WARNING = "CPU usage above"  # locust's own warning that a generator process is saturated
@@ -110,8 +110,8 @@ def slimrec_server(variants: dict[str, str], split: str | None, logs: Path, serv
 
 
 def ceiling_server(logs: Path):
-    """loadtest.ceiling_app under uvicorn on a free loopback port; a context manager yielding the Process."""
+    """slimrec.loadtest.ceiling_app under uvicorn on a free loopback port; a context manager yielding the Process."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "loadtest.ceiling_app:app", "--host", "127.0.0.1",
+    command = [sys.executable, "-m", "uvicorn", "slimrec.loadtest.ceiling_app:app", "--host", "127.0.0.1",
                "--port", str(port), "--log-level", "warning", "--no-access-log", "--no-server-header"]
     return running(command, f"http://127.0.0.1:{port}", logs / "ceiling.log")

@@ -20,8 +20,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.processes import Process, ceiling_server, free_port, slimrec_server, wait_ready
-from loadtest.workload import RequestMix, Workload, get_json, workload_from_server
+from slimrec.loadtest.processes import Process, ceiling_server, free_port, slimrec_server, wait_ready
+from slimrec.loadtest.workload import RequestMix, Workload, get_json, workload_from_server
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 LOCUST_START_S = 60.0  # import, workers connecting (--expect-workers-max-wait), first spawn, on a busy box
@@ -212,7 +212,7 @@ def run_loadtest(config: LoadConfig, out: Path, host: str | None = None, start: 
 
 def finish_report(config: LoadConfig, out: Path, runs: dict[str, dict], names: list[str], listing: dict,
                   target: str, servers: dict) -> tuple[dict, dict[str, Path]]:
-    from loadtest import report as rep
+    from slimrec.loadtest import report as rep
 
     rows, latencies = {}, {}
     for phase, run in runs.items():

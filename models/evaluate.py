@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
-from models.fold import Fold
-from models.metrics import auc, log_loss, ranking_metrics, top_k_excluding
-from models.ranker import Ranker
-from models.two_tower import TwoTower
+from slimrec.models.fold import Fold
+from slimrec.models.metrics import auc, log_loss, ranking_metrics, top_k_excluding
+from slimrec.models.ranker import Ranker
+from slimrec.models.two_tower import TwoTower
 
 RETRIEVAL_KS = (10, 50, 200)
 USER_BATCH = 1024

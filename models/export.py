@@ -16,8 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from models.ort import session
+from slimrec.artifact.ort import session
 
 USER_INPUTS = ("user_code", "user_features", "history")
 RANKER_INPUTS = (*USER_INPUTS, "candidates")
@@ -60,8 +59,7 @@ def export_onnx(module: torch.nn.Module, kind: str, path: Path, history_len: int
 def compact_tables(path: Path) -> dict[str, int]:
     """Deduplicate, narrow and bit-pack the graph's lookup tables (`models.onnx_tables`); lossless."""
     import onnx
-
-    from models.onnx_tables import compact_lookup_tables
+    from slimrec.models.onnx_tables import compact_lookup_tables
 
     model = onnx.load(str(path))
     stats = compact_lookup_tables(model)

@@ -17,8 +17,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from models.data import DataFormatError
-from models.movielens import load_dataset
+from slimrec.models.data import DataFormatError
+from slimrec.models.movielens import load_dataset
 
 GROUPLENS_URL = "https://files.grouplens.org/datasets/movielens/ml-100k.zip"
 # Not verified from this machine (GroupLens unreachable here). This is the sha256 that several

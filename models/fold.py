@@ -12,17 +12,12 @@ from functools import cached_property
 
 import numpy as np
 import torch
-
-from models.data import Dataset
-from models.features import (
-    FeatureSpace,
-    histories_before,
-    item_genre_table,
-    item_year_table,
-    user_feature_table,
-)
-from models.metrics import csr_from_pairs
-from models.split import TEST, TRAIN, VALID, Split
+from slimrec.artifact.features import FeatureSpace
+from slimrec.artifact.user_state import histories_before
+from slimrec.models.data import Dataset
+from slimrec.models.features import item_genre_table, item_year_table, user_feature_table
+from slimrec.models.metrics import csr_from_pairs
+from slimrec.models.split import TEST, TRAIN, VALID, Split
 
 FIT_TRAIN = "train"  # fit on train, score valid
 FIT_TRAIN_VALID = "train+valid"  # fit on train + valid, score test

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from models.data import RATING_COLUMNS, USER_COLUMNS, DataFormatError, Dataset, build_dataset
+from slimrec.models.data import RATING_COLUMNS, USER_COLUMNS, DataFormatError, Dataset, build_dataset
 
 DATA_DIR_ENV = "SLIMREC_DATA_DIR"
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from slimrec.artifact.features import FeatureSpace
+from slimrec.models.two_tower import mlp
 from torch import nn
-
-from models.features import FeatureSpace
-from models.two_tower import mlp
 
 
 @dataclass

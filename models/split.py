@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from models.data import Dataset
+from slimrec.models.data import Dataset
 
 TRAIN, VALID, TEST = 0, 1, 2
 

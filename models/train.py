@@ -17,19 +17,18 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from models.evaluate import (
+from slimrec.artifact.user_state import histories_before
+from slimrec.models.evaluate import (
     evaluate_retrieval,
     evaluate_two_stage,
     exact_top_k,
     item_embeddings,
 )
-from models.features import histories_before
-from models.fold import Fold
-from models.metrics import csr_from_pairs
-from models.ranker import Ranker, RankerConfig
-from models.two_tower import TwoTower, TwoTowerConfig
+from slimrec.models.fold import Fold
+from slimrec.models.metrics import csr_from_pairs
+from slimrec.models.ranker import Ranker, RankerConfig
+from slimrec.models.two_tower import TwoTower, TwoTowerConfig
+from tqdm import tqdm
 
 
 @dataclass

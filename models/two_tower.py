@@ -11,9 +11,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from slimrec.artifact.features import FeatureSpace
 from torch import nn
-
-from models.features import FeatureSpace
 
 
 @dataclass

@@ -7,10 +7,15 @@ reaches one of them: run admin operations against single-worker servers (one per
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException
-
-from serving.deps import AdminDep, ReadyServiceDep
-from serving.schemas import ReloadRequest, ReloadResponse, SplitRequest, SplitResponse, error_responses
-from serving.service import ReloadError
+from slimrec.serving.deps import AdminDep, ReadyServiceDep
+from slimrec.serving.schemas import (
+    ReloadRequest,
+    ReloadResponse,
+    SplitRequest,
+    SplitResponse,
+    error_responses,
+)
+from slimrec.serving.service import ReloadError
 
 router = APIRouter(prefix="/admin", dependencies=[AdminDep])
 

@@ -20,10 +20,8 @@ import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.background import BackgroundTask
-
-from serving.batcher import BatcherClosed
-from serving.deps import (
+from slimrec.serving.batcher import BatcherClosed
+from slimrec.serving.deps import (
     VARIANT_HEADER,
     VARIANT_HEADER_DOC,
     MetricsDep,
@@ -32,21 +30,22 @@ from serving.deps import (
     check_forced_variant,
     ready_service,
 )
-from serving.direct import direct_route, recommend_body, user_query
-from serving.queries import Answer, QueryError, build_query, seen_items
-from serving.queries import Query as ModelQuery
-from serving.router import assign_variant
-from serving.schemas import (
+from slimrec.serving.direct import direct_route, recommend_body, user_query
+from slimrec.serving.queries import Answer, QueryError, build_query, seen_items
+from slimrec.serving.queries import Query as ModelQuery
+from slimrec.serving.router import assign_variant
+from slimrec.serving.schemas import (
     RecommendRequest,
     RecommendResponse,
     VariantInfo,
     VariantsResponse,
     error_responses,
 )
-from serving.service import Served, Service
-from serving.settings import MAX_K
-from serving.shadow import overlap_at_k, rank_biased_overlap
-from serving.variants import Variant
+from slimrec.serving.service import Served, Service
+from slimrec.serving.settings import MAX_K
+from slimrec.serving.shadow import overlap_at_k, rank_biased_overlap
+from slimrec.serving.variants import Variant
+from starlette.background import BackgroundTask
 
 router = APIRouter()
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

@@ -22,14 +22,13 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-
-from compression.artifact import ArtifactError
-from serving import admin, api
-from serving.direct import DirectDispatch
-from serving.limits import AdmissionMiddleware, json_too_deep, send_json_error
-from serving.metrics import NO_VARIANT, Metrics
-from serving.service import Service
-from serving.settings import Settings
+from slimrec.artifact import ArtifactError
+from slimrec.serving import admin, api
+from slimrec.serving.direct import DirectDispatch
+from slimrec.serving.limits import AdmissionMiddleware, json_too_deep, send_json_error
+from slimrec.serving.metrics import NO_VARIANT, Metrics
+from slimrec.serving.service import Service
+from slimrec.serving.settings import Settings
 
 log = logging.getLogger("slimrec.serving")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    """Add the `serve` and `soak` subcommands to slimrec's argparse subparsers."""
+    """Add the `serve` subcommand to slimrec's argparse subparsers."""
     serve = subparsers.add_parser("serve", help="serve variants over HTTP (A/B split, shadow, metrics)")
     serve.add_argument("--variant", action="append", metavar="NAME=ARTIFACT_DIR",
                        help="a variant to serve; repeat for A/B (e.g. full=artifacts/teacher)")
@@ -42,16 +42,12 @@ def register(subparsers) -> None:
                        help="directory admin reloads may load from (repeatable)")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run_serve, command="serve")
-    from serving.soak import register as register_soak  # argparse only; the load code imports lazily
-
-    register_soak(subparsers)
 
 
 def settings_from_args(args: argparse.Namespace):
     """Settings from parsed arguments (+ env + config file); ValueError with one clear line."""
     from pydantic import ValidationError
-
-    from serving.settings import Settings, parse_pairs
+    from slimrec.serving.settings import Settings, parse_pairs
 
     overrides = {name: getattr(args, name) for name in (
         "host", "port", "workers", "salt", "n_candidates", "batch_max_size", "batch_max_wait_ms",
@@ -95,8 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import os
 
     import uvicorn
-
-    from serving.app import GracefulServer
+    from slimrec.serving.app import GracefulServer
 
     settings = settings_from_args(args)
     os.environ.update(settings.to_env())  # workers (separate processes) rebuild the same Settings
@@ -106,8 +101,8 @@ def run_serve(args: argparse.Namespace) -> int:
                    access_log=settings.log_level in ("info", "debug"), timeout_graceful_shutdown=30,
                    server_header=False)
     if settings.workers > 1:
-        uvicorn.run("serving.app:create_app_from_env", factory=True, workers=settings.workers, **options)
+        uvicorn.run("slimrec.serving.app:create_app_from_env", factory=True, workers=settings.workers, **options)
         return 0
-    server = GracefulServer(uvicorn.Config("serving.app:create_app_from_env", factory=True, **options))
+    server = GracefulServer(uvicorn.Config("slimrec.serving.app:create_app_from_env", factory=True, **options))
     server.run()
     return 0 if server.started else 3  # 3: startup failed (uvicorn's code), e.g. an artifact refused

@@ -6,9 +6,8 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
-
-from serving.metrics import Metrics
-from serving.service import Service
+from slimrec.serving.metrics import Metrics
+from slimrec.serving.service import Service
 
 VARIANT_HEADER = "X-Slimrec-Variant"
 

@@ -18,10 +18,9 @@ from fastapi import HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from slimrec.serving.schemas import RawId, RecommendRequest
+from slimrec.serving.settings import MAX_K
 from starlette.routing import compile_path
-
-from serving.schemas import RawId, RecommendRequest
-from serving.settings import MAX_K
 
 Handler = Callable[[Request], Awaitable[Response]]
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from serving.metrics import Metrics
+from slimrec.serving.metrics import Metrics
 
 LIMITED_PREFIXES = ("/v1/recommend", "/v1/users/")  # admin, health and metrics stay reachable
 MAX_JSON_DEPTH = 32  # bodies with more brackets than this are checked for excessive nesting

@@ -20,8 +20,8 @@ import signal
 import threading
 from multiprocessing.connection import Connection
 
-from serving.launch import STOP_TIMEOUT_S
-from serving.queries import Answer, Query
+from slimrec.loadtest.launch import STOP_TIMEOUT_S
+from slimrec.serving.queries import Answer, Query
 
 log = logging.getLogger("slimrec.serving")
 
@@ -43,9 +43,9 @@ class ModelProcessError(RuntimeError):
 def _child_main(conn: Connection, name: str, path: str, ort_threads: int, index_threads: int) -> None:
     """The child: load the variant, then answer batches until the pipe closes or says stop."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group: the server stops us
-    from compression.index import drop_interrupt_checks, set_search_threads
-    from serving.queries import run_queries
-    from serving.variants import load_variant
+    from slimrec.artifact.index import drop_interrupt_checks, set_search_threads
+    from slimrec.serving.queries import run_queries
+    from slimrec.serving.variants import load_variant
 
     try:
         set_search_threads(index_threads)

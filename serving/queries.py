@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from compression.runtime import UserBatch
-from serving.variants import Variant
+from slimrec.artifact.runtime import UserBatch
+from slimrec.serving.variants import Variant
 
 FilterKey = tuple[tuple[str, ...], tuple[str, ...]]
 

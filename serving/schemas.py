@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from serving.settings import MAX_K
+from slimrec.serving.settings import MAX_K
 
 RawId = Annotated[str, Field(min_length=1, max_length=128)]
 Genre = Annotated[str, Field(min_length=1, max_length=64)]

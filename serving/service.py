@@ -19,14 +19,14 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from compression.artifact import ArtifactError, load_artifact
-from compression.index import drop_interrupt_checks, set_search_threads
-from serving.batcher import Batcher
-from serving.metrics import Metrics
-from serving.model_process import ModelProcessError, ModelProcesses
-from serving.queries import Answer, Query, run_queries  # noqa: F401 (Answer, Query: types)
-from serving.settings import Settings, validate_split
-from serving.variants import Variant, load_variant
+from slimrec.artifact import ArtifactError, load_artifact
+from slimrec.artifact.index import drop_interrupt_checks, set_search_threads
+from slimrec.serving.batcher import Batcher
+from slimrec.serving.metrics import Metrics
+from slimrec.serving.model_process import ModelProcessError, ModelProcesses
+from slimrec.serving.queries import Answer, Query, run_queries  # noqa: F401 (Answer, Query: types)
+from slimrec.serving.settings import Settings, validate_split
+from slimrec.serving.variants import Variant, load_variant
 
 log = logging.getLogger("slimrec.serving")
 

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from compression.artifact import Artifact, ArtifactError, load_artifact
-from compression.runtime import ServedModel
+from slimrec.artifact import Artifact, ArtifactError, load_artifact
+from slimrec.artifact.runtime import ServedModel
 
 CATALOGUE = "catalogue.json"
-# What serving feeds each graph (compression.runtime): input name -> rank; all int64.
+# What serving feeds each graph (slimrec.artifact.runtime): input name -> rank; all int64.
 USER_TOWER_INPUTS = {"user_code": 1, "user_features": 2, "history": 2}
 RANKER_INPUTS = {**USER_TOWER_INPUTS, "candidates": 2}
 FLOAT_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
@@ -50,16 +49,18 @@ class Variant:
 
 
 def model_version(artifact: Artifact) -> str:
-    """A content address: the artifact's variant plus a digest of every file's sha256.
+    """A content address: the artifact's variant plus a digest of its served files' sha256.
 
-    Two directories holding the same files have the same version; changing any file
-    (weights, index, metrics) changes it.
+    Two directories serving the same files have the same version; changing a served file
+    (a graph, the index, the tables) changes it, while re-evaluating the model (metrics.json,
+    the report and other offline files) does not.
 
     Example:
         >>> model_version(load_artifact("artifacts/teacher"))
         'full-3f2a9c1d0b7e'
     """
-    files = json.dumps({rel: entry["sha256"] for rel, entry in artifact.files.items()}, sort_keys=True)
+    served = {rel: entry["sha256"] for rel, entry in artifact.files.items() if entry["role"] == "served"}
+    files = json.dumps(served, sort_keys=True)
     return f"{artifact.variant}-{hashlib.sha256(files.encode()).hexdigest()[:12]}"
 
 

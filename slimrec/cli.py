@@ -88,26 +88,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def subcommand_registrars():
     """Commands whose argparse part lives beside the package that runs them."""
-    from loadtest.bench import register as register_bench
-    from loadtest.cli import register as register_loadtest
-    from serving.cli import register as register_serve
+    from slimrec.bench.stages import register as register_bench
+    from slimrec.loadtest.cli import register as register_loadtest
+    from slimrec.loadtest.soak import register as register_soak
+    from slimrec.serving.cli import register as register_serve
 
-    return (register_serve, register_loadtest, register_bench)
+    return (register_serve, register_loadtest, register_soak, register_bench)
 
 
 # --- commands ---------------------------------------------------------------------------------
 
 
 def cmd_data_fetch(args) -> None:
-    from models.fetch import fetch_movielens_100k
-    from models.movielens import data_root
+    from slimrec.models.fetch import fetch_movielens_100k
+    from slimrec.models.movielens import data_root
 
     path = fetch_movielens_100k(args.dir or data_root())
     print(path)
 
 
 def cmd_data_synth(args) -> None:
-    from models.synth import write_synthetic
+    from slimrec.models.synth import write_synthetic
 
     out = write_synthetic(args.out, n_items=args.items, n_users=args.users,
                           n_interactions=args.interactions, seed=args.seed)
@@ -117,15 +118,15 @@ def cmd_data_synth(args) -> None:
 def cmd_train(args) -> None:
     import torch
 
-    from compression.evaluate import evaluate_artifact
-    from compression.index import IndexSpec
-    from compression.package import write_fitted_artifact
-    from compression.artifact import load_artifact, update_metrics
-    from models.features import build_feature_space
-    from models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
-    from models.movielens import load_dataset
-    from models.split import protocol_split
-    from models.train import fit_teacher, log
+    from slimrec.artifact import load_artifact, update_metrics
+    from slimrec.artifact.index import IndexSpec
+    from slimrec.models.features import build_feature_space
+    from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
+    from slimrec.models.movielens import load_dataset
+    from slimrec.models.package import write_fitted_artifact
+    from slimrec.models.served_eval import evaluate_artifact
+    from slimrec.models.split import protocol_split
+    from slimrec.models.train import fit_teacher, log
 
     config = presets.train_config(args.preset, args.config, seed=args.seed)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -149,9 +150,9 @@ def cmd_train(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from compression.artifact import load_artifact, update_metrics
-    from compression.evaluate import evaluate_artifact
-    from models.movielens import load_dataset
+    from slimrec.artifact import load_artifact, update_metrics
+    from slimrec.models.movielens import load_dataset
+    from slimrec.models.served_eval import evaluate_artifact
 
     artifact = load_artifact(args.artifact)
     dataset = load_dataset(args.data or artifact.manifest["data"].get("source") or artifact.manifest["data"]["dataset"])
@@ -163,10 +164,10 @@ def cmd_evaluate(args) -> None:
 def cmd_compress(args) -> int:
     import torch
 
-    from compression.artifact import load_artifact
-    from compression.pipeline import compress
-    from compression.report_render import render_markdown
-    from models.movielens import load_dataset
+    from slimrec.artifact import load_artifact
+    from slimrec.compression.pipeline import compress
+    from slimrec.compression.report_render import render_markdown
+    from slimrec.models.movielens import load_dataset
 
     config = presets.compress_config(args.preset, args.config)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -183,8 +184,8 @@ def cmd_compress(args) -> int:
 
 def cmd_demo(args) -> int:
     """fetch -> train -> compress -> serve both variants and load-test them -> print the comparison."""
-    from models.fetch import fetch_movielens_100k
-    from models.movielens import data_root
+    from slimrec.models.fetch import fetch_movielens_100k
+    from slimrec.models.movielens import data_root
 
     data = fetch_movielens_100k(data_root())
     teacher, compressed = args.out / "teacher", args.out / "compressed"

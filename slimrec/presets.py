@@ -8,8 +8,6 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from models.train import TrainConfig
-
 TRAIN_PRESETS: dict[str, dict] = {
     # tau 0.1 over 0.05: higher validation recall@200 at every epoch (0.749 vs 0.743 at the kept
     # epoch), the ceiling of the two-stage system; validation NDCG@10 within one standard error.
@@ -35,8 +33,10 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def train_config(preset: str, toml_path: Path | None = None, seed: int | None = None) -> TrainConfig:
+def train_config(preset: str, toml_path: Path | None = None, seed: int | None = None):
     """The preset, overridden by a TOML file's tables, then by --seed; unknown keys are errors."""
+    from slimrec.models.train import TrainConfig  # torch: only the commands that train pay for it
+
     if preset not in TRAIN_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(TRAIN_PRESETS)}")
     values = merge(TrainConfig().to_dict(), TRAIN_PRESETS[preset])
@@ -73,7 +73,7 @@ COMPRESS_PRESETS: dict[str, dict] = {
 
 def compress_config(preset: str, toml_path: Path | None = None):
     """The compression preset, overridden by a TOML file's sections; unknown keys are errors."""
-    from compression.pipeline import PipelineConfig
+    from slimrec.compression.pipeline import PipelineConfig
 
     if preset not in COMPRESS_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(COMPRESS_PRESETS)}")

@@ -22,7 +22,7 @@ def shared_data_dir():
 
 @pytest.fixture(scope="session")
 def ml100k(shared_data_dir):
-    from models.movielens import load_dataset
+    from slimrec.models.movielens import load_dataset
 
     return load_dataset("ml-100k")
 

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-
-from serving.launch import free_port, serve_command, stop
+from slimrec.loadtest.launch import free_port, serve_command, stop
 
 REPO = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef"

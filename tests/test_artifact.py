@@ -7,15 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from compression.artifact import (
-    MANIFEST,
-    ArtifactError,
-    ArtifactWriter,
-    load_artifact,
-    sha256_file,
-    update_metrics,
-)
+from slimrec.artifact import ArtifactError, ArtifactWriter, load_artifact, sha256_file, update_metrics
+from slimrec.artifact.manifest import MANIFEST
 
 CONFIG = {"model": "two_tower", "dim": 8, "lr": 0.01}
 DATA = {"dataset": "ml-100k", "fingerprint": "abc123"}

@@ -9,10 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
-from serving.batcher import Batcher, BatcherClosed
-from serving.queries import build_query, run_queries
-from serving.variants import load_variant
+from slimrec.serving.batcher import Batcher, BatcherClosed
+from slimrec.serving.queries import build_query, run_queries
+from slimrec.serving.variants import load_variant
 
 
 class Recorder:

@@ -71,7 +71,7 @@ def test_bench_catalogue_tiny_end_to_end(tmp_path):
     assert "recall@200" in (out / "scale.md").read_text()
     assert (out / "2k" / "bench.json").is_file()
     # Asked again with the same parameters, the build reuses the data and artifacts it left.
-    from loadtest.scale import ScaleConfig, build_size, parse_sizes
+    from slimrec.bench.scale import ScaleConfig, build_size, parse_sizes
 
     (size,) = parse_sizes("2k")
     assert build_size(size, out / "2k", ScaleConfig.for_preset("tiny")) == build
@@ -87,7 +87,7 @@ def test_bench_missing_artifact_is_a_usage_error(tmp_path, capsys):
 
 
 def test_parse_sizes_named_interpolated_and_explicit():
-    from loadtest.scale import SHAPES, parse_sizes
+    from slimrec.bench.scale import SHAPES, parse_sizes
 
     sizes = parse_sizes("10k, 1m,2k:1k:20k")
     assert [(s.n_items, s.n_users, s.n_interactions) for s in sizes[:2]] == [SHAPES[1][:3], SHAPES[3][:3]]
@@ -98,14 +98,14 @@ def test_parse_sizes_named_interpolated_and_explicit():
 
 @pytest.mark.parametrize("text", ["", "2k:1k", "ten", "0", "2k:1k:1k", "10k,10k", "1.5"])
 def test_parse_sizes_rejects(text):
-    from loadtest.scale import parse_sizes
+    from slimrec.bench.scale import parse_sizes
 
     with pytest.raises(ValueError):
         parse_sizes(text)
 
 
 def test_ratios_by_hand():
-    from loadtest.timing import ratios
+    from slimrec.bench.timing import ratios
 
     def row(variant, ms):
         return {"variant": variant, "batch": 1, "threads": 1,
@@ -117,10 +117,10 @@ def test_ratios_by_hand():
 
 
 def test_training_view_samples_rows_but_keeps_every_id_row(ml100k):
-    from loadtest.scale_models import training_view
-    from models.features import build_feature_space
-    from models.fold import FIT_TRAIN_VALID, Fold
-    from models.split import protocol_split
+    from slimrec.bench.scale_models import training_view
+    from slimrec.models.features import build_feature_space
+    from slimrec.models.fold import FIT_TRAIN_VALID, Fold
+    from slimrec.models.split import protocol_split
 
     fold = Fold.create(FIT_TRAIN_VALID, ml100k, protocol_split(ml100k), build_feature_space(ml100k, 20))
     view = training_view(fold, 1000, np.random.default_rng(0))
@@ -132,7 +132,7 @@ def test_training_view_samples_rows_but_keeps_every_id_row(ml100k):
 
 
 def test_same_build_tolerates_a_longer_grid_only_where_tuning_had_stopped():
-    from loadtest.scale import same_build
+    from slimrec.bench.scale import same_build
 
     def params(grid):
         return {"size": {"n_items": 10}, "config": {"seed": 0, "nprobe_grid": grid}}

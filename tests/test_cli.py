@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
+from slimrec.artifact import load_artifact
 
-from compression.artifact import load_artifact
 from slimrec.cli import main
 
 

@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from compression.distill import DistillConfig, ranker_kd_loss, retrieval_kd_loss, teacher_top_codes
-from compression.pipeline import GateConfig, PipelineConfig, gate
-from models.features import FeatureSpace
-from models.ranker import Ranker, RankerConfig
-from models.two_tower import TwoTower, TwoTowerConfig
+from slimrec.artifact.features import FeatureSpace
+from slimrec.compression.distill import DistillConfig, ranker_kd_loss, retrieval_kd_loss, teacher_top_codes
+from slimrec.compression.pipeline import GateConfig, PipelineConfig, gate
+from slimrec.models.ranker import Ranker, RankerConfig
+from slimrec.models.two_tower import TwoTower, TwoTowerConfig
 
 SPACE = FeatureSpace(n_users=6, n_items=12, history_len=4, genders=["F", "M"], occupations=["a"],
                      zip_prefixes=["1"], genres=["x", "y"])
@@ -127,7 +126,7 @@ def tiny_compressed(tmp_path_factory, tiny_teacher):
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_on_ml100k(tiny_compressed, tiny_teacher):
-    from compression.artifact import load_artifact
+    from slimrec.artifact import load_artifact
 
     out, code = tiny_compressed
     art = load_artifact(out)  # every checksum verified
@@ -157,7 +156,7 @@ def test_pipeline_end_to_end_on_ml100k(tiny_compressed, tiny_teacher):
 
 @pytest.mark.slow
 def test_failed_gate_exits_nonzero_and_marks_manifest(tiny_compressed, tmp_path, capsys):
-    from compression.artifact import load_artifact
+    from slimrec.artifact import load_artifact
 
     out, code = tiny_compressed
     art = load_artifact(out)
@@ -168,7 +167,7 @@ def test_failed_gate_exits_nonzero_and_marks_manifest(tiny_compressed, tmp_path,
 
 
 def test_shared_copy_of_tiny_teacher_is_not_modified(tiny_teacher):
-    from compression.artifact import load_artifact
+    from slimrec.artifact import load_artifact
 
     load_artifact(tiny_teacher)  # still verifies after compression read it
     assert np.isfinite(json.loads((tiny_teacher / "metrics.json").read_text())["two_stage"]["test"]["ndcg@10"])

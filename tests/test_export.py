@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from models.export import SIGNATURES, export_onnx, parity, session
-from models.features import FeatureSpace
-from models.ranker import Ranker, RankerConfig
-from models.two_tower import TwoTower, TwoTowerConfig
+from slimrec.artifact.features import FeatureSpace
+from slimrec.models.export import SIGNATURES, export_onnx, parity, session
+from slimrec.models.ranker import Ranker, RankerConfig
+from slimrec.models.two_tower import TwoTower, TwoTowerConfig
 
 HISTORY_LEN = 4
 # 6 users, 9 items; users 5, 6 and items 8, 9 never fitted (they share row 0), as after a real fold.

@@ -7,21 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-
-from models.data import build_dataset
-from models.features import (
-    AGE_EDGES,
-    YEAR_EDGES,
-    FeatureSpace,
-    age_bucket,
-    build_feature_space,
-    histories_before,
-    user_feature_table,
-    year_bucket,
-    zip_prefix,
-)
-from models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
-from models.split import protocol_split
+from slimrec.artifact.features import AGE_EDGES, YEAR_EDGES, FeatureSpace, age_bucket, year_bucket, zip_prefix
+from slimrec.artifact.user_state import histories_before
+from slimrec.models.data import build_dataset
+from slimrec.models.features import build_feature_space, user_feature_table
+from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
+from slimrec.models.split import protocol_split
 
 # --- buckets ------------------------------------------------------------------------------------
 #

@@ -20,9 +20,8 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, running_server
-
-from serving.app import create_app
-from serving.settings import Settings
+from slimrec.serving.app import create_app
+from slimrec.serving.settings import Settings
 
 ERROR_STATUSES = {400, 413, 422}
 

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-
-from models.data import DataFormatError
-from models.movielens import load_dataset
+from slimrec.models.data import DataFormatError
+from slimrec.models.movielens import load_dataset
 
 FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow])

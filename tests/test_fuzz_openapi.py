@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, running_server
-
-from serving.app import create_app
-from serving.settings import Settings
+from slimrec.serving.app import create_app
+from slimrec.serving.settings import Settings
 
 schemathesis = pytest.importorskip("schemathesis",
                                    reason="test extra not installed: pip install schemathesis")

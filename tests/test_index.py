@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from compression.index import IndexSpec, ItemIndex, build_item_index, recall_at_k, recall_within
+from slimrec.artifact.index import IndexSpec, ItemIndex, build_item_index, recall_at_k, recall_within
 
 # One query along x; items at cosines 0.9, 0.8, 0.8 (a tie) and 0.1.
 QUERY = np.array([[1.0, 0.0]], np.float32)
@@ -102,7 +101,7 @@ def test_an_ivf_filter_keeps_the_allowed_items_of_the_probed_lists():
 def test_seen_items_are_dropped_and_the_rest_kept_in_order(monkeypatch, dense_cells):
     """ServedModel.retrieve's exclusion: each row keeps its first n items that are neither
     padding (-1) nor in that row's excluded set, in search order, padded with -1 / -inf."""
-    from compression import runtime
+    from slimrec.compression import runtime
 
     monkeypatch.setattr(runtime, "DENSE_MEMBER_CELLS", dense_cells)
     rng = np.random.default_rng(4)
@@ -129,8 +128,8 @@ def test_seen_items_are_dropped_and_the_rest_kept_in_order(monkeypatch, dense_ce
 def test_retrieval_searches_deeper_only_the_rows_that_need_it(tiny_teacher, monkeypatch):
     """Two passes (a shallow one for the batch, a deep one for rows short of n after dropping
     their seen items) give what one search as deep as the heaviest row needs gives."""
-    from compression.artifact import load_artifact
-    from compression.runtime import ServedModel
+    from slimrec.artifact import load_artifact
+    from slimrec.artifact.runtime import ServedModel
 
     model = ServedModel(load_artifact(tiny_teacher))
     searches, search = [], model.index.search

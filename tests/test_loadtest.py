@@ -15,10 +15,10 @@ import random
 import numpy as np
 import pytest
 from serving_fixtures import running_server
+from slimrec.loadtest import report as rep
+from slimrec.loadtest.run import LoadConfig, parse_duration
+from slimrec.loadtest.workload import RequestMix, Workload, ZipfSampler, parse_k_mix
 
-from loadtest import report as rep
-from loadtest.run import LoadConfig, parse_duration
-from loadtest.workload import RequestMix, Workload, ZipfSampler, parse_k_mix
 from slimrec.cli import main
 
 VARIANTS = ("full", "compressed")

@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-
-from models.metrics import (
+from slimrec.models.metrics import (
     auc,
     csr_from_pairs,
     csr_slice,

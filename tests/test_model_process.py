@@ -11,11 +11,10 @@ import numpy as np
 import psutil
 import pytest
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, running_server
-
-from serving import model_process
-from serving.model_process import ModelProcessError, ModelProcesses
-from serving.queries import build_query, run_queries
-from serving.variants import load_variant
+from slimrec.serving import model_process
+from slimrec.serving.model_process import ModelProcessError, ModelProcesses
+from slimrec.serving.queries import build_query, run_queries
+from slimrec.serving.variants import load_variant
 
 
 @pytest.fixture(scope="module")

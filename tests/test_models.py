@@ -6,12 +6,11 @@ import math
 
 import pytest
 import torch
+from slimrec.artifact.features import FeatureSpace
+from slimrec.models.ranker import Ranker, RankerConfig
+from slimrec.models.train import StageSchedule
+from slimrec.models.two_tower import TwoTower, TwoTowerConfig
 from torch import nn
-
-from models.features import FeatureSpace
-from models.ranker import Ranker, RankerConfig
-from models.train import StageSchedule
-from models.two_tower import TwoTower, TwoTowerConfig
 
 # 4 users, 5 items, histories of 3; every id fitted (row = code), 2 genres, a few years.
 SPACE = FeatureSpace(n_users=4, n_items=5, history_len=3, genders=["F", "M"], occupations=["a", "b"],

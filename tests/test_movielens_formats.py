@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from models import fetch
-from models.data import DataFormatError
-from models.movielens import LOADERS, detect_format, load_dataset
+from slimrec.models import fetch
+from slimrec.models.data import DataFormatError
+from slimrec.models.movielens import LOADERS, detect_format, load_dataset
 
 SHARED_ML100K = Path("/work/shared/data/ml-100k")
 

@@ -7,8 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-
-from models.onnx_tables import compact_lookup_tables
+from slimrec.models.onnx_tables import compact_lookup_tables
 
 N = 5000  # rows: above MIN_ELEMENTS
 
@@ -79,7 +78,7 @@ def test_a_table_read_other_than_by_row_lookups_is_left_alone():
 
 @pytest.mark.parametrize("values", [np.array([0, 2**40] * 600, np.int64), np.array([-1, 2] * 600, np.int64)])
 def test_narrowest_type_holds_every_value(values):
-    from models.onnx_tables import _narrowest
+    from slimrec.models.onnx_tables import _narrowest
 
     narrow = _narrowest(values)
     assert narrow is None if values.max() > 2**31 else np.array_equal(values.astype(narrow), values)

@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
-from compression.prune import (
+from slimrec.artifact.features import FeatureSpace
+from slimrec.compression.prune import (
     PruneConfig,
     apply_masks_,
     cross_rank,
@@ -25,10 +24,10 @@ from compression.prune import (
     sparse_storage_bytes,
     sparsity_masks,
 )
-from models.export import export_onnx, parity
-from models.features import FeatureSpace
-from models.ranker import CrossLayer, Ranker, RankerConfig
-from models.two_tower import TwoTower, TwoTowerConfig
+from slimrec.models.export import export_onnx, parity
+from slimrec.models.ranker import CrossLayer, Ranker, RankerConfig
+from slimrec.models.two_tower import TwoTower, TwoTowerConfig
+from torch import nn
 
 N_USERS, N_ITEMS, HISTORY = 6, 10, 5
 

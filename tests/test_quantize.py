@@ -8,9 +8,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
-
-from compression.quantize import (
+from slimrec.artifact.features import FeatureSpace
+from slimrec.compression.quantize import (
     EmbeddingQuantConfig,
     OnnxQuantConfig,
     QuantizedEmbedding,
@@ -20,10 +19,10 @@ from compression.quantize import (
     quantize_embeddings_,
     quantize_onnx_dense,
 )
-from models.export import export_onnx, parity, session
-from models.features import FeatureSpace
-from models.ranker import Ranker, RankerConfig
-from models.two_tower import TwoTower, TwoTowerConfig
+from slimrec.models.export import export_onnx, parity, session
+from slimrec.models.ranker import Ranker, RankerConfig
+from slimrec.models.two_tower import TwoTower, TwoTowerConfig
+from torch import nn
 
 N_USERS, N_ITEMS, HISTORY = 200, 400, 5
 

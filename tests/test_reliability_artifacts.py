@@ -22,9 +22,8 @@ import pytest
 import safetensors.numpy
 from onnx import TensorProto, helper, numpy_helper
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, metric_value, running_server
-
-from compression.artifact import ArtifactError, amend_artifact, load_artifact, update_metrics
-from serving.variants import load_variant
+from slimrec.artifact import ArtifactError, amend_artifact, load_artifact, update_metrics
+from slimrec.serving.variants import load_variant
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 SERVED_FILES = ["user_tower.onnx", "ranker.onnx", "items.faiss", "tables.safetensors", "catalogue.json"]

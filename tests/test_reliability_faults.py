@@ -14,13 +14,12 @@ import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 from serving_fixtures import copy_artifact, metric_value
+from slimrec.artifact import load_artifact, update_metrics
+from slimrec.serving.app import create_app
+from slimrec.serving.metrics import Metrics
+from slimrec.serving.service import Service
+from slimrec.serving.settings import Settings
 from test_reliability_artifacts import fake_user_tower
-
-from compression.artifact import load_artifact, update_metrics
-from serving.app import create_app
-from serving.metrics import Metrics
-from serving.service import Service
-from serving.settings import Settings
 
 FULL = {"X-Slimrec-Variant": "full"}
 

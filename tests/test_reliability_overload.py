@@ -17,9 +17,8 @@ import psutil
 import pytest
 from fastapi.testclient import TestClient
 from serving_fixtures import STOP_TIMEOUT_S, copy_artifact, metric_value, running_server
-
-from serving.app import create_app
-from serving.settings import Settings
+from slimrec.serving.app import create_app
+from slimrec.serving.settings import Settings
 
 
 @pytest.fixture(scope="module")

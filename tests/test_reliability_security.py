@@ -11,13 +11,13 @@ import logging
 import os
 
 import pytest
+import slimrec.serving.deps
 from fastapi.testclient import TestClient
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, running_server
+from slimrec.serving.app import create_app
+from slimrec.serving.cli import settings_from_args
+from slimrec.serving.settings import Settings
 
-import serving.deps
-from serving.app import create_app
-from serving.cli import settings_from_args
-from serving.settings import Settings
 from slimrec.cli import build_parser
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -72,13 +72,13 @@ def test_reload_paths_must_stay_inside_the_artifacts_root(admin_app, layout, pat
 
 def test_the_token_is_compared_in_constant_time(admin_app, monkeypatch):
     calls = []
-    real = serving.deps.secrets.compare_digest
+    real = slimrec.serving.deps.secrets.compare_digest
 
     def spy(a, b):
         calls.append((type(a), type(b)))
         return real(a, b)
 
-    monkeypatch.setattr(serving.deps.secrets, "compare_digest", spy)
+    monkeypatch.setattr(slimrec.serving.deps.secrets, "compare_digest", spy)
     client = admin_app.state.client
     assert client.put("/admin/split", json={"weights": {"full": 1}}, headers=AUTH).status_code == 200
     wrong = client.put("/admin/split", json={"weights": {"full": 1}}, headers={"Authorization": "Bearer x"})

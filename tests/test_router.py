@@ -7,8 +7,7 @@ import sys
 from collections import Counter
 
 import pytest
-
-from serving.router import assign_variant, user_bucket
+from slimrec.serving.router import assign_variant, user_bucket
 
 USERS = [f"user-{i}" for i in range(10_000)]
 
@@ -35,7 +34,7 @@ def test_same_user_same_variant_every_time():
 
 def test_assignment_is_stable_across_processes():
     # Python's hash() is salted per process; the router must not depend on it.
-    code = ("from serving.router import assign_variant;"
+    code = ("from slimrec.serving.router import assign_variant;"
             "print(','.join(assign_variant(f'u{i}', {'full': 1, 'compressed': 1}, 's') for i in range(200)))")
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            timeout=60, env={"PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}

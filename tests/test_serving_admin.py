@@ -8,9 +8,8 @@ import signal
 
 import pytest
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, metric_value, running_server
-
-from compression.artifact import sha256_file, update_metrics
-from serving.router import assign_variant
+from slimrec.artifact import sha256_file, update_metrics
+from slimrec.serving.router import assign_variant
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 from serving_fixtures import copy_artifact
+from slimrec.artifact import ArtifactError
+from slimrec.serving.app import create_app
+from slimrec.serving.settings import Settings
+from slimrec.serving.shadow import overlap_at_k, rank_biased_overlap
 
-from compression.artifact import ArtifactError
-from serving.app import create_app
-from serving.settings import Settings
-from serving.shadow import overlap_at_k, rank_biased_overlap
 from slimrec.cli import main
 
 
@@ -167,9 +167,8 @@ def test_model_threads_set_their_own_faiss_thread_count(tiny_teacher, clean_env)
     import threading
 
     import faiss
-
-    from serving.metrics import Metrics
-    from serving.service import Service
+    from slimrec.serving.metrics import Metrics
+    from slimrec.serving.service import Service
 
     def on_new_thread(work):
         out = []
@@ -195,7 +194,7 @@ def test_refreezing_after_a_reload_frees_cycles_of_the_replaced_variant():
     import gc
     import weakref
 
-    from serving.service import freeze_loaded_objects
+    from slimrec.serving.service import freeze_loaded_objects
 
     class Node:
         pass
@@ -217,9 +216,8 @@ def test_refreezing_after_a_reload_frees_cycles_of_the_replaced_variant():
 def test_non_finite_scores_are_written_as_null(tiny_teacher, clean_env):
     import numpy as np
     import orjson
-
-    from serving.api import to_response
-    from serving.queries import Answer
+    from slimrec.serving.api import to_response
+    from slimrec.serving.queries import Answer
 
     with TestClient(create_app(Settings(variants={"full": tiny_teacher}))) as client:
         assert client.get("/readyz").status_code == 200
@@ -280,7 +278,7 @@ def test_k_and_exclude_seen_from_the_query_string_take_effect(direct_client):
 
 
 def test_routes_answer_alike_through_the_direct_dispatch_and_through_fastapi(tiny_teacher, clean_env):
-    from serving.direct import DirectDispatch
+    from slimrec.serving.direct import DirectDispatch
 
     def answers(app) -> list:
         with TestClient(app) as client:

@@ -14,8 +14,7 @@ import httpx
 import numpy as np
 import pytest
 from serving_fixtures import copy_artifact, metric_value, running_server
-
-from serving.router import assign_variant
+from slimrec.serving.router import assign_variant
 
 SALT = "test-salt"
 SPLIT = {"full": 50.0, "compressed": 50.0}
@@ -169,8 +168,8 @@ def test_assignment_is_sticky_over_http(server):
 
 
 def offline_top10(artifact, raw_user_ids):
-    from compression.artifact import load_artifact
-    from compression.runtime import ServedModel
+    from slimrec.artifact import load_artifact
+    from slimrec.artifact.runtime import ServedModel
 
     model = ServedModel(load_artifact(artifact))
     catalogue = json.loads((artifact / "catalogue.json").read_text())

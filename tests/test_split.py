@@ -8,9 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
-from models.data import build_dataset
-from models.split import TEST, TRAIN, VALID, holdout_sizes, protocol_split
+from slimrec.models.data import build_dataset
+from slimrec.models.split import TEST, TRAIN, VALID, holdout_sizes, protocol_split
 
 FOLD_NAME = {TRAIN: "train", VALID: "valid", TEST: "test"}
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
-from models.data import ITEM_COLUMNS, RATING_COLUMNS, USER_COLUMNS, build_dataset
-from models.movielens import load_dataset
-from models.synth import GENRES, MIN_PER_USER, generate_synthetic, simulate, write_synthetic
+from slimrec.models.data import ITEM_COLUMNS, RATING_COLUMNS, USER_COLUMNS, build_dataset
+from slimrec.models.movielens import load_dataset
+from slimrec.models.synth import GENRES, MIN_PER_USER, generate_synthetic, simulate, write_synthetic
 
 SHAPE = dict(n_items=2000, n_users=300, n_interactions=20_000)
 

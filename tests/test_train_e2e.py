@@ -11,17 +11,16 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-
-from compression.artifact import load_artifact
-from compression.runtime import ServedModel
-from models.data import build_dataset
-from models.features import build_feature_space
-from models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
-from models.ranker import RankerConfig
-from models.split import TEST, protocol_split
-from models.synth import generate_synthetic
-from models.train import RankerData, StageSchedule, TrainConfig, train_ranker, train_retrieval
-from models.two_tower import TwoTowerConfig
+from slimrec.artifact import load_artifact
+from slimrec.artifact.runtime import ServedModel
+from slimrec.models.data import build_dataset
+from slimrec.models.features import build_feature_space
+from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
+from slimrec.models.ranker import RankerConfig
+from slimrec.models.split import TEST, protocol_split
+from slimrec.models.synth import generate_synthetic
+from slimrec.models.train import RankerData, StageSchedule, TrainConfig, train_ranker, train_retrieval
+from slimrec.models.two_tower import TwoTowerConfig
 
 PROTOCOL_METRICS = {"recall@10", "recall@50", "recall@200", "ndcg@10", "hr@10", "mrr@10"}
 

@@ -1,6 +1,6 @@
 """Start `slimrec serve` as a child process on a free loopback port, and stop it by its own pid.
 
-Shared by the measuring tools (serving.measure, serving.soak), the load tester and the tests,
+Shared by the measuring tools (slimrec.loadtest.measure, slimrec.loadtest.soak), the load tester and the tests,
 so that every server they start binds 127.0.0.1, is waited for under a deadline and is
 stopped the same way: SIGTERM (a graceful shutdown), then SIGKILL if it has not exited.
 """

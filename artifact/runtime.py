@@ -7,15 +7,13 @@ and so does `slimrec evaluate`, so the quality measured offline is the quality s
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
-
-from compression.artifact import Artifact
-from compression.index import IndexSpec, ItemIndex
-from models.features import FeatureSpace
-from models.ort import session
+from slimrec.artifact.features import FeatureSpace
+from slimrec.artifact.index import IndexSpec, ItemIndex
+from slimrec.artifact.load import Artifact
+from slimrec.artifact.ort import run_session, session
 
 
 @dataclass
@@ -75,7 +73,7 @@ class ServedModel:
     # --- stages -------------------------------------------------------------------------------
 
     def embed(self, batch: UserBatch) -> np.ndarray:
-        return _run(self.user_tower, user_code=batch.codes, user_features=batch.features,
+        return run_session(self.user_tower, user_code=batch.codes, user_features=batch.features,
                     history=batch.history)
 
     def retrieve(self, user_emb: np.ndarray, n: int, batch: UserBatch,
@@ -114,7 +112,7 @@ class ServedModel:
 
     def rank(self, batch: UserBatch, candidates: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
         """Final scores [B, C]: ranker logit + retrieval_weight * retrieval score / temperature."""
-        logits = _run(self.ranker, user_code=batch.codes, user_features=batch.features,
+        logits = run_session(self.ranker, user_code=batch.codes, user_features=batch.features,
                       history=batch.history, candidates=np.maximum(candidates, -1) + 1)
         final = logits + self.retrieval_weight * retrieval_scores / self.temperature
         return np.where(candidates >= 0, final, -np.inf).astype(np.float32)
@@ -143,17 +141,6 @@ class ServedModel:
         if allowed is not None:
             keep &= allowed[self.popular_items]
         return self.popular_items[keep][:k]
-
-
-_INPUT_NAMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # session -> its input names
-
-
-def _run(sess, **feeds: np.ndarray) -> np.ndarray:
-    """Run a session on the inputs it declares (an exporter may drop an unused one)."""
-    names = _INPUT_NAMES.get(sess)
-    if names is None:  # get_inputs() builds new objects on every call: ask once per session
-        names = _INPUT_NAMES[sess] = [i.name for i in sess.get_inputs()]
-    return sess.run(None, {name: feeds[name] for name in names})[0]
 
 
 # The first retrieval pass searches this many times n deep (see ServedModel.retrieve).

@@ -1,6 +1,6 @@
 """Latency of a real `slimrec serve` process over HTTP: p50/p99 per variant, batcher on vs off.
 
-    python -m serving.measure --variant full=artifacts/teacher --variant compressed=artifacts/compressed \\
+    python -m slimrec.loadtest.measure --variant full=artifacts/teacher --variant compressed=artifacts/compressed \\
         [--requests 1000] [--concurrency 16]
 
 Starts its own server on a free loopback port (one per configuration), sends sequential
@@ -20,8 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from serving.launch import local_server
+from slimrec.loadtest.launch import local_server
 
 
 def server_total_ms(header: str) -> float:

@@ -22,9 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 import faiss
 import numpy as np
-
-from compression.artifact import Artifact
-from compression.runtime import ServedModel
+from slimrec.artifact import Artifact
+from slimrec.artifact.runtime import ServedModel
 
 STAGES = ("embed", "retrieve", "rank", "total")
 
@@ -170,8 +169,8 @@ def ratios(latency: list[dict], numerator: str = "compressed", denominator: str 
 _MEMORY_PROBE = """
 import gc, json, sys, time
 import psutil
-from compression.artifact import load_artifact
-from compression.runtime import ServedModel
+from slimrec.artifact import load_artifact
+from slimrec.artifact.runtime import ServedModel
 art = load_artifact(sys.argv[1])
 gc.collect()
 proc = psutil.Process()

@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from loadtest.scale import Clock, K, ScaleConfig, log
+from slimrec.bench.scale import Clock, K, ScaleConfig, log
 
 
 def training_view(fold, n_rows: int | None, rng: np.random.Generator):
@@ -33,11 +32,11 @@ def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
     """Teacher (retrieval on `sample`, ranker on `fold`), then a student distilled from it, its
     rare ids on the shared row (`config.embedding_min_count`) and its embedding tables int8.
     Returns (teacher, student) as FoldModels."""
-    from compression.distill import distill_ranker, distill_two_tower
-    from compression.pipeline import PipelineConfig
-    from compression.prune import PruneConfig, prune_
-    from compression.quantize import quantize_embeddings_
-    from models.train import FoldModels, train_ranker, train_retrieval
+    from slimrec.compression.distill import distill_ranker, distill_two_tower
+    from slimrec.compression.pipeline import PipelineConfig
+    from slimrec.compression.prune import PruneConfig, prune_
+    from slimrec.compression.quantize import quantize_embeddings_
+    from slimrec.models.train import FoldModels, train_ranker, train_retrieval
 
     w = config.retrieval_weight
     retrieval = train_retrieval(sample, train_config, epochs=1)
@@ -73,8 +72,8 @@ def build_indexes(teacher, student, fold, tune_users: np.ndarray, config: ScaleC
 
     Returns (IndexSpec of the compressed index, build.json's "index" entry).
     """
-    from compression.index import IndexSpec, build_item_index
-    from models.evaluate import item_embeddings, user_embeddings
+    from slimrec.artifact.index import IndexSpec, build_item_index
+    from slimrec.models.evaluate import item_embeddings, user_embeddings
 
     n_items = fold.dataset.n_items
     t0 = time.perf_counter()
@@ -94,8 +93,8 @@ def tune_ivf(items: np.ndarray, queries: np.ndarray, config: ScaleConfig):
     until recall@K vs exact (ties within `config.recall_tolerance` count, see `recall_within`)
     reaches the target on `queries`.
     Returns (IndexSpec, [{nprobe, recall, recall_strict, ms_per_query}], build seconds)."""
-    from compression.index import IndexSpec, build_item_index, recall_at_k, recall_within
-    from compression.tune_index import index_nlist
+    from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k, recall_within
+    from slimrec.compression.tune_index import index_nlist
 
     exact_scores, exact = build_item_index(items, IndexSpec("flat")).search(queries, K)
     t0 = time.perf_counter()
@@ -124,8 +123,8 @@ def tune_ivf(items: np.ndarray, queries: np.ndarray, config: ScaleConfig):
 def write_served(out: Path, variant: str, models, spec, dense_quant, data: dict, config: dict) -> None:
     """An artifact holding only the served model (prefix ""); `write_fitted_artifact` would also
     write a selection twin, which nothing at scale scores."""
-    from compression.artifact import ArtifactWriter
-    from compression.package import SERVED_PREFIX, model_entry, write_catalogue, write_model
+    from slimrec.artifact import ArtifactWriter
+    from slimrec.models.package import SERVED_PREFIX, model_entry, write_catalogue, write_model
 
     writer = ArtifactWriter(out, variant, config={}, data=data)
     try:
@@ -145,12 +144,12 @@ def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, t
     """Through the written artifacts, on held-out test users: the compressed index's recall@K
     against exact search over its own item vectors, and (sanity, not PROTOCOL) two-stage
     recall@10 of both variants next to popularity."""
-    from compression.artifact import load_artifact
-    from compression.evaluate import item_vectors
-    from compression.index import IndexSpec, build_item_index, recall_at_k, recall_within
-    from compression.runtime import ServedModel
-    from models.metrics import csr_from_pairs, ranking_metrics
-    from models.split import TEST
+    from slimrec.artifact import load_artifact
+    from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k, recall_within
+    from slimrec.artifact.runtime import ServedModel
+    from slimrec.models.metrics import csr_from_pairs, ranking_metrics
+    from slimrec.models.served_eval import item_vectors
+    from slimrec.models.split import TEST
 
     slot = np.full(dataset.n_users, -1)
     slot[users] = np.arange(len(users))
@@ -180,7 +179,7 @@ def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, t
 
 def popularity_recall(model, users: np.ndarray, relevant) -> float:
     """recall@10 of the served popularity fallback (most-interacted unseen items) for `users`."""
-    from models.metrics import ranking_metrics
+    from slimrec.models.metrics import ranking_metrics
 
     batch = model.known_users(users)
     top = np.full((len(users), 10), -1)

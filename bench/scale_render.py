@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from loadtest.bench import STAGE_NAMES, _median_p99, _mib
-from loadtest.timing import STAGES
+from slimrec.bench.stages import STAGE_NAMES, _median_p99, _mib
+from slimrec.bench.timing import STAGES
 
 VARIANT_NAMES = ("full", "compressed")
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from serving.launch import local_server
+from slimrec.loadtest.launch import local_server
 
 MAX_DURATION_S = 24 * 3600.0
 RSS_SAMPLE_S = 1.0
@@ -80,7 +80,7 @@ class Tally:
 
 
 def run_soak(args: argparse.Namespace) -> int:
-    from serving.settings import parse_pairs
+    from slimrec.serving.settings import parse_pairs
 
     variants = parse_pairs(args.start, "--start")
     if not variants:

@@ -10,14 +10,14 @@ one on test):
 from __future__ import annotations
 
 import numpy as np
-
-from compression.artifact import Artifact
-from compression.package import SELECTION_PREFIX, SERVED_PREFIX
-from compression.runtime import ServedModel, _run
-from models.data import Dataset
-from models.evaluate import RETRIEVAL_KS
-from models.metrics import auc, log_loss, ranking_metrics, top_k_excluding
-from models.split import TEST, VALID, protocol_split
+from slimrec.artifact import Artifact
+from slimrec.artifact.ort import run_session
+from slimrec.artifact.runtime import ServedModel
+from slimrec.models.data import Dataset
+from slimrec.models.evaluate import RETRIEVAL_KS
+from slimrec.models.metrics import auc, log_loss, ranking_metrics, top_k_excluding
+from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX
+from slimrec.models.split import TEST, VALID, protocol_split
 
 BATCH = 256
 PREFIX_FOLD = {SELECTION_PREFIX: ("valid", VALID), SERVED_PREFIX: ("test", TEST)}
@@ -33,7 +33,7 @@ def check_dataset(artifact: Artifact, dataset: Dataset) -> None:
 
 def relevant_sets(dataset: Dataset, fold: int, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR over `users` of their items in `fold`."""
-    from models.metrics import csr_from_pairs
+    from slimrec.models.metrics import csr_from_pairs
 
     split = protocol_split(dataset)
     slot = np.full(dataset.n_users, -1)
@@ -45,11 +45,11 @@ def relevant_sets(dataset: Dataset, fold: int, users: np.ndarray) -> tuple[np.nd
 def item_vectors(model: ServedModel) -> np.ndarray:
     """Every item's embedding from the exported item tower (the exact retrieval reference)."""
     sess = model.artifact.file(f"{model.prefix}item_tower.onnx")
-    from models.ort import session
+    from slimrec.artifact.ort import session
 
     tower = session(sess, threads=0)
     codes = np.arange(1, model.n_items + 1, dtype=np.int64)
-    return np.concatenate([_run(tower, item_code=codes[s : s + 65536]) for s in range(0, len(codes), 65536)])
+    return np.concatenate([run_session(tower, item_code=codes[s : s + 65536]) for s in range(0, len(codes), 65536)])
 
 
 def evaluate_model(model: ServedModel, dataset: Dataset, fold: int, n_candidates: int = 200,
@@ -90,7 +90,7 @@ def ranker_classification(model: ServedModel, users, relevant, split, seed: int,
     logits = []
     for s in range(0, len(users), BATCH):
         batch = model.known_users(users[s : s + BATCH], exclude_seen=False)
-        logits.append(_run(model.ranker, user_code=batch.codes, user_features=batch.features,
+        logits.append(run_session(model.ranker, user_code=batch.codes, user_features=batch.features,
                            history=batch.history, candidates=np.maximum(cands[s : s + BATCH], -1) + 1))
     logits = np.concatenate(logits)
     keep = cands >= 0

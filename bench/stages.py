@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     scale.add_argument("--embedding-min-count", type=int, default=None,
                        help="compressed variant: ids with fewer fitted interactions share the fallback "
                             "row (default 10; 0 keeps every row)")
-    scale.add_argument("--index-kind", default=None,  # ScaleConfig checks it against compression.index
+    scale.add_argument("--index-kind", default=None,  # ScaleConfig checks it against slimrec.artifact.index
                        help="compressed variant's IVF code: 8, 6 or 4 bits per dimension (default ivf_sq6)")
     scale.add_argument("--target-recall", type=float, default=0.97,
                        help="recall@200 vs exact the IVF nprobe is tuned to (default 0.97)")
@@ -70,13 +70,13 @@ def register(subparsers) -> None:
 
 
 def run_bench(args) -> int:
-    from loadtest.timing import TimingConfig
+    from slimrec.bench.timing import TimingConfig
 
     timing = TimingConfig(repeats=args.repeats, batch_repeats=args.batch_repeats or max(1, args.repeats // 5),
                           warmup=args.warmup, batches=args.batches, threads=args.threads, k=args.k,
                           n_candidates=args.n_candidates, seed=args.seed)
     if args.catalogue:
-        from loadtest.scale import ScaleConfig, parse_sizes, run_scale
+        from slimrec.bench.scale import ScaleConfig, parse_sizes, run_scale
 
         if not 0 < args.target_recall <= 1:
             raise ValueError(f"--target-recall must be in (0, 1], got {args.target_recall}")
@@ -98,8 +98,8 @@ def run_bench(args) -> int:
 
 def bench_artifacts(paths: dict[str, Path], timing) -> dict:
     """Latency (interleaved) and resident memory of each variant; ratios compressed / full."""
-    from compression.artifact import load_artifact
-    from loadtest.timing import machine, ratios, resident_memory, time_variants
+    from slimrec.artifact import load_artifact
+    from slimrec.bench.timing import machine, ratios, resident_memory, time_variants
 
     for name, path in paths.items():
         if not (Path(path) / "manifest.json").is_file():
@@ -171,7 +171,7 @@ def render_markdown(report: dict) -> str:
 
 def latency_table(latency: list[dict], ratio_rows: list[dict]) -> list[str]:
     """Markdown rows: per (batch, threads), each variant's median / p99 ms per stage, then the ratio."""
-    from loadtest.timing import STAGES
+    from slimrec.bench.timing import STAGES
 
     lines = ["## Latency per request, ms: median / p99", "",
              "| batch | threads | variant | " + " | ".join(STAGE_NAMES[s] for s in STAGES) + " |",

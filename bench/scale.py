@@ -34,8 +34,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-
-from loadtest.bench import bench_artifacts, parse_count, write_report
+from slimrec.bench.stages import bench_artifacts, parse_count, write_report
 
 K = 200  # recall@K of the compressed index against exact search
 # (items, users, interactions) of the sizes the scale run is tuned for; others interpolate log-log.
@@ -120,7 +119,7 @@ class ScaleConfig:
             largest resident part there; SQ4 lost 0.0035 more.
         target_recall, nprobe_grid: the IVF tuning (smallest nprobe reaching the target).
         recall_tolerance: a found item within this of the exact K-th best score counts as a hit
-            (`compression.index.recall_within`); the strict set intersection is reported beside it.
+            (`slimrec.artifact.index.recall_within`); the strict set intersection is reported beside it.
         tune_users, recall_users: disjoint samples of test users: tuning, then the reported recall.
         train_threads: torch and FAISS threads while building (0 = all CPUs). 1 by default: on a
             shared 2-vCPU host, two OpenMP threads that spin at every barrier while the other is
@@ -143,7 +142,7 @@ class ScaleConfig:
     seed: int = 0
 
     def __post_init__(self):
-        from compression.index import SQ_KINDS
+        from slimrec.artifact.index import SQ_KINDS
 
         self.nprobe_grid = tuple(self.nprobe_grid)
         if self.preset not in ("default", "tiny"):
@@ -222,11 +221,8 @@ def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool
             return previous
     import faiss
     import torch
-
-    from compression.index import IndexSpec
-    from compression.pipeline import PipelineConfig
-    from compression.prune import embedding_rows
-    from loadtest.scale_models import (
+    from slimrec.artifact.index import IndexSpec
+    from slimrec.bench.scale_models import (
         build_indexes,
         served_checks,
         stage_summary,
@@ -234,11 +230,13 @@ def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool
         training_view,
         write_served,
     )
-    from loadtest.timing import all_cpus
-    from models.features import build_feature_space
-    from models.fold import FIT_TRAIN_VALID, Fold
-    from models.movielens import load_dataset
-    from models.split import protocol_split
+    from slimrec.bench.timing import all_cpus
+    from slimrec.compression.pipeline import PipelineConfig
+    from slimrec.compression.prune import embedding_rows
+    from slimrec.models.features import build_feature_space
+    from slimrec.models.fold import FIT_TRAIN_VALID, Fold
+    from slimrec.models.movielens import load_dataset
+    from slimrec.models.split import protocol_split
 
     threads = config.train_threads or all_cpus()
     torch.set_num_threads(threads)
@@ -319,7 +317,7 @@ def same_build(previous: dict, params: dict) -> bool:
 
 def synthesize(size: CatalogueSize, out: Path, seed: int, fresh: bool) -> Path:
     """Write the size's synthetic dataset, unless `out` already holds exactly that one."""
-    from models.synth import write_synthetic
+    from slimrec.models.synth import write_synthetic
 
     stamp = out / "params.json"
     wanted = {**asdict(size), "seed": seed}
@@ -338,7 +336,7 @@ def synthesize(size: CatalogueSize, out: Path, seed: int, fresh: bool) -> Path:
 def run_scale(sizes: list[CatalogueSize], out: Path, config: ScaleConfig, timing,
               fresh: bool = False) -> dict:
     """Build and bench every size in turn; writes <out>/scale.{json,md,png} after each size."""
-    from loadtest.scale_render import plot_scale, render_scale
+    from slimrec.bench.scale_render import plot_scale, render_scale
 
     out.mkdir(parents=True, exist_ok=True)
     runs = []

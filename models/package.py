@@ -15,14 +15,25 @@ Files per prefix:
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Protocol
+
 import numpy as np
 import torch
+from slimrec.artifact import ArtifactWriter
+from slimrec.artifact.index import IndexSpec, build_item_index
+from slimrec.models.export import export_onnx, parity
+from slimrec.models.fold import Fold
+from slimrec.models.metrics import csr_from_pairs
 
-from compression.artifact import ArtifactWriter
-from compression.index import IndexSpec, build_item_index
-from models.export import export_onnx, parity
-from models.fold import Fold
-from models.metrics import csr_from_pairs
+
+class DenseQuantizer(Protocol):
+    """Rewrites an exported graph with quantized dense layers; compression's OnnxQuantConfig is one."""
+
+    def quantize_graph(self, src_path: Path, dst_path: Path) -> None: ...
+
+    def to_dict(self) -> dict: ...
+
 
 SERVED_PREFIX = ""
 SELECTION_PREFIX = "selection/"
@@ -46,7 +57,8 @@ def fold_tables(fold: Fold) -> dict[str, np.ndarray]:
 
 
 def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torch.nn.Module,
-                ranker: torch.nn.Module, index_spec: IndexSpec, dense_quant=None) -> dict:
+                ranker: torch.nn.Module, index_spec: IndexSpec,
+                dense_quant: DenseQuantizer | None = None) -> dict:
     """Export one model under `prefix`; returns its config entry, with the ONNX parity measured.
 
     With `dense_quant` (an OnnxQuantConfig) the served graphs' dense layers are quantized by
@@ -54,8 +66,6 @@ def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torc
     The item tower stays as exported: the index holds its vectors, and exact retrieval is
     measured against it.
     """
-    from compression.quantize import quantize_onnx_dense
-
     role = "served" if prefix == SERVED_PREFIX else "offline"
     n = fold.space.history_len
     parity_max = {}
@@ -66,7 +76,7 @@ def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torc
         if quantized:
             fp32 = path.with_suffix(".fp32.onnx")
             path.rename(fp32)
-            quantize_onnx_dense(fp32, path, dense_quant)
+            dense_quant.quantize_graph(fp32, path)
             fp32.unlink()
         parity_max[kind] = parity(module, kind, path, n)
         if parity_max[kind] > PARITY_TOLERANCE and not quantized:
@@ -121,7 +131,7 @@ def model_entry(models, index_spec: IndexSpec) -> dict:
 
 
 def write_fitted_artifact(out, variant: str, selected, final, config: dict, data: dict,
-                          index_spec: IndexSpec, dense_quant=None) -> ArtifactWriter:
+                          index_spec: IndexSpec, dense_quant: DenseQuantizer | None = None) -> ArtifactWriter:
     """Write both fitted models (selection and served) of a variant; returns the committed writer."""
     entries = {}
     writer = ArtifactWriter(out, variant, config={}, data=data)
@@ -147,9 +157,9 @@ def read_state(artifact, prefix: str, module_prefix: str) -> dict[str, torch.Ten
 
 def read_teacher(artifact, prefix: str, fold: Fold):
     """Rebuild the teacher's PyTorch models of one prefix from its config and weights (strict)."""
-    from models.ranker import Ranker
-    from models.train import TrainConfig
-    from models.two_tower import TwoTower
+    from slimrec.models.ranker import Ranker
+    from slimrec.models.train import TrainConfig
+    from slimrec.models.two_tower import TwoTower
 
     config = TrainConfig.from_dict(artifact.config["train"])
     two_tower = TwoTower(config.two_tower, fold.space, fold.tables)
