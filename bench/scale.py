@@ -232,7 +232,7 @@ def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool
     )
     from slimrec.bench.timing import all_cpus
     from slimrec.compression.pipeline import PipelineConfig
-    from slimrec.compression.prune import embedding_rows
+    from slimrec.compression.prune_embeddings import embedding_rows
     from slimrec.models.features import build_feature_space
     from slimrec.models.fold import FIT_TRAIN_VALID, Fold
     from slimrec.models.movielens import load_dataset

@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 import torch
 from slimrec.artifact.features import FeatureSpace
-from slimrec.compression.prune import (
-    PruneConfig,
+from slimrec.compression.prune import PruneConfig, prune_, prune_summary
+from slimrec.compression.prune_embeddings import embedding_rows, model_tables, share_rare_rows_
+from slimrec.compression.prune_layers import cross_rank, hidden_unit_pairs, reduce_cross_rank_
+from slimrec.compression.prune_unstructured import (
     apply_masks_,
-    cross_rank,
-    embedding_rows,
-    hidden_unit_pairs,
     magnitude_prune_,
-    model_tables,
-    prune_,
-    prune_summary,
-    reduce_cross_rank_,
-    share_rare_rows_,
     sparse_storage_bytes,
     sparsity_masks,
 )
