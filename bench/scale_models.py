@@ -35,7 +35,7 @@ def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
     from slimrec.compression.distill import distill_ranker, distill_two_tower
     from slimrec.compression.pipeline import PipelineConfig
     from slimrec.compression.prune import PruneConfig, prune_
-    from slimrec.compression.quantize import quantize_embeddings_
+    from slimrec.compression.quantize_embeddings import quantize_embeddings_
     from slimrec.models.train import FoldModels, train_ranker, train_retrieval
 
     w = config.retrieval_weight

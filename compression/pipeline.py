@@ -23,7 +23,8 @@ from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.index import IndexSpec
 from slimrec.compression.distill import DistillConfig, distill_ranker, distill_two_tower
 from slimrec.compression.prune import PruneConfig, prune_
-from slimrec.compression.quantize import EmbeddingQuantConfig, OnnxQuantConfig, quantize_embeddings_
+from slimrec.compression.quantize_embeddings import EmbeddingQuantConfig, quantize_embeddings_
+from slimrec.compression.quantize_onnx import OnnxQuantConfig
 from slimrec.models.data import Dataset
 from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX, read_teacher, write_fitted_artifact

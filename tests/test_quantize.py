@@ -9,16 +9,13 @@ import onnx
 import pytest
 import torch
 from slimrec.artifact.features import FeatureSpace
-from slimrec.compression.quantize import (
+from slimrec.compression.quantize_embeddings import (
     EmbeddingQuantConfig,
-    OnnxQuantConfig,
     QuantizedEmbedding,
-    compare_sessions,
-    onnx_weight_bytes,
-    quantization_error,
     quantize_embeddings_,
-    quantize_onnx_dense,
 )
+from slimrec.compression.quantize_eval import compare_sessions, onnx_weight_bytes, quantization_error
+from slimrec.compression.quantize_onnx import OnnxQuantConfig, quantize_onnx_dense
 from slimrec.models.export import export_onnx, parity, session
 from slimrec.models.ranker import Ranker, RankerConfig
 from slimrec.models.two_tower import TwoTower, TwoTowerConfig
