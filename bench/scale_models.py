@@ -147,7 +147,8 @@ def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, t
     from slimrec.artifact import load_artifact
     from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k, recall_within
     from slimrec.artifact.runtime import ServedModel
-    from slimrec.models.metrics import csr_from_pairs, ranking_metrics
+    from slimrec.models.csr import csr_from_pairs
+    from slimrec.models.ranking_metrics import ranking_metrics
     from slimrec.models.served_eval import item_vectors
     from slimrec.models.split import TEST
 
@@ -179,7 +180,7 @@ def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, t
 
 def popularity_recall(model, users: np.ndarray, relevant) -> float:
     """recall@10 of the served popularity fallback (most-interacted unseen items) for `users`."""
-    from slimrec.models.metrics import ranking_metrics
+    from slimrec.models.ranking_metrics import ranking_metrics
 
     batch = model.known_users(users)
     top = np.full((len(users), 10), -1)

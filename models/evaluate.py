@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from slimrec.models.classification_metrics import auc, log_loss
 from slimrec.models.fold import Fold
-from slimrec.models.metrics import auc, log_loss, ranking_metrics, top_k_excluding
 from slimrec.models.ranker import Ranker
+from slimrec.models.ranking_metrics import ranking_metrics
+from slimrec.models.top_k import top_k_excluding
 from slimrec.models.two_tower import TwoTower
 
 RETRIEVAL_KS = (10, 50, 200)

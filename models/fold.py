@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.user_state import histories_before
+from slimrec.models.csr import csr_from_pairs
 from slimrec.models.data import Dataset
 from slimrec.models.features import item_genre_table, item_year_table, user_feature_table
-from slimrec.models.metrics import csr_from_pairs
 from slimrec.models.split import TEST, TRAIN, VALID, Split
 
 FIT_TRAIN = "train"  # fit on train, score valid

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from slimrec.artifact import ArtifactWriter
 from slimrec.artifact.index import IndexSpec, build_item_index
+from slimrec.models.csr import csr_from_pairs
 from slimrec.models.export import export_onnx, parity
 from slimrec.models.fold import Fold
-from slimrec.models.metrics import csr_from_pairs
 
 
 class DenseQuantizer(Protocol):

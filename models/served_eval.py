@@ -13,11 +13,13 @@ import numpy as np
 from slimrec.artifact import Artifact
 from slimrec.artifact.ort import run_session
 from slimrec.artifact.runtime import ServedModel
+from slimrec.models.classification_metrics import auc, log_loss
 from slimrec.models.data import Dataset
 from slimrec.models.evaluate import RETRIEVAL_KS
-from slimrec.models.metrics import auc, log_loss, ranking_metrics, top_k_excluding
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX
+from slimrec.models.ranking_metrics import ranking_metrics
 from slimrec.models.split import TEST, VALID, protocol_split
+from slimrec.models.top_k import top_k_excluding
 
 BATCH = 256
 PREFIX_FOLD = {SELECTION_PREFIX: ("valid", VALID), SERVED_PREFIX: ("test", TEST)}
@@ -33,7 +35,7 @@ def check_dataset(artifact: Artifact, dataset: Dataset) -> None:
 
 def relevant_sets(dataset: Dataset, fold: int, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR over `users` of their items in `fold`."""
-    from slimrec.models.metrics import csr_from_pairs
+    from slimrec.models.csr import csr_from_pairs
 
     split = protocol_split(dataset)
     slot = np.full(dataset.n_users, -1)

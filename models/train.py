@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from slimrec.artifact.user_state import histories_before
+from slimrec.models.csr import csr_from_pairs
 from slimrec.models.evaluate import (
     evaluate_retrieval,
     evaluate_two_stage,
@@ -25,7 +26,6 @@ from slimrec.models.evaluate import (
     item_embeddings,
 )
 from slimrec.models.fold import Fold
-from slimrec.models.metrics import csr_from_pairs
 from slimrec.models.ranker import Ranker, RankerConfig
 from slimrec.models.two_tower import TwoTower, TwoTowerConfig
 from tqdm import tqdm

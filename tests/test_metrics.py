@@ -1,4 +1,5 @@
-"""Tests for models/metrics.py against hand-computed values and plain-Python references of PROTOCOL.md."""
+"""Metrics (models/csr, top_k, ranking_metrics, classification_metrics) vs hand-computed values and
+plain-Python references of PROTOCOL.md."""
 
 from __future__ import annotations
 
@@ -6,18 +7,16 @@ import math
 
 import numpy as np
 import pytest
-from slimrec.models.metrics import (
-    auc,
-    csr_from_pairs,
-    csr_slice,
+from slimrec.models.classification_metrics import auc, log_loss
+from slimrec.models.csr import csr_from_pairs, csr_slice
+from slimrec.models.ranking_metrics import (
     hit_matrix,
-    log_loss,
     per_user_ndcg_at_10,
     per_user_ranking_metrics,
     ranking_metrics,
     standard_error,
-    top_k_excluding,
 )
+from slimrec.models.top_k import top_k_excluding
 
 
 def csr(sets: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
