@@ -101,7 +101,7 @@ def test_an_ivf_filter_keeps_the_allowed_items_of_the_probed_lists():
 def test_seen_items_are_dropped_and_the_rest_kept_in_order(monkeypatch, dense_cells):
     """ServedModel.retrieve's exclusion: each row keeps its first n items that are neither
     padding (-1) nor in that row's excluded set, in search order, padded with -1 / -inf."""
-    from slimrec.compression import runtime
+    from slimrec.artifact import runtime
 
     monkeypatch.setattr(runtime, "DENSE_MEMBER_CELLS", dense_cells)
     rng = np.random.default_rng(4)

@@ -174,8 +174,7 @@ def test_nothing_on_the_serving_path_unpickles():
     # The load path: artifact (JSON + sha256), safetensors, FAISS read_index, ONNX Runtime. The
     # code (not docstrings) imports no pickle-capable loader and calls none with pickle allowed.
     repo = Path(__file__).resolve().parents[1]
-    files = [*sorted((repo / "serving").glob("*.py")), repo / "compression/artifact.py",
-             repo / "compression/runtime.py", repo / "compression/index.py", repo / "models/ort.py",
+    files = [*sorted((repo / "serving").glob("*.py")), *sorted((repo / "artifact").glob("*.py")),
              repo / "models/features.py"]
     banned_modules = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "joblib", "torch", "shelve",
                       "marshal"}
@@ -237,7 +236,7 @@ def test_reloads_under_load_swap_or_refuse_without_failing_a_request(tiny_teache
     root = tmp_path / "artifacts"
     v1 = copy_artifact(tiny_teacher, root / "v1")
     v2 = copy_artifact(tiny_teacher, root / "v2")
-    update_metrics(v2, {"note": "retrained"})  # different content, different model_version
+    amend_artifact(v2, files={"note.json": (b'{"note": "retrained"}', "served")})  # another served file
     corrupt = copy_artifact(tiny_teacher, root / "corrupt")
     data = bytearray((corrupt / "items.faiss").read_bytes())
     data[100] ^= 0xFF

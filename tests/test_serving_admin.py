@@ -8,7 +8,7 @@ import signal
 
 import pytest
 from serving_fixtures import ADMIN_TOKEN, copy_artifact, metric_value, running_server
-from slimrec.artifact import sha256_file, update_metrics
+from slimrec.artifact import amend_artifact, sha256_file
 from slimrec.serving.router import assign_variant
 
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -60,7 +60,7 @@ def test_good_artifact_swaps_in(server, roots):
     artifacts, _ = roots
     old = version(server, "full")
     copy_artifact(artifacts / "v1", artifacts / "v2")
-    update_metrics(artifacts / "v2", {"note": "retrained"})  # another file content: another version
+    amend_artifact(artifacts / "v2", files={"note.json": (b'{"note": "retrained"}', "served")})  # new version
     body = reload(server, "full", 200, path="v2")
     assert body["previous_version"] == old and body["model_version"] != old
     assert version(server, "full") == body["model_version"]
