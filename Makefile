@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARTIFACTS ?= artifacts
+# Type-checked packages (mypy); the rest are linted.
+TYPED  := slimrec.artifact slimrec.serving slimrec.compression
 
-.PHONY: demo test install clean
+.PHONY: demo test lint typecheck install clean
 
 $(BIN)/slimrec: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,9 +20,20 @@ install: $(BIN)/slimrec
 demo: install
 	$(BIN)/slimrec demo --out $(ARTIFACTS)
 
-# The test suite CI runs; the real MovieLens-100K is read from ../shared/data.
-test: install
+# The test command CI runs: lint, type check, then the suite (MovieLens-100K from ../shared/data).
+test: lint typecheck
 	SLIMREC_DATA_DIR=$${SLIMREC_DATA_DIR:-../shared/data} $(BIN)/pytest -q
 
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# mypy resolves modules by path: link the folders under the names they install as.
+typecheck: install
+	rm -rf .typecheck && mkdir -p .typecheck/slimrec
+	for d in models compression artifact serving loadtest bench; do ln -s ../../$$d .typecheck/slimrec/$$d; done
+	for f in slimrec/*.py; do ln -s ../../$$f .typecheck/slimrec/; done
+	$(BIN)/mypy --python-executable $(BIN)/python $(addprefix -p ,$(TYPED))
+
 clean:
-	rm -rf $(VENV) $(ARTIFACTS)
+	rm -rf $(VENV) $(ARTIFACTS) .typecheck
