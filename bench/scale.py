@@ -167,7 +167,7 @@ class ScaleConfig:
         return asdict(self)
 
     def train_config(self):
-        from slimrec.presets import train_config
+        from slimrec.models.presets import train_config
 
         config = train_config("teacher" if self.preset == "default" else "tiny", seed=self.seed)
         config.retrieval_schedule = replace(config.retrieval_schedule, max_epochs=1)
@@ -177,7 +177,7 @@ class ScaleConfig:
         return config
 
     def distill_config(self):
-        from slimrec.presets import compress_config
+        from slimrec.compression.presets import compress_config
 
         distill = compress_config("default" if self.preset == "default" else "tiny").distill
         # One epoch over a sample leaves most id rows as initialised, N(0, 1): random directions

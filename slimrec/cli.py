@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from slimrec import presets
+from slimrec.compression.presets import COMPRESS_PRESETS, compress_config
+from slimrec.models.presets import TRAIN_PRESETS, train_config
 
 
 class UsageError(Exception):
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train the teacher (full) models and write an artifact")
     train.add_argument("--data", default="ml-100k", help="dataset name under $SLIMREC_DATA_DIR, or a directory")
     train.add_argument("--out", type=Path, default=Path("artifacts/teacher"))
-    train.add_argument("--preset", choices=sorted(presets.TRAIN_PRESETS), default="teacher")
+    train.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="teacher")
     train.add_argument("--config", type=Path, help="TOML file overriding the preset")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
@@ -69,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     compress = sub.add_parser("compress", help="distil, prune, quantize and index the teacher; gate; report")
     compress.add_argument("--teacher", type=Path, default=Path("artifacts/teacher"))
     compress.add_argument("--out", type=Path, default=Path("artifacts/compressed"))
-    compress.add_argument("--preset", choices=sorted(presets.COMPRESS_PRESETS), default="default")
+    compress.add_argument("--preset", choices=sorted(COMPRESS_PRESETS), default="default")
     compress.add_argument("--config", type=Path, help="TOML file with PipelineConfig sections")
     compress.add_argument("--data", default=None, help="dataset (default: the one the teacher names)")
     compress.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
@@ -77,8 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: fetch ml-100k, train, compress, serve A/B, compare")
     demo.add_argument("--out", type=Path, default=Path("artifacts"))
-    demo.add_argument("--preset", choices=sorted(presets.TRAIN_PRESETS), default="teacher")
-    demo.add_argument("--compress-preset", choices=sorted(presets.COMPRESS_PRESETS), default="default")
+    demo.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="teacher")
+    demo.add_argument("--compress-preset", choices=sorted(COMPRESS_PRESETS), default="default")
     demo.add_argument("--load-duration", default="20s", help="load test per variant (default 20s)")
     demo.set_defaults(run=cmd_demo, command="demo")
     for register in subcommand_registrars():
@@ -128,7 +129,7 @@ def cmd_train(args) -> None:
     from slimrec.models.split import protocol_split
     from slimrec.models.train import fit_teacher, log
 
-    config = presets.train_config(args.preset, args.config, seed=args.seed)
+    config = train_config(args.preset, args.config, seed=args.seed)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     started = time.perf_counter()
     dataset = load_dataset(args.data)
@@ -169,7 +170,7 @@ def cmd_compress(args) -> int:
     from slimrec.compression.report_render import render_markdown
     from slimrec.models.movielens import load_dataset
 
-    config = presets.compress_config(args.preset, args.config)
+    config = compress_config(args.preset, args.config)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     teacher = load_artifact(args.teacher)
     dataset = load_dataset(args.data or teacher.manifest["data"].get("source") or teacher.manifest["data"]["dataset"])
