@@ -2,8 +2,8 @@
 
 An artifact is a directory of model files described by `manifest.json` (format, versions,
 config, data, and sha256 + size + role of every file). `slimrec.artifact.load` reads one,
-`slimrec.artifact.writer` writes one; both follow the rules kept here. Nothing here unpickles
-anything: weights are safetensors, everything else is JSON.
+`slimrec.artifact.writer` writes one and `slimrec.artifact.amend` amends one; all follow the
+rules kept here. Nothing here unpickles anything: weights are safetensors, everything else is JSON.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""Writing artifacts: all-or-nothing directories, and atomic amendments of existing ones.
+"""Writing artifacts: all-or-nothing directories.
 
 `ArtifactWriter` fills a hidden temporary sibling directory and renames it into place on
-`commit()`, so a reader never sees a half-written artifact.
+`commit()`, so a reader never sees a half-written artifact. Existing artifacts are amended
+by `slimrec.artifact.amend`.
 
 Example:
     >>> with ArtifactWriter(out, "full", config={"dim": 64}, data={"dataset": "ml-100k"}) as writer:
@@ -13,8 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import secrets
 import shutil
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import safetensors.numpy
-from slimrec.artifact.load import load_artifact
+from slimrec.artifact.atomic import atomic_write_bytes, fsync_dir
 from slimrec.artifact.manifest import (
     COMPUTED_FIELDS,
     DEFAULT_SPLIT,
@@ -47,39 +46,12 @@ def _utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def fsync_dir(directory: Path) -> None:
-    # Make renames durable; directories cannot be opened for fsync on every platform.
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so readers see the old or the new content, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
 def _is_replaceable_artifact_dir(directory: Path) -> bool:
     # Only ever delete what is recognisably an artifact (or empty): a typo'd output path
     # must not rmtree someone's home directory.
     if directory.is_symlink() or not directory.is_dir():
         return False
     return (directory / MANIFEST).is_file() or not any(directory.iterdir())
-
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -109,7 +81,8 @@ class ArtifactWriter:
     def __init__(self, directory: str | Path, variant: str, config: dict, data: dict):
         self.directory = Path(directory)
         if self.directory.name in ("", ".", ".."):
-            raise ArtifactError(f"{directory}: artifact directory needs a name (got an empty, '.' or '..' path)")
+            raise ArtifactError(f"{directory}: artifact directory needs a name "
+                                "(got an empty, '.' or '..' path)")
         if not isinstance(variant, str) or not variant:
             raise ArtifactError(f"{self.directory}: variant must be a non-empty string, got {variant!r}")
         if self.directory.exists() and not _is_replaceable_artifact_dir(self.directory):
@@ -369,57 +342,3 @@ class ArtifactWriter:
                 raise
             shutil.rmtree(old, ignore_errors=True)
         fsync_dir(final.parent)
-
-
-# --- loading -------------------------------------------------------------------------------------
-
-
-def update_metrics(path: str | Path, metrics: dict) -> Path:
-    """Write metrics.json into an existing artifact and record its checksum in the manifest.
-
-    Example:
-        >>> update_metrics("artifacts/compressed", {"recall@10": 0.21, "ndcg@10": 0.12})
-    """
-    try:
-        data = json_bytes(metrics)
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{Path(path) / METRICS}: cannot write as JSON: {e}") from e
-    amend_artifact(path, files={METRICS: (data, "offline")})
-    return Path(path) / METRICS
-
-
-def amend_artifact(path: str | Path, files: dict[str, tuple[bytes, str]] | None = None,
-                   fields: dict[str, Any] | None = None) -> Path:
-    """Add or replace files ({rel: (bytes, role)}) and top-level manifest fields of an artifact.
-
-    Each file is replaced atomically (temp file + os.replace), the manifest last: a crash in
-    between leaves a file that fails its checksum on load, never content that silently passes
-    verification. Concurrent amendments of one artifact are not serialized; the last one wins.
-
-    Example:
-        >>> amend_artifact("artifacts/compressed", {"report.md": (text.encode(), "offline")},
-        ...                {"promotable": False})
-    """
-    root = Path(path)
-    # Structure check only: hashing every weight file is the loader's job, and the other
-    # entries are carried over unchanged so any tampering with them is still caught later.
-    manifest = load_artifact(root, verify=False).manifest
-    for key, value in (fields or {}).items():
-        if key in COMPUTED_FIELDS:
-            raise ArtifactError(f"{root}: manifest field {key!r} is computed on commit, not settable")
-        if key == "promotable" and value is not None and not isinstance(value, bool):
-            raise ArtifactError(f"{root}: promotable must be true, false or null, got {value!r}")
-        manifest[key] = value
-    for rel, (data, role) in (files or {}).items():
-        rel = checked_relpath(rel)
-        if role not in ROLES:
-            raise ArtifactError(f"{root / rel}: role must be one of {ROLES}, got {role!r}")
-        manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data), "role": role}
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(root / rel, data)
-    try:
-        manifest_bytes = json_bytes(manifest)
-    except (TypeError, ValueError) as e:
-        raise ArtifactError(f"{root / MANIFEST}: cannot write as JSON: {e}") from e
-    atomic_write_bytes(root / MANIFEST, manifest_bytes)
-    return root
