@@ -14,7 +14,8 @@ import random
 import re
 import secrets
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
@@ -30,7 +31,7 @@ from slimrec.serving.deps import (
     check_forced_variant,
     ready_service,
 )
-from slimrec.serving.direct import direct_route, recommend_body, user_query
+from slimrec.serving.direct import Handler, direct_route, recommend_body, user_query
 from slimrec.serving.queries import Answer, QueryError, build_query, seen_items
 from slimrec.serving.queries import Query as ModelQuery
 from slimrec.serving.router import assign_variant
@@ -115,7 +116,7 @@ async def answer_user_recommendations(request: Request) -> Response:
 
 
 # (method, path, documented endpoint, handler); serving/app.py hands them to DirectDispatch too.
-DIRECT_ROUTES = [("POST", "/v1/recommend", recommend, answer_recommend),
+DIRECT_ROUTES: list[tuple[str, str, Callable[..., Any], Handler]] = [("POST", "/v1/recommend", recommend, answer_recommend),
                  ("GET", "/v1/users/{user_id}/recommendations", user_recommendations,
                   answer_user_recommendations)]
 for method, path, documented, answer in DIRECT_ROUTES:
@@ -246,7 +247,7 @@ async def shadow_compare(service: Service, primary: str, partner: str, body: Rec
             served, _, answer = await _answer(service, served, body)
     except Exception:  # a shadow must never hurt the primary path; count it and move on
         answer = None
-    if answer is None:
+    if answer is None or served is None:
         service.metrics.shadow.labels(primary, partner, "error").inc()
         return
     items = [served.variant.item_ids[i] for i in answer.items.tolist()]

@@ -59,7 +59,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.include_router(api.router)
     app.include_router(admin.router)
-    app.add_exception_handler(RequestValidationError, _validation_error)
+    # Starlette types handlers as taking any Exception; this one is registered for its own class.
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     # The last added runs first: instrumentation -> body limit -> admission -> the direct
     # recommendation routes -> FastAPI's router, so 413s and overload 503s are counted, and a
     # refused request has had its (bounded) body read, which keeps its connection usable.

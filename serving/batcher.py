@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -130,6 +130,7 @@ class Batcher(Generic[T, R]):
             if not live:
                 continue
             self.on_batch(len(live))
+            outcome: tuple[Callable[..., None], list[asyncio.Future], Any]
             try:
                 results = self.run_batch([query for query, _ in live])
                 if len(results) != len(live):
@@ -138,6 +139,7 @@ class Batcher(Generic[T, R]):
                 outcome = (_fail, [future for _, future in live], exc)
             else:
                 outcome = (_answer, [future for _, future in live], results)
+            assert self._loop is not None  # start() set it before this thread began
             try:
                 self._loop.call_soon_threadsafe(*outcome)
             except RuntimeError:  # the event loop is gone (its owner ended without close()): stop

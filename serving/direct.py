@@ -11,8 +11,8 @@ app's handlers answer them exactly as before: 400 for malformed JSON, 422 naming
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Annotated
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any
 
 from fastapi import HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -22,7 +22,7 @@ from slimrec.serving.schemas import RawId, RecommendRequest
 from slimrec.serving.settings import MAX_K
 from starlette.routing import compile_path
 
-Handler = Callable[[Request], Awaitable[Response]]
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 def direct_route(handle: Handler) -> type[APIRoute]:

@@ -162,7 +162,7 @@ class ModelProcesses:
     @property
     def pids(self) -> list[int]:
         with self._lock:
-            return [child.process.pid for child in self._children]
+            return [pid for child in self._children if (pid := child.process.pid) is not None]
 
     def _add(self, child: _Child) -> None:
         with self._lock:

@@ -94,12 +94,13 @@ class Service:
         loaded = await asyncio.gather(*(asyncio.to_thread(self._load, name, self.settings.variants[name])
                                         for name in names), return_exceptions=True)
         failed = [outcome for outcome in loaded if isinstance(outcome, BaseException)]
+        ready = [outcome for outcome in loaded if not isinstance(outcome, BaseException)]
         if failed:
-            for outcome in loaded:
-                if not isinstance(outcome, BaseException) and outcome[1] is not None:
-                    outcome[1].close()
+            for _, processes in ready:
+                if processes is not None:
+                    processes.close()
             raise failed[0]
-        for variant, processes in loaded:
+        for variant, processes in ready:
             self._install(variant, processes)
             log.info("variant %s: %s (%s) loaded", variant.name, variant.path, variant.version)
         self.metrics.record_split(self.split)
