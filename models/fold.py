@@ -13,7 +13,7 @@ from functools import cached_property
 import numpy as np
 import torch
 from slimrec.artifact.features import FeatureSpace
-from slimrec.artifact.user_state import histories_before
+from slimrec.artifact.user_state import UserInputs, gather_ranges, user_inputs
 from slimrec.models.csr import csr_from_pairs
 from slimrec.models.data import Dataset
 from slimrec.models.features import item_genre_table, item_year_table, user_feature_table
@@ -98,17 +98,30 @@ class Fold:
         """User indices with at least one row in the scored fold."""
         return np.unique(self.split.user[self.split.fold == self.eval_fold])
 
-    def user_state(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(user_code [b], user_features [b, 4], history [b, N]) as of the end of the fitted rows."""
-        end = self.split.user_start[users] + self.fit_counts[users]
-        history = histories_before(self.item_codes, self.split.user_start[users], end, self.space.history_len)
-        codes = users.astype(np.int64) + 1
-        return codes, self.user_features[codes], history
+    def inputs_before(self, users: np.ndarray, ends: np.ndarray) -> UserInputs:
+        """Model inputs of users [b] with their histories cut before protocol positions `ends` [b].
+
+        Returns:
+            UserInputs: codes int64 [b], features int64 [b, 4], history int64 [b, N]
+            (slimrec.artifact.user_state, which serving calls too).
+        """
+        return user_inputs(users, self.user_features, self.split.item, self.split.user_start[users], ends,
+                           self.space.history_len)
+
+    def fitted_end(self, users: np.ndarray) -> np.ndarray:
+        """int64 [b]: the protocol position just past each user's fitted rows (a prefix of theirs)."""
+        return self.split.user_start[users] + self.fit_counts[users]
+
+    def user_state(self, users: np.ndarray) -> UserInputs:
+        """(codes [b], features [b, 4], history [b, N]) as of the end of the fitted rows: what a
+        served model's `known_users` feeds for the same users."""
+        return self.inputs_before(users, self.fitted_end(users))
 
     @cached_property
     def eval_exclude(self) -> tuple[np.ndarray, np.ndarray]:
         """CSR over eval_users: every fitted item of the user (PROTOCOL: never recommended again)."""
-        return self._csr_of(self.fit_positions)
+        users = self.eval_users
+        return gather_ranges(self.split.item, self.split.user_start[users], self.fitted_end(users))
 
     @cached_property
     def eval_relevant(self) -> tuple[np.ndarray, np.ndarray]:

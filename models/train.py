@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from slimrec.artifact.user_state import histories_before
+from slimrec.artifact.user_state import gather_ranges
 from slimrec.models.csr import csr_from_pairs
 from slimrec.models.evaluate import (
     evaluate_retrieval,
@@ -141,11 +141,10 @@ def train_retrieval(fold: Fold, config: TrainConfig, epochs: int | None = None, 
             yield positions[s : s + schedule.batch_size]
 
     def step(pos: np.ndarray) -> torch.Tensor:
-        users = fold.split.user[pos].astype(np.int64)
-        history = histories_before(fold.item_codes, fold.row_user_start[pos], pos, fold.space.history_len)
+        codes, features, history = fold.inputs_before(fold.split.user[pos], pos)  # the row itself left out
         return loss_fn(model, {
-            "user_code": torch.from_numpy(users + 1),
-            "user_features": torch.from_numpy(fold.user_features[users + 1]),
+            "user_code": torch.from_numpy(codes),
+            "user_features": torch.from_numpy(features),
             "history": torch.from_numpy(history),
             "item_code": torch.from_numpy(fold.item_codes[pos]),
             "log_q": log_q,
@@ -183,10 +182,10 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
 
     def step(batch) -> torch.Tensor:
         users, cut, cands, labels = batch
-        history = histories_before(fold.item_codes, fold.split.user_start[users], cut, fold.space.history_len)
-        codes = users.astype(np.int64) + 1
-        inputs = {"user_code": torch.from_numpy(codes), "user_features": torch.from_numpy(fold.user_features[codes]),
-                  "history": torch.from_numpy(history), "candidates": torch.from_numpy(np.maximum(cands, -1) + 1)}
+        codes, features, history = fold.inputs_before(users, cut)
+        inputs = {"user_code": torch.from_numpy(codes), "user_features": torch.from_numpy(features),
+                  "history": torch.from_numpy(history),
+                  "candidates": torch.from_numpy(np.maximum(cands, -1) + 1)}
         return loss_fn(model, inputs, torch.from_numpy(labels), torch.from_numpy(cands >= 0))
 
     def validate(m):
@@ -223,13 +222,12 @@ def ranker_lists(fold: Fold, retrieval: TwoTower, item_emb: np.ndarray, fitted, 
     n_pos = np.minimum(data.max_positives, np.maximum(1, np.round(0.1 * n))).astype(np.int64)
     n_pos = np.minimum(n_pos, start + n - cut)
 
-    history = histories_before(fold.item_codes, start, cut, fold.space.history_len)
+    codes, features, history = fold.inputs_before(users, cut)
     with torch.no_grad():
         retrieval.eval()
-        u_emb = retrieval.user_tower(torch.from_numpy(users.astype(np.int64) + 1),
-                                     torch.from_numpy(fold.user_features[users + 1]),
+        u_emb = retrieval.user_tower(torch.from_numpy(codes), torch.from_numpy(features),
                                      torch.from_numpy(history)).numpy()
-    exclude = _prefix_csr(fold.split.item, start, cut)
+    exclude = gather_ranges(fold.split.item, start, cut)  # the items before the cut, as at serving time
     retrieved, _ = exact_top_k(u_emb, item_emb, data.candidates, exclude)
 
     width = data.max_positives + data.hard_negatives + data.random_negatives
@@ -249,13 +247,6 @@ def ranker_lists(fold: Fold, retrieval: TwoTower, item_emb: np.ndarray, fitted, 
     randoms = np.where(_member(users, randoms, fitted, fold.dataset.n_items), -1, randoms)
     cands[:, -data.random_negatives :] = randoms
     return users, cut, cands, labels
-
-
-def _prefix_csr(items: np.ndarray, start: np.ndarray, stop: np.ndarray):
-    lengths = stop - start
-    rows = np.repeat(np.arange(len(start)), lengths)
-    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return csr_from_pairs(rows, items[start[rows] + within], len(start))
 
 
 def _member(users: np.ndarray, items: np.ndarray, csr, n_items: int) -> np.ndarray:

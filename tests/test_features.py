@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from slimrec.artifact.features import AGE_EDGES, YEAR_EDGES, FeatureSpace, age_bucket, year_bucket, zip_prefix
-from slimrec.artifact.user_state import histories_before
+from slimrec.artifact.user_state import history_window
 from slimrec.models.data import build_dataset
 from slimrec.models.features import build_feature_space, user_feature_table
 from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
@@ -61,7 +61,8 @@ def test_zip_prefix():
 
 # --- histories ------------------------------------------------------------------------------------
 #
-# Two users in protocol order: user A rows 0..2 with item codes 5, 6, 7; user B rows 3..4 with 8, 9.
+# Two users in protocol order: user A rows 0..2 with item codes 5, 6, 7; user B rows 3..4 with 8, 9
+# (item indices 4..8: history_window takes indices and gives codes, index + 1).
 # history_len = 3, right-aligned, 0-padded on the left, never reaching into the previous user:
 #   A at row 0 (start 0): rows -3..-1    -> [0, 0, 0]
 #   A at row 2 (start 0): rows -1, 0, 1  -> [0, 5, 6]
@@ -70,22 +71,22 @@ def test_zip_prefix():
 #   B at row 4 (start 3): rows 1, 2, 3   -> [0, 0, 8]
 #   B at row 5 (start 3): rows 2, 3, 4   -> [0, 8, 9]   (the end of B)
 
-HISTORY_ITEMS = np.array([5, 6, 7, 8, 9])
+HISTORY_ITEMS = np.array([5, 6, 7, 8, 9]) - 1  # indices of codes 5..9
 
 
-def test_histories_before_right_aligned_and_per_user():
+def test_history_window_right_aligned_and_per_user():
     positions = np.array([0, 2, 3, 3, 4, 5])
     starts = np.array([0, 0, 0, 3, 3, 3])
-    got = histories_before(HISTORY_ITEMS, starts, positions, history_len=3)
+    got = history_window(HISTORY_ITEMS, starts, positions, history_len=3)
     assert got.dtype == np.int64
     assert got.tolist() == [[0, 0, 0], [0, 5, 6], [5, 6, 7], [0, 0, 0], [0, 0, 8], [0, 8, 9]]
 
 
-def test_histories_before_keeps_only_the_most_recent():
+def test_history_window_keeps_only_the_most_recent():
     # A at row 3 with history_len 2: the last two of 5, 6, 7.
-    assert histories_before(HISTORY_ITEMS, np.array([0]), np.array([3]), 2).tolist() == [[6, 7]]
+    assert history_window(HISTORY_ITEMS, np.array([0]), np.array([3]), 2).tolist() == [[6, 7]]
     # history_len 1: the previous item only.
-    assert histories_before(HISTORY_ITEMS, np.array([3]), np.array([5]), 1).tolist() == [[9]]
+    assert history_window(HISTORY_ITEMS, np.array([3]), np.array([5]), 1).tolist() == [[9]]
 
 
 # --- the feature space ----------------------------------------------------------------------------
