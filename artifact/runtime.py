@@ -14,6 +14,7 @@ from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.index import IndexSpec, ItemIndex
 from slimrec.artifact.load import Artifact
 from slimrec.artifact.ort import run_session, session
+from slimrec.artifact.user_state import csr_rows, empty_csr, user_inputs
 
 
 @dataclass
@@ -24,7 +25,7 @@ class UserBatch:
     features: np.ndarray  # int64 [B, 4]
     history: np.ndarray  # int64 [B, N] item codes, right-aligned
     exclude_indptr: np.ndarray  # int64 [B + 1]
-    exclude_items: np.ndarray  # int64
+    exclude_items: np.ndarray  # item indices: int32 from the fitted table, int64 from sent histories
 
 
 @dataclass
@@ -57,18 +58,19 @@ class ServedModel:
     # --- request assembly ----------------------------------------------------------------------
 
     def known_users(self, users: np.ndarray, exclude_seen: bool = True) -> UserBatch:
-        """State of known users (indices) as of the end of their fitted interactions."""
-        start, stop = self.fitted_indptr[users], self.fitted_indptr[users + 1]
-        n = self.space.history_len
-        idx = stop[:, None] - np.arange(n, 0, -1)[None, :]
-        history = np.where(idx >= start[:, None], self.fitted_items[np.maximum(idx, 0)] + 1, 0)
-        codes = users.astype(np.int64) + 1
-        if exclude_seen:
-            exclude_indptr, exclude = _csr_rows(self.fitted_indptr, self.fitted_items, users)
-        else:
-            exclude_indptr, exclude = np.zeros(len(users) + 1, np.int64), np.zeros(0, np.int64)
-        features = self.user_features[codes].astype(np.int64)
-        return UserBatch(codes, features, history.astype(np.int64), exclude_indptr, exclude)
+        """State of known users as of the end of their fitted interactions (slimrec.artifact.user_state).
+
+        Args:
+            users: int [B] user indices.
+            exclude_seen: exclude each user's fitted items (else exclude nothing).
+        Returns:
+            UserBatch of B rows; exclude_items in the fitted table's dtype, int32 as written.
+        """
+        indptr = self.fitted_indptr
+        inputs = user_inputs(users, self.user_features, self.fitted_items, indptr[users], indptr[users + 1],
+                             self.space.history_len)
+        exclude = csr_rows(indptr, self.fitted_items, users) if exclude_seen else empty_csr(len(users))
+        return UserBatch(*inputs, *exclude)
 
     # --- stages -------------------------------------------------------------------------------
 
@@ -147,18 +149,9 @@ class ServedModel:
 FIRST_PASS_DEPTH = 1.5
 
 
-def _csr_rows(indptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """These rows of the CSR (indptr, values), as a CSR of their own (int64 indptr)."""
-    starts = indptr[rows]
-    lengths = indptr[rows + 1] - starts
-    out = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    take = np.repeat(starts - out[:-1], lengths) + np.arange(out[-1])
-    return out, values[take]
-
-
 def _rows(batch: UserBatch, rows: np.ndarray) -> UserBatch:
     """The sub-batch of these rows."""
-    indptr, excluded = _csr_rows(batch.exclude_indptr, batch.exclude_items, rows)
+    indptr, excluded = csr_rows(batch.exclude_indptr, batch.exclude_items, rows)
     return UserBatch(batch.codes[rows], batch.features[rows], batch.history[rows], indptr, excluded)
 
 

@@ -19,7 +19,14 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from slimrec.artifact.runtime import UserBatch
+from slimrec.artifact.runtime import ServedModel, UserBatch
+from slimrec.artifact.user_state import (
+    lists_as_csr,
+    sent_history_window,
+    sent_user_features,
+    user_codes,
+    user_feature_rows,
+)
 from slimrec.serving.variants import Variant
 
 FilterKey = tuple[tuple[str, ...], tuple[str, ...]]
@@ -123,41 +130,33 @@ def stored_items(model, user: int) -> np.ndarray:
     return model.fitted_items[model.fitted_indptr[user]: model.fitted_indptr[user + 1]]
 
 
-def known_user_batch(variant: Variant, user: int, extra: np.ndarray, exclude_seen: bool) -> UserBatch:
-    """A known user's row with `extra` items appended to the stored history (and excluded).
-    Without extra items `model.known_users` gives the row, as `slimrec evaluate` feeds it."""
-    model = variant.model
-    items = np.concatenate([stored_items(model, user), extra])
-    return _batch(model, code=user + 1, features=model.user_features[user + 1], items=items,
-                  exclude_seen=exclude_seen)
+def sent_history_batch(model: ServedModel, queries: list[Query]) -> UserBatch:
+    """Model inputs for queries with a sent history, one row each, in order.
 
-
-def new_user_batch(variant: Variant, items: np.ndarray, features: dict, exclude_seen: bool) -> UserBatch:
-    """An unknown user's row: user code 0, optional side features, the sent history."""
-    model = variant.model
-    encoded = model.space.encode_user_features(
-        np.array([features.get("age") if features.get("age") is not None else -1]),
-        np.array([features.get("gender") or ""], dtype=object),
-        np.array([features.get("occupation") or ""], dtype=object),
-        np.array([features.get("zip_code") or ""], dtype=object))
-    return _batch(model, code=0, features=encoded[0], items=items, exclude_seen=exclude_seen)
-
-
-def _batch(model, code: int, features: np.ndarray, items: np.ndarray, exclude_seen: bool) -> UserBatch:
-    n = model.space.history_len
-    recent = items[-n:] + 1  # item codes, right-aligned, 0-padded on the left
-    history = np.zeros((1, n), np.int64)
-    history[0, n - len(recent):] = recent
-    exclude = np.unique(items) if exclude_seen else np.zeros(0, np.int64)
-    return UserBatch(np.array([code], np.int64), features.reshape(1, -1).astype(np.int64), history,
-                     np.array([0, len(exclude)], np.int64), exclude.astype(np.int64))
+    A known user's history is the stored one with the sent items appended, and their stored
+    side features; an unknown user's is the sent items alone, with user code 0 and the sent
+    side features. With exclude_seen a row excludes every item of its history (deduplicated).
+    """
+    users = np.array([-1 if q.user is None else q.user for q in queries], np.int64)  # -1: code 0
+    items = [q.extra if q.user is None else np.concatenate([stored_items(model, q.user), q.extra])
+             for q in queries]
+    codes = user_codes(users)
+    features = user_feature_rows(model.user_features, codes)
+    unknown = np.flatnonzero(users < 0)
+    if len(unknown):
+        features[unknown] = sent_user_features(model.space, [queries[i].features for i in unknown])
+    history = sent_history_window(items, model.space.history_len)
+    nothing = np.zeros(0, np.int64)
+    exclude = lists_as_csr([np.unique(row) if q.exclude_seen else nothing
+                            for row, q in zip(items, queries, strict=True)])
+    return UserBatch(codes, features, history, *exclude)
 
 
 def user_batch(variant: Variant, queries: list[Query]) -> tuple[UserBatch, list[int]]:
     """Model inputs for `queries` (none popular-only) and the query position of each row.
 
-    Known users without a sent history, the common case, come from one vectorised
-    `known_users` call per exclude_seen value; the others are assembled row by row.
+    Known users without a sent history, the common case, come from one `known_users` call per
+    exclude_seen value; the queries with a sent history from one `sent_history_batch`.
     """
     parts, order = [], []
     for exclude_seen in (True, False):
@@ -167,13 +166,10 @@ def user_batch(variant: Variant, queries: list[Query]) -> tuple[UserBatch, list[
             users = np.array([queries[i].user for i in plain], np.int64)
             parts.append(variant.model.known_users(users, exclude_seen))
             order += plain
-    for i, q in enumerate(queries):
-        if q.user is not None and len(q.extra):
-            parts.append(known_user_batch(variant, q.user, q.extra, q.exclude_seen))
-            order.append(i)
-        elif q.user is None:
-            parts.append(new_user_batch(variant, q.extra, q.features, q.exclude_seen))
-            order.append(i)
+    sent = [i for i, q in enumerate(queries) if q.user is None or len(q.extra)]
+    if sent:
+        parts.append(sent_history_batch(variant.model, [queries[i] for i in sent]))
+        order += sent
     return concat_batches(parts), order
 
 
