@@ -97,7 +97,7 @@ class ServedModel:
         if len(needed) > 1:  # a single row gains nothing from two passes
             k = min(k, max(n, int(FIRST_PASS_DEPTH * n)))
         items, scores = self._search_excluding(user_emb, k, n, batch, allowed)
-        redo = np.flatnonzero((needed > k) & (items[:, -1] < 0)) if n > 0 else []
+        redo = np.flatnonzero((needed > k) & (items[:, -1] < 0)) if n > 0 else np.zeros(0, np.int64)
         if len(redo):
             deeper = int(needed[redo].max())
             items[redo], scores[redo] = self._search_excluding(user_emb[redo], deeper, n,
