@@ -13,50 +13,30 @@ compressed artifact itself, with `report.md`, `report.json` and `report.png`.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
-import numpy as np
 import torch
 from slimrec.artifact import load_artifact, update_metrics
 from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.index import IndexSpec
 from slimrec.compression.distill import DistillConfig, distill_ranker, distill_two_tower
+from slimrec.compression.gate import GateConfig
 from slimrec.compression.prune import PruneConfig, prune_
 from slimrec.compression.quantize_embeddings import EmbeddingQuantConfig, quantize_embeddings_
 from slimrec.compression.quantize_onnx import OnnxQuantConfig
+from slimrec.compression.report import measure_latency, stage_sizes, write_report
+from slimrec.compression.tune_index import IndexTuning, tune_index
 from slimrec.models.data import Dataset
 from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX, read_teacher, write_fitted_artifact
+from slimrec.models.ranker import Ranker
 from slimrec.models.served_eval import evaluate_artifact
 from slimrec.models.split import protocol_split
-from slimrec.models.train import FoldModels, StageResult, StageSchedule, TrainConfig, log
-
-STAGES = ("teacher", "student", "pruned", "int8", "compressed")
-
-
-@dataclass
-class GateConfig:
-    tolerance: float = 0.02  # relative: compressed >= teacher * (1 - tolerance)
-    metrics: tuple[str, ...] = ("ndcg@10", "recall@200")
-
-    def __post_init__(self):
-        self.metrics = tuple(self.metrics)
-        if not 0 <= self.tolerance < 1:
-            raise ValueError(f"gate.tolerance must be in [0, 1), got {self.tolerance}")
-
-
-@dataclass
-class IndexTuning:
-    kind: str = "ivf_sq8"
-    target_recall: float = 0.99  # recall@200 of the compressed index against exact search
-    nprobe_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128)
-
-    def __post_init__(self):
-        self.nprobe_grid = tuple(self.nprobe_grid)
-        IndexSpec(self.kind)  # validates the kind
-        if not 0 < self.target_recall <= 1:
-            raise ValueError(f"index.target_recall must be in (0, 1], got {self.target_recall}")
+from slimrec.models.train import FoldModels, StageSchedule, TrainConfig, log
+from slimrec.models.two_tower import TwoTower
 
 
 @dataclass
@@ -108,7 +88,8 @@ class PipelineConfig:
             values.pop("calibration_feeds", None)  # a count written by OnnxQuantConfig.to_dict, not an input
             tag = values.pop("type", section_cls.__name__)
             if tag != section_cls.__name__:
-                raise ValueError(f"compress config: [{name}] has type {tag!r}, expected {section_cls.__name__!r}")
+                raise ValueError(f"compress config: [{name}] has type {tag!r}, "
+                                 f"expected {section_cls.__name__!r}")
             try:
                 kwargs[name] = section_cls(**values)
             except TypeError as exc:
@@ -116,64 +97,88 @@ class PipelineConfig:
         return cls(**kwargs)
 
 
-@dataclass
-class StageModels:
-    """One stage's models for both folds."""
+# --- the stages, each callable alone (the scale benchmark runs some of them) ---------------------
 
-    selected: FoldModels
-    final: FoldModels
+Teacher = tuple[TwoTower, Ranker]
+Epochs = tuple[int | None, int | None]  # (retrieval, ranker); None: early stopping on validation
 
 
-def _fold_models(fold: Fold, two_tower, ranker, weight: float, retrieval: StageResult,
-                 ranking: StageResult) -> FoldModels:
-    return FoldModels(fold, two_tower, ranker, weight, retrieval, ranking)
+def distill_stage(teacher: Teacher, fold: Fold, train_config: TrainConfig, config: DistillConfig,
+                  epochs: Epochs = (None, None), weights: tuple[float, ...] = (0.0,),
+                  retrieval_fold: Fold | None = None,
+                  lap: Callable[[str], object] | None = None) -> FoldModels:
+    """A student two-tower and ranker distilled from `teacher` on `fold`.
+
+    Args:
+        weights: retrieval weights of the ranking blend, one chosen on validation (one given: that one).
+        retrieval_fold: the rows the student two-tower fits (default `fold`; the scale bench samples them).
+        lap: called with "student_retrieval", then "student_ranker", as each model is trained.
+    """
+    teacher_two_tower, teacher_ranker = teacher
+    retrieval = distill_two_tower(teacher_two_tower, retrieval_fold or fold, train_config, config, epochs[0])
+    if lap:
+        lap("student_retrieval")
+    two_tower = cast(TwoTower, retrieval.model)  # a StageResult holds its model as an nn.Module
+    ranking = distill_ranker(teacher_ranker, two_tower, fold, train_config, config, epochs[1], weights)
+    if lap:
+        lap("student_ranker")
+    weight = ranking.history[-1]["retrieval_weight"]
+    return FoldModels(fold, two_tower, cast(Ranker, ranking.model), weight, retrieval, ranking)
 
 
-def _copy_result(result: StageResult, model) -> StageResult:
-    return StageResult(model, result.epochs, result.history, result.seconds)
+def prune_stage_(models: FoldModels, config: PruneConfig) -> FoldModels:
+    """Prune both models in place (`prune_`); rare ids are counted on the fold's fitted rows."""
+    fold = models.fold
+    for model in (models.two_tower, models.ranker):
+        prune_(model, config, user_counts=fold.fit_counts, item_counts=fold.item_popularity)
+    return models
+
+
+def finetune_stage(teacher: Teacher, pruned: FoldModels, train_config: TrainConfig, config: PipelineConfig,
+                   epochs: Epochs = (None, None)) -> FoldModels:
+    """Fine-tune pruned models against the teacher (the distillation losses, the short schedules)."""
+    teacher_two_tower, teacher_ranker = teacher
+    fold, weight = pruned.fold, pruned.retrieval_weight
+    retrieval = distill_two_tower(teacher_two_tower, fold, train_config, config.distill, epochs[0],
+                                  student=pruned.two_tower, schedule=config.finetune,
+                                  name="fine-tune retrieval")
+    two_tower = cast(TwoTower, retrieval.model)
+    ranking = distill_ranker(teacher_ranker, two_tower, fold, train_config, config.distill, epochs[1],
+                             (weight,), student=pruned.ranker, schedule=config.finetune_ranker,
+                             name="fine-tune ranker")
+    return FoldModels(fold, two_tower, cast(Ranker, ranking.model), weight, retrieval, ranking)
+
+
+def quantize_stage_(models: FoldModels, config: EmbeddingQuantConfig) -> FoldModels:
+    """Quantize both models' embedding tables in place (`quantize_embeddings_`)."""
+    for model in (models.two_tower, models.ranker):
+        quantize_embeddings_(model, config)
+    return models
+
+
+def copy_models(models: FoldModels) -> FoldModels:
+    """Deep copies of both models (the fold is shared), for a stage that changes them in place."""
+    two_tower, ranker = copy.deepcopy(models.two_tower), copy.deepcopy(models.ranker)
+    return FoldModels(models.fold, two_tower, ranker, models.retrieval_weight,
+                      replace(models.retrieval, model=two_tower), replace(models.ranking, model=ranker))
 
 
 # --- the stages on one fold -------------------------------------------------------------------
 
 
-def run_stages(fold: Fold, teacher: tuple, train_config: TrainConfig, config: PipelineConfig,
+def run_stages(fold: Fold, teacher: Teacher, train_config: TrainConfig, config: PipelineConfig,
                fixed: dict | None) -> dict[str, FoldModels]:
     """Distil, prune + fine-tune, quantize on one fold. `fixed` carries epochs and blend weights
     chosen on the selection fold; None means choose them here (early stopping on validation)."""
-    _, t_two_tower, t_ranker = teacher
     fixed = fixed or {}
     weights = (fixed["weight"],) if "weight" in fixed else train_config.retrieval_weights
-    out = {}
-
-    retrieval = distill_two_tower(t_two_tower, fold, train_config, config.distill, fixed.get("student_retrieval"))
-    ranking = distill_ranker(t_ranker, retrieval.model, fold, train_config, config.distill,
-                             fixed.get("student_ranker"), weights)
-    weight = fixed.get("weight", ranking.history[-1]["retrieval_weight"])
-    out["student"] = _fold_models(fold, retrieval.model, ranking.model, weight, retrieval, ranking)
-
-    two_tower, ranker = copy.deepcopy(retrieval.model), copy.deepcopy(ranking.model)
-    counts = _fit_counts(fold)
-    for model in (two_tower, ranker):
-        prune_(model, config.prune, user_counts=counts[0], item_counts=counts[1])
-    tuned_retrieval = distill_two_tower(t_two_tower, fold, train_config, config.distill,
-                                        fixed.get("pruned_retrieval"), student=two_tower,
-                                        schedule=config.finetune, name="fine-tune retrieval")
-    tuned_ranking = distill_ranker(t_ranker, tuned_retrieval.model, fold, train_config, config.distill,
-                                   fixed.get("pruned_ranker"), (weight,), student=ranker,
-                                   schedule=config.finetune_ranker, name="fine-tune ranker")
-    out["pruned"] = _fold_models(fold, tuned_retrieval.model, tuned_ranking.model, weight,
-                                 tuned_retrieval, tuned_ranking)
-
-    q_two_tower = quantize_embeddings_(copy.deepcopy(tuned_retrieval.model), config.embeddings)
-    q_ranker = quantize_embeddings_(copy.deepcopy(tuned_ranking.model), config.embeddings)
-    out["int8"] = _fold_models(fold, q_two_tower, q_ranker, weight,
-                               _copy_result(tuned_retrieval, q_two_tower), _copy_result(tuned_ranking, q_ranker))
-    return out
-
-
-def _fit_counts(fold: Fold) -> tuple[np.ndarray, np.ndarray]:
-    users = np.bincount(fold.split.user[fold.fit_positions], minlength=fold.dataset.n_users)
-    return users, fold.item_popularity
+    student = distill_stage(teacher, fold, train_config, config.distill,
+                            (fixed.get("student_retrieval"), fixed.get("student_ranker")), weights)
+    pruned = prune_stage_(copy_models(student), config.prune)
+    tuned = finetune_stage(teacher, pruned, train_config, config,
+                           (fixed.get("pruned_retrieval"), fixed.get("pruned_ranker")))
+    int8 = quantize_stage_(copy_models(tuned), config.embeddings)
+    return {"student": student, "pruned": tuned, "int8": int8}
 
 
 def chosen(models: dict[str, FoldModels]) -> dict:
@@ -192,9 +197,6 @@ def chosen(models: dict[str, FoldModels]) -> dict:
 
 def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineConfig) -> dict:
     """Run every stage on both folds, write one artifact per stage, evaluate, gate, report."""
-    from slimrec.compression.report import measure_latency, stage_sizes, write_report
-    from slimrec.compression.tune_index import tune_index
-
     torch.manual_seed(config.seed)
     teacher_artifact = load_artifact(teacher_path)
     train_config = TrainConfig.from_dict(teacher_artifact.config["train"])
@@ -203,7 +205,7 @@ def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineCo
     split = protocol_split(dataset)
     folds = {p: Fold.create(name, dataset, split, space)
              for p, name in ((SELECTION_PREFIX, FIT_TRAIN), (SERVED_PREFIX, FIT_TRAIN_VALID))}
-    teachers = {p: read_teacher(teacher_artifact, p, folds[p]) for p in folds}
+    teachers = {p: read_teacher(teacher_artifact, p, folds[p])[1:] for p in folds}
 
     log("== compress: stages on the selection fold (fit on train, choose on valid)")
     selected = run_stages(folds[SELECTION_PREFIX], teachers[SELECTION_PREFIX], train_config, config, None)
@@ -213,8 +215,9 @@ def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineCo
     stages_dir = out.with_name(out.name + ".stages")
     data = dict(teacher_artifact.manifest["data"])
     base_config = {"train": train_config.to_dict(), "pipeline": config.to_dict(),
-                   "teacher": {"path": str(teacher_path), "created_at": teacher_artifact.manifest["created_at"]}}
-    index_spec = tune_index(selected["int8"], config.index)
+                   "teacher": {"path": str(teacher_path),
+                               "created_at": teacher_artifact.manifest["created_at"]}}
+    index_spec = tune_index(selected["int8"], config.index).spec
     plan = [("student", IndexSpec("flat"), None), ("pruned", IndexSpec("flat"), None),
             ("int8", IndexSpec("flat"), config.dense), ("compressed", index_spec, config.dense)]
     paths = {"teacher": teacher_path}
@@ -231,16 +234,4 @@ def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineCo
     latency = measure_latency(artifacts, dataset)
     report = write_report(out, artifacts, stage_sizes(artifacts), latency, config.gate)
     return report
-
-
-def gate(teacher_metrics: dict, candidate_metrics: dict, config: GateConfig) -> list[str]:
-    """Failures of the quality gate on validation two-stage metrics; empty when promotable."""
-    failures = []
-    for name in config.metrics:
-        t = teacher_metrics["two_stage"]["valid"][name]
-        c = candidate_metrics["two_stage"]["valid"][name]
-        if c < t * (1 - config.tolerance):
-            failures.append(f"two-stage {name} on validation {c:.4f} < teacher {t:.4f} x "
-                            f"(1 - {config.tolerance:g}) = {t * (1 - config.tolerance):.4f}")
-    return failures
 

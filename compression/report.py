@@ -14,9 +14,12 @@ import time
 
 import numpy as np
 from slimrec.artifact import Artifact, amend_artifact
-from slimrec.artifact.index import recall_at_k
+from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k
 from slimrec.artifact.runtime import ServedModel
+from slimrec.compression.gate import GateConfig, gate
+from slimrec.compression.report_render import render_markdown, render_plot
 from slimrec.models.data import Dataset
+from slimrec.models.movielens import load_dataset
 from slimrec.models.served_eval import item_vectors
 from slimrec.models.split import TEST, protocol_split
 from tqdm import tqdm
@@ -44,11 +47,13 @@ def resident_bytes(path) -> int:
     """RSS growth of a fresh process when it loads the served model (ONNX sessions, index, tables)."""
     code = (
         "import gc, psutil, sys\n"
-        "from slimrec.artifact.manifest import load_artifact\nfrom slimrec.artifact.runtime import ServedModel\n"
+        "from slimrec.artifact.manifest import load_artifact\n"
+        "from slimrec.artifact.runtime import ServedModel\n"
         "art = load_artifact(sys.argv[1]); gc.collect(); p = psutil.Process(); before = p.memory_info().rss\n"
         "m = ServedModel(art); gc.collect(); print(p.memory_info().rss - before)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                            timeout=300)
     return int(result.stdout.strip()) if result.returncode == 0 else -1
 
 
@@ -59,7 +64,8 @@ def measure_latency(artifacts: dict[str, Artifact], dataset: Dataset, n_requests
     users = np.unique(split.user[split.fold == TEST])
     sample = np.random.default_rng(seed).choice(users, size=n_requests + warmup, replace=True)
     models = {stage: ServedModel(art, threads=1) for stage, art in artifacts.items()}
-    times = {stage: {"total": [], "embed": [], "retrieve": [], "rank": []} for stage in models}
+    times: dict[str, dict[str, list[float]]] = {
+        stage: {"total": [], "embed": [], "retrieve": [], "rank": []} for stage in models}
     for i, user in enumerate(tqdm(sample, desc="latency (all stages)", file=sys.stderr, disable=None)):
         for stage, model in models.items():
             t0 = time.perf_counter()
@@ -77,8 +83,6 @@ def measure_latency(artifacts: dict[str, Artifact], dataset: Dataset, n_requests
 
 def index_recall(art: Artifact, dataset: Dataset, k: int = 200) -> float:
     """recall@k of the served index against exact search over the item tower's vectors (test users)."""
-    from slimrec.artifact.index import IndexSpec, build_item_index
-
     model = ServedModel(art)
     split = protocol_split(dataset)
     users = np.unique(split.user[split.fold == TEST])
@@ -101,13 +105,9 @@ def build_rows(artifacts, sizes, latency, dataset) -> list[dict]:
     return rows
 
 
-def write_report(out, artifacts: dict[str, Artifact], sizes, latency, gate_config) -> dict:
+def write_report(out, artifacts: dict[str, Artifact], sizes, latency, gate_config: GateConfig) -> dict:
     """report.md / report.json / report.png into the compressed artifact; records `promotable`."""
-    from slimrec.compression.pipeline import gate
-
     dataset_name = artifacts["teacher"].manifest["data"].get("dataset")
-    from slimrec.models.movielens import load_dataset
-
     dataset = load_dataset(artifacts["teacher"].manifest["data"].get("source") or dataset_name)
     rows = build_rows(artifacts, sizes, latency, dataset)
     teacher = next(r for r in rows if r["stage"] == "teacher")
@@ -125,8 +125,6 @@ def write_report(out, artifacts: dict[str, Artifact], sizes, latency, gate_confi
     report = {"dataset": dataset_name, "split": "PROTOCOL.md", "rows": rows, "ratios": ratios,
               "gate": {"tolerance": gate_config.tolerance, "metrics": list(gate_config.metrics),
                        "failures": failures, "promotable": not failures}}
-    from slimrec.compression.report_render import render_markdown, render_plot
-
     amend_artifact(out, files={
         "report.json": (json.dumps(report, indent=2, default=float).encode(), "offline"),
         "report.md": (render_markdown(report).encode(), "offline"),

@@ -27,7 +27,8 @@ def render_markdown(report: dict) -> str:
     for r in rows:
         params = sum(v for k, v in r["parameters"].items() if k in ("user_tower", "ranker")) \
             if r["parameters"] else 0
-        index = r["index"]["kind"] + (f" nprobe={r['index']['nprobe']}" if r["index"]["kind"] != "flat" else "")
+        depth = f" nprobe={r['index']['nprobe']}" if r["index"]["kind"] != "flat" else ""
+        index = r["index"]["kind"] + depth
         lines.append(
             f"| {r['stage']} | {_mb(r['model_bytes'])} | {_mb(r['served_bytes'])} | {_mb(r['memory_bytes'])} "
             f"| {params:,} | {index} | {r['bytes_per_item_index']:.0f} | {r['index_recall@200']:.4f} "
@@ -41,8 +42,8 @@ def render_markdown(report: dict) -> str:
             t, s = r["two_stage"][fold], r["retrieval"][fold]
             auc = r["ranker"].get(fold, {}).get("auc", float("nan"))
             lines.append(f"| {r['stage']} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | {t['recall@50']:.4f} "
-                         f"| {t['recall@200']:.4f} | {t['hr@10']:.4f} | {t['mrr@10']:.4f} | {s['ndcg@10']:.4f} "
-                         f"| {s['recall@200']:.4f} | {auc:.4f} |")
+                         f"| {t['recall@200']:.4f} | {t['hr@10']:.4f} | {t['mrr@10']:.4f} "
+                         f"| {s['ndcg@10']:.4f} | {s['recall@200']:.4f} | {auc:.4f} |")
     ratios = report["ratios"]
     gate = report["gate"]
     lines += ["", "## Compressed vs teacher", "",
@@ -66,7 +67,7 @@ def render_plot(report: dict) -> bytes:
         xs = [r[key] / 2**20 if key == "model_bytes" else r[key] for r in rows]
         ys = [r["two_stage"]["test"]["ndcg@10"] for r in rows]
         ax.plot(xs, ys, "o-", color="tab:blue")
-        for x, y, r in zip(xs, ys, rows):
+        for x, y, r in zip(xs, ys, rows, strict=True):
             ax.annotate(r["stage"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=9)
         ax.set_xscale("log")
         ax.set_xlabel(label)

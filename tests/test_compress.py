@@ -9,7 +9,8 @@ import pytest
 import torch
 from slimrec.artifact.features import FeatureSpace
 from slimrec.compression.distill import DistillConfig, ranker_kd_loss, retrieval_kd_loss, teacher_top_codes
-from slimrec.compression.pipeline import GateConfig, PipelineConfig, gate
+from slimrec.compression.gate import GateConfig, gate
+from slimrec.compression.pipeline import PipelineConfig
 from slimrec.models.ranker import Ranker, RankerConfig
 from slimrec.models.two_tower import TwoTower, TwoTowerConfig
 
