@@ -28,23 +28,20 @@ from __future__ import annotations
 import gc
 import json
 import resource
-import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from slimrec.bench.stages import bench_artifacts, parse_count, write_report
+from slimrec.bench.argtypes import parse_count
+from slimrec.bench.progress import Clock, log
+from slimrec.bench.scale_config import ScaleConfig
+from slimrec.bench.stages import bench_artifacts, write_report
 
-K = 200  # recall@K of the compressed index against exact search
 # (items, users, interactions) of the sizes the scale run is tuned for; others interpolate log-log.
 SHAPES = ((2_000, 1_000, 20_000), (10_000, 20_000, 500_000), (100_000, 50_000, 2_000_000),
           (1_000_000, 200_000, 10_000_000))
 MIN_PER_USER = 5  # models.synth.MIN_PER_USER, checked before anything long starts
-
-
-def log(msg: str) -> None:
-    print(f"bench: {msg}", file=sys.stderr, flush=True)
 
 
 # --- sizes --------------------------------------------------------------------------------------
@@ -94,137 +91,42 @@ def parse_sizes(text: str) -> list[CatalogueSize]:
     return sizes
 
 
-# --- configuration ------------------------------------------------------------------------------
-
-
-@dataclass
-class ScaleConfig:
-    """How the models of each size are trained and the compressed index tuned.
-
-    Args:
-        preset: "default" (the teacher of `slimrec train`, the student of `slimrec compress`)
-            or "tiny" (the test presets).
-        train_interactions: fitted interactions one retrieval epoch samples; None = all.
-        ranker_users, cut_points: one ranker epoch's lists (RankerData.max_users, cut_points).
-            Every stage keeps its preset's batch size and learning rate, for one epoch.
-        retrieval_weight: the blend weight of the retrieval score (not chosen on validation here).
-        embedding_min_count: the compressed variant's pruning at scale: users and items with fewer
-            fitted interactions share the fallback id row (`share_rare_rows_`) and embed from
-            their side features and history. A Zipf catalogue's tail is most of its id table
-            and barely trained; 0 keeps every row. (The hidden-unit pruning of `slimrec
-            compress` needs a fine-tuning pass that the one-epoch scale training skips.)
-        index_kind: the compressed variant's IVF code ("ivf_sq8", "ivf_sq6" or "ivf_sq4"). SQ6 by
-            default: on the 1M catalogue its recall@200 at nprobe 16 was that of SQ8 (0.9976 vs
-            0.9977) in three quarters of the bytes, and the index is the compressed variant's
-            largest resident part there; SQ4 lost 0.0035 more.
-        target_recall, nprobe_grid: the IVF tuning (smallest nprobe reaching the target).
-        recall_tolerance: a found item within this of the exact K-th best score counts as a hit
-            (`slimrec.artifact.index.recall_within`); the strict set intersection is reported beside it.
-        tune_users, recall_users: disjoint samples of test users: tuning, then the reported recall.
-        train_threads: torch and FAISS threads while building (0 = all CPUs). 1 by default: on a
-            shared 2-vCPU host, two OpenMP threads that spin at every barrier while the other is
-            descheduled trained the tiny models 12x slower than one.
-    """
-
-    preset: str = "default"
-    train_interactions: int | None = 250_000
-    ranker_users: int = 2_000
-    cut_points: int = 2
-    retrieval_weight: float = 0.4
-    embedding_min_count: int = 10
-    index_kind: str = "ivf_sq6"
-    target_recall: float = 0.97
-    recall_tolerance: float = 1e-3
-    nprobe_grid: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-    tune_users: int = 500
-    recall_users: int = 1000
-    train_threads: int = 1
-    seed: int = 0
-
-    def __post_init__(self):
-        from slimrec.artifact.index import SQ_KINDS
-
-        self.nprobe_grid = tuple(self.nprobe_grid)
-        if self.preset not in ("default", "tiny"):
-            raise ValueError(f"unknown preset {self.preset!r}; expected 'default' or 'tiny'")
-        if self.embedding_min_count < 0:
-            raise ValueError(f"embedding_min_count must be >= 0, got {self.embedding_min_count}")
-        if self.index_kind not in SQ_KINDS:
-            raise ValueError(f"unknown index_kind {self.index_kind!r}; "
-                             f"expected one of {tuple(SQ_KINDS)}")
-        if not 0 < self.target_recall <= 1:
-            raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
-
-    @classmethod
-    def for_preset(cls, preset: str, **overrides) -> ScaleConfig:
-        """The preset's settings; overrides that are None keep them."""
-        base = {} if preset == "default" else {
-            "train_interactions": None, "ranker_users": 300, "cut_points": 1, "tune_users": 100,
-            "recall_users": 200, "nprobe_grid": (1, 4, 16, 64)}
-        return cls(preset=preset, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def train_config(self):
-        from slimrec.models.presets import train_config
-
-        config = train_config("teacher" if self.preset == "default" else "tiny", seed=self.seed)
-        config.retrieval_schedule = replace(config.retrieval_schedule, max_epochs=1)
-        config.ranker_schedule = replace(config.ranker_schedule, max_epochs=1)
-        config.ranker_data = replace(config.ranker_data, cut_points=self.cut_points,
-                                     max_users=self.ranker_users)
-        return config
-
-    def distill_config(self):
-        from slimrec.compression.presets import compress_config
-
-        distill = compress_config("default" if self.preset == "default" else "tiny").distill
-        # One epoch over a sample leaves most id rows as initialised, N(0, 1): random directions
-        # that no trained model has and that an IVF cannot cluster. The teacher preset's
-        # decoupled weight decay pulls the rows a short run never visits towards 0, so those
-        # items embed from their side features; the student gets the same decay here.
-        decay = self.train_config().retrieval_schedule.weight_decay
-        return replace(distill, teacher_candidates=0,
-                       retrieval_schedule=replace(distill.retrieval_schedule, max_epochs=1,
-                                                  weight_decay=decay),
-                       ranker_schedule=replace(distill.ranker_schedule, max_epochs=1))
-
-
 # --- one size -----------------------------------------------------------------------------------
-
-
-class Clock:
-    """Named wall-clock seconds of consecutive steps."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def lap(self, name: str) -> float:
-        now = time.perf_counter()
-        self.seconds[name] = round(now - self._t, 3)
-        self._t = now
-        return self.seconds[name]
 
 
 def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool = False) -> dict:
     """Data, teacher, student, indexes and both artifacts for one size; returns build.json's content."""
     # Round-tripped through JSON (tuples become lists) so it compares equal to a build.json's.
     params = json.loads(json.dumps({"size": asdict(size), "config": config.to_dict()}))
+    previous = None if fresh else earlier_build(work, params)
+    if previous is not None:
+        log(f"{size.label}: reusing the data and artifacts in {work} (--fresh rebuilds)")
+        return previous
+    result = build_fresh(size, work, config, params, fresh)
+    (work / "build.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def earlier_build(work: Path, params: dict) -> dict | None:
+    """The build.json an earlier run left in `work`, if its artifacts are there and `params` would
+    build them again (`same_build`)."""
     record = work / "build.json"
     built = all((work / v / "manifest.json").is_file() for v in ("full", "compressed"))
-    if not fresh and built and record.is_file():
-        previous = json.loads(record.read_text())
-        if same_build(previous, params):
-            log(f"{size.label}: reusing the data and artifacts in {work} (--fresh rebuilds)")
-            return previous
+    if not (built and record.is_file()):
+        return None
+    previous = json.loads(record.read_text())
+    return previous if same_build(previous, params) else None
+
+
+def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: dict, fresh: bool) -> dict:
+    """Synthesize (or reuse) the data, train, tune, write and check both artifacts; build.json's content."""
     import faiss
     import torch
     from slimrec.artifact.index import IndexSpec
     from slimrec.bench.scale_models import (
         build_indexes,
         served_checks,
+        shape_summary,
         stage_summary,
         train_models,
         training_view,
@@ -232,7 +134,6 @@ def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool
     )
     from slimrec.bench.timing import all_cpus
     from slimrec.compression.pipeline import PipelineConfig
-    from slimrec.compression.prune_embeddings import embedding_rows
     from slimrec.models.features import build_feature_space
     from slimrec.models.fold import FIT_TRAIN_VALID, Fold
     from slimrec.models.movielens import load_dataset
@@ -275,16 +176,9 @@ def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool
     clock.lap("write_compressed")
     checks = served_checks(work, dataset, split, recall_users, threads, config.recall_tolerance)
     clock.lap("recall_sanity")
-    result = {
+    return {
         "params": params,
-        "shape": {"n_items": dataset.n_items, "n_users": dataset.n_users,
-                  "interactions": len(dataset.interactions),
-                  "fitted_interactions": int(len(fold.fit_positions)),
-                  "items_with_fitted_interactions": int((fold.item_popularity > 0).sum()),
-                  "retrieval_epoch_interactions": int(len(sample.fit_positions)),
-                  "items_in_retrieval_epoch": int(len(np.unique(fold.split.item[sample.fit_positions]))),
-                  "compressed_id_rows": {**embedding_rows(student.two_tower), **{
-                      f"ranker.{k}": v for k, v in embedding_rows(student.ranker).items()}}},
+        "shape": shape_summary(dataset, fold, sample, student),
         "training": {name: stage_summary(stage) for name, stage in (
             ("teacher_retrieval", teacher.retrieval), ("teacher_ranker", teacher.ranking),
             ("student_retrieval", student.retrieval), ("student_ranker", student.ranking))},
@@ -293,8 +187,6 @@ def build_size(size: CatalogueSize, work: Path, config: ScaleConfig, fresh: bool
         "seconds": clock.seconds,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
-    record.write_text(json.dumps(result, indent=2) + "\n")
-    return result
 
 
 def same_build(previous: dict, params: dict) -> bool:

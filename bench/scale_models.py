@@ -1,6 +1,8 @@
 """The model side of the scale benchmark: train briefly, tune the compressed index, write artifacts.
 
-Helpers of loadtest/scale.py; imported by its handler only (they pull in torch).
+Helpers of bench/scale.py, imported when a size is built (they pull in torch). The student goes
+through the compression pipeline's own stages and index tuner (compression/pipeline.py,
+compression/tune_index.py), with the scale run's settings.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from slimrec.bench.scale import Clock, K, ScaleConfig, log
+from slimrec.bench.progress import Clock, log
+from slimrec.bench.scale_config import ScaleConfig
+from slimrec.compression.tune_index import K
 
 
 def training_view(fold, n_rows: int | None, rng: np.random.Generator):
@@ -20,7 +24,7 @@ def training_view(fold, n_rows: int | None, rng: np.random.Generator):
     computed first, then the copy's `fit_positions` is replaced), so every fitted item keeps
     its own id row; only which rows a retrieval epoch visits changes.
     """
-    for name in ("tables", "user_features", "fit_counts", "item_popularity", "item_codes", "row_user_start"):
+    for name in ("tables", "user_features", "fit_counts", "item_popularity", "item_codes"):
         getattr(fold, name)
     view = copy.copy(fold)
     if n_rows is not None and n_rows < len(fold.fit_positions):
@@ -29,13 +33,11 @@ def training_view(fold, n_rows: int | None, rng: np.random.Generator):
 
 
 def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
-    """Teacher (retrieval on `sample`, ranker on `fold`), then a student distilled from it, its
-    rare ids on the shared row (`config.embedding_min_count`) and its embedding tables int8.
-    Returns (teacher, student) as FoldModels."""
-    from slimrec.compression.distill import distill_ranker, distill_two_tower
-    from slimrec.compression.pipeline import PipelineConfig
-    from slimrec.compression.prune import PruneConfig, prune_
-    from slimrec.compression.quantize_embeddings import quantize_embeddings_
+    """Teacher (retrieval on `sample`, ranker on `fold`), then the compression pipeline's stages on a
+    student: distilled from it, its rare ids on the shared row (`config.embedding_min_count`), its
+    embedding tables int8. One epoch per model. Returns (teacher, student) as FoldModels."""
+    from slimrec.compression.pipeline import PipelineConfig, distill_stage, prune_stage_, quantize_stage_
+    from slimrec.compression.prune import PruneConfig
     from slimrec.models.train import FoldModels, train_ranker, train_retrieval
 
     w = config.retrieval_weight
@@ -45,19 +47,12 @@ def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
     clock.lap("teacher_ranker")
     teacher = FoldModels(fold, retrieval.model, ranking.model, w, retrieval, ranking)
 
-    distill = config.distill_config()
-    s_retrieval = distill_two_tower(retrieval.model, sample, train_config, distill, epochs=1)
-    clock.lap("student_retrieval")
-    s_ranking = distill_ranker(ranking.model, s_retrieval.model, fold, train_config, distill, epochs=1,
-                               retrieval_weights=(w,))
-    clock.lap("student_ranker")
-    for model in (s_retrieval.model, s_ranking.model):
-        if config.embedding_min_count:
-            rare_rows = PruneConfig(keep_fraction=1.0, prune_cross_rank=False,
-                                    embedding_min_count=config.embedding_min_count)
-            prune_(model, rare_rows, user_counts=fold.fit_counts, item_counts=fold.item_popularity)
-        quantize_embeddings_(model, PipelineConfig().embeddings)
-    student = FoldModels(fold, s_retrieval.model, s_ranking.model, w, s_retrieval, s_ranking)
+    student = distill_stage((retrieval.model, ranking.model), fold, train_config, config.distill_config(),
+                            epochs=(1, 1), weights=(w,), retrieval_fold=sample, lap=clock.lap)
+    if config.embedding_min_count:  # rows only: no hidden-unit pruning without a fine-tuning pass
+        prune_stage_(student, PruneConfig(keep_fraction=1.0, prune_cross_rank=False,
+                                          embedding_min_count=config.embedding_min_count))
+    quantize_stage_(student, PipelineConfig().embeddings)
     return teacher, student
 
 
@@ -67,57 +62,41 @@ def stage_summary(result) -> dict:
             "examples_per_s": [round(h["examples_per_s"]) for h in result.history if "examples_per_s" in h]}
 
 
+def shape_summary(dataset, fold, sample, student) -> dict:
+    """build.json's "shape": the catalogue, what was fitted, and the id rows the student kept."""
+    from slimrec.compression.prune_embeddings import embedding_rows
+
+    return {"n_items": dataset.n_items, "n_users": dataset.n_users,
+            "interactions": len(dataset.interactions),
+            "fitted_interactions": int(len(fold.fit_positions)),
+            "items_with_fitted_interactions": int((fold.item_popularity > 0).sum()),
+            "retrieval_epoch_interactions": int(len(sample.fit_positions)),
+            "items_in_retrieval_epoch": int(len(np.unique(fold.split.item[sample.fit_positions]))),
+            "compressed_id_rows": {**embedding_rows(student.two_tower), **{
+                f"ranker.{k}": v for k, v in embedding_rows(student.ranker).items()}}}
+
+
 def build_indexes(teacher, student, fold, tune_users: np.ndarray, config: ScaleConfig, clock: Clock):
-    """Time the full model's exact index build; build and tune the student's IVF index.
+    """Time the full model's exact index build; build the student's IVF index and tune its nprobe
+    on `tune_users` (`tune_index`, as `slimrec compress` does, ties within `config.recall_tolerance`).
 
     Returns (IndexSpec of the compressed index, build.json's "index" entry).
     """
     from slimrec.artifact.index import IndexSpec, build_item_index
-    from slimrec.models.evaluate import item_embeddings, user_embeddings
+    from slimrec.compression.tune_index import tune_index
+    from slimrec.models.evaluate import item_embeddings
 
-    n_items = fold.dataset.n_items
     t0 = time.perf_counter()
-    build_item_index(item_embeddings(teacher.two_tower, n_items), IndexSpec("flat"))
+    build_item_index(item_embeddings(teacher.two_tower, fold.dataset.n_items), IndexSpec("flat"))
     flat_seconds = time.perf_counter() - t0
     clock.lap("index_full")
-    spec, curve, ivf_seconds = tune_ivf(item_embeddings(student.two_tower, n_items),
-                                        user_embeddings(student.two_tower, fold, tune_users), config)
+    tuned = tune_index(student, config.index_tuning(), users=tune_users, seed=config.seed,
+                       recall_tolerance=config.recall_tolerance)
     clock.lap("index_compressed_tune")
-    return spec, {"full": {"kind": "flat", "build_seconds": flat_seconds},
-                  "compressed": {**spec.to_dict(), "build_seconds": ivf_seconds, "tuning": curve,
-                                 "target_recall": config.target_recall, "tuning_users": len(tune_users)}}
-
-
-def tune_ivf(items: np.ndarray, queries: np.ndarray, config: ScaleConfig):
-    """Build the IVF index (`config.index_kind`) once (timed), then raise nprobe along the grid
-    until recall@K vs exact (ties within `config.recall_tolerance` count, see `recall_within`)
-    reaches the target on `queries`.
-    Returns (IndexSpec, [{nprobe, recall, recall_strict, ms_per_query}], build seconds)."""
-    from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k, recall_within
-    from slimrec.compression.tune_index import index_nlist
-
-    exact_scores, exact = build_item_index(items, IndexSpec("flat")).search(queries, K)
-    t0 = time.perf_counter()
-    spec = IndexSpec(config.index_kind, nprobe=config.nprobe_grid[0])
-    index = build_item_index(items, spec, seed=config.seed)
-    seconds = time.perf_counter() - t0
-    curve = []
-    for nprobe in config.nprobe_grid:
-        index.spec.nprobe = nprobe
-        index.apply_search_params()
-        t0 = time.perf_counter()
-        found = index.search(queries, K)[1]
-        ms = (time.perf_counter() - t0) * 1e3 / len(queries)
-        curve.append({"nprobe": nprobe, "ms_per_query": ms,
-                      "recall": recall_within(found, exact_scores, queries, items, config.recall_tolerance),
-                      "recall_strict": recall_at_k(found, exact)})
-        log(f"{config.index_kind} nlist {index_nlist(index)}: nprobe {nprobe:>4}  recall@{K} vs exact "
-            f"{curve[-1]['recall']:.4f} (strict {curve[-1]['recall_strict']:.4f})  {ms:.3f} ms/query")
-        if curve[-1]["recall"] >= config.target_recall:
-            break
-    else:
-        log(f"{config.index_kind}: recall target {config.target_recall} not reached; using nprobe {nprobe}")
-    return IndexSpec(config.index_kind, nlist=index_nlist(index), nprobe=nprobe), curve, seconds
+    return tuned.spec, {"full": {"kind": "flat", "build_seconds": flat_seconds},
+                        "compressed": {**tuned.spec.to_dict(), "build_seconds": tuned.build_seconds,
+                                       "tuning": tuned.curve, "target_recall": config.target_recall,
+                                       "tuning_users": len(tune_users)}}
 
 
 def write_served(out: Path, variant: str, models, spec, dense_quant, data: dict, config: dict) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from slimrec.bench.stages import STAGE_NAMES, _median_p99, _mib
+from slimrec.bench.figures import STAGE_NAMES, median_p99, mib
 from slimrec.bench.timing import STAGES
 
 VARIANT_NAMES = ("full", "compressed")
@@ -23,7 +23,7 @@ def render_scale(report: dict) -> str:
     machine = runs[-1]["bench"]["machine"]
     lines = ["# slimrec bench --catalogue: full vs compressed as the catalogue grows", "",
              f"{machine['cpu'] or 'CPU'}, {machine['cpus']} CPUs, shared with other jobs (load average per "
-             "size below). Synthetic data (models/synth.py), models trained briefly (loadtest/scale.py).", "",
+             "size below). Synthetic data (models/synth.py), models trained briefly (bench/scale.py).", "",
              *latency_rows(runs), "", *index_rows(runs), "", *build_rows(runs), "", *sanity_rows(runs)]
     return "\n".join(lines)
 
@@ -38,7 +38,7 @@ def latency_rows(runs: list[dict]) -> list[str]:
         load = f"{bench['machine']['loadavg_before'][0]:.1f} → {bench['machine']['loadavg_after'][0]:.1f}"
         for variant in VARIANT_NAMES:
             row = _b1(bench, variant)["stages"]
-            lines.append(f"| {label} | {variant} | " + " | ".join(_median_p99(row[s]) for s in STAGES)
+            lines.append(f"| {label} | {variant} | " + " | ".join(median_p99(row[s]) for s in STAGES)
                          + f" | {load} |")
         ratio = _b1_ratio(bench)
         lines.append(f"| {label} | *compressed / full* | "
@@ -64,8 +64,8 @@ def index_rows(runs: list[dict]) -> list[str]:
             recall = "1 (exact)" if variant == "full" else (
                 f"{build['index_recall@200']:.4f} / {build['index_recall@200_strict']:.4f}")
             lines.append(f"| {label} | {variant} | {v['embedding_dim']} | {kind} | "
-                         f"{idx['build_seconds']:.2f} s | {_mib(v['index_bytes'])} | {recall} | "
-                         f"{_mib(v['memory']['resident_bytes'])} | {_mib(v['served_bytes'])} |")
+                         f"{idx['build_seconds']:.2f} s | {mib(v['index_bytes'])} | {recall} | "
+                         f"{mib(v['memory']['resident_bytes'])} | {mib(v['served_bytes'])} |")
         index_ratio = variants["compressed"]["index_bytes"] / variants["full"]["index_bytes"]
         served_ratio = variants["compressed"]["served_bytes"] / variants["full"]["served_bytes"]
         lines.append(f"| {label} | *compressed / full* | | | | {index_ratio:.3f}x | "

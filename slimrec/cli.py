@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from slimrec.bench.argtypes import positive_int
 from slimrec.compression.presets import COMPRESS_PRESETS, compress_config
 from slimrec.models.presets import TRAIN_PRESETS, train_config
 
@@ -43,23 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="fetch or generate datasets").add_subparsers(dest="data_command")
     fetch = data.add_parser("fetch", help="download a MovieLens dataset")
     fetch.add_argument("name", choices=["ml-100k"])
-    fetch.add_argument("--dir", type=Path, default=None, help="parent directory (default: $SLIMREC_DATA_DIR or ./data)")
+    fetch.add_argument("--dir", type=Path, default=None,
+                       help="parent directory (default: $SLIMREC_DATA_DIR or ./data)")
     fetch.set_defaults(run=cmd_data_fetch, command="data fetch")
     synth = data.add_parser("synth", help="generate a synthetic dataset with learnable structure")
-    synth.add_argument("--items", type=_positive_int, required=True)
-    synth.add_argument("--users", type=_positive_int, required=True)
-    synth.add_argument("--interactions", type=_positive_int, required=True)
+    synth.add_argument("--items", type=positive_int, required=True)
+    synth.add_argument("--users", type=positive_int, required=True)
+    synth.add_argument("--interactions", type=positive_int, required=True)
     synth.add_argument("--out", type=Path, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_data_synth, command="data synth")
 
     train = sub.add_parser("train", help="train the teacher (full) models and write an artifact")
-    train.add_argument("--data", default="ml-100k", help="dataset name under $SLIMREC_DATA_DIR, or a directory")
+    train.add_argument("--data", default="ml-100k",
+                       help="dataset name under $SLIMREC_DATA_DIR, or a directory")
     train.add_argument("--out", type=Path, default=Path("artifacts/teacher"))
     train.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="teacher")
     train.add_argument("--config", type=Path, help="TOML file overriding the preset")
     train.add_argument("--seed", type=int, default=None)
-    train.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    train.add_argument("--threads", type=positive_int, default=None,
+                       help="torch threads (default: all cores)")
     train.set_defaults(run=cmd_train, command="train")
 
     evaluate = sub.add_parser("evaluate", help="PROTOCOL.md metrics of an artifact; writes metrics.json")
@@ -73,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--preset", choices=sorted(COMPRESS_PRESETS), default="default")
     compress.add_argument("--config", type=Path, help="TOML file with PipelineConfig sections")
     compress.add_argument("--data", default=None, help="dataset (default: the one the teacher names)")
-    compress.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: all cores)")
+    compress.add_argument("--threads", type=positive_int, default=None,
+                          help="torch threads (default: all cores)")
     compress.set_defaults(run=cmd_compress, command="compress")
 
     demo = sub.add_parser("demo", help="the main job: fetch ml-100k, train, compress, serve A/B, compare")
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def subcommand_registrars():
     """Commands whose argparse part lives beside the package that runs them."""
-    from slimrec.bench.stages import register as register_bench
+    from slimrec.bench.cli import register as register_bench
     from slimrec.loadtest.cli import register as register_loadtest
     from slimrec.loadtest.soak import register as register_soak
     from slimrec.serving.cli import register as register_serve
@@ -142,8 +147,8 @@ def cmd_train(args) -> None:
     train_seconds = time.perf_counter() - started
     data = {"dataset": dataset.name, "source": str(args.data), "fingerprint": dataset.fingerprint(),
             "split_fingerprint": split.fingerprint()}
-    write_fitted_artifact(args.out, "full", selected, final, {"train": config.to_dict(), "preset": args.preset,
-                          "train_seconds": train_seconds}, data, IndexSpec("flat"))
+    meta = {"train": config.to_dict(), "preset": args.preset, "train_seconds": train_seconds}
+    write_fitted_artifact(args.out, "full", selected, final, meta, data, IndexSpec("flat"))
     log(f"trained in {train_seconds:.0f} s; evaluating {args.out}")
     metrics = evaluate_artifact(load_artifact(args.out), dataset)
     update_metrics(args.out, metrics)
@@ -152,11 +157,10 @@ def cmd_train(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from slimrec.artifact import load_artifact, update_metrics
-    from slimrec.models.movielens import load_dataset
     from slimrec.models.served_eval import evaluate_artifact
 
     artifact = load_artifact(args.artifact)
-    dataset = load_dataset(args.data or artifact.manifest["data"].get("source") or artifact.manifest["data"]["dataset"])
+    dataset = artifact_dataset(artifact, args.data)
     metrics = evaluate_artifact(artifact, dataset)
     update_metrics(args.artifact, metrics)
     print_metrics(metrics)
@@ -168,12 +172,11 @@ def cmd_compress(args) -> int:
     from slimrec.artifact import load_artifact
     from slimrec.compression.pipeline import compress
     from slimrec.compression.report_render import render_markdown
-    from slimrec.models.movielens import load_dataset
 
     config = compress_config(args.preset, args.config)
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     teacher = load_artifact(args.teacher)
-    dataset = load_dataset(args.data or teacher.manifest["data"].get("source") or teacher.manifest["data"]["dataset"])
+    dataset = artifact_dataset(teacher, args.data)
     report = compress(args.teacher, args.out, dataset, config)
     print(render_markdown(report))
     if not report["gate"]["promotable"]:
@@ -205,6 +208,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def artifact_dataset(artifact, name: str | None):
+    """The dataset `name` (--data), else the one the artifact was trained on (its source, or its name)."""
+    from slimrec.models.movielens import load_dataset
+
+    data = artifact.manifest["data"]
+    return load_dataset(name or data.get("source") or data["dataset"])
+
+
 def print_metrics(metrics: dict) -> None:
     names = ["recall@10", "recall@50", "recall@200", "ndcg@10", "hr@10", "mrr@10"]
     print(f"{'stage':<10} {'fold':<6} " + " ".join(f"{n:>10}" for n in names))
@@ -214,16 +225,6 @@ def print_metrics(metrics: dict) -> None:
     for fold, values in metrics.get("ranker", {}).items():
         print(f"ranker     {fold:<6} auc {values['auc']:.4f}  log_loss {values['log_loss']:.4f}")
     print(json.dumps(metrics.get("protocol", {})))
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 if __name__ == "__main__":

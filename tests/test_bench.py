@@ -71,7 +71,8 @@ def test_bench_catalogue_tiny_end_to_end(tmp_path):
     assert "recall@200" in (out / "scale.md").read_text()
     assert (out / "2k" / "bench.json").is_file()
     # Asked again with the same parameters, the build reuses the data and artifacts it left.
-    from slimrec.bench.scale import ScaleConfig, build_size, parse_sizes
+    from slimrec.bench.scale import build_size, parse_sizes
+    from slimrec.bench.scale_config import ScaleConfig
 
     (size,) = parse_sizes("2k")
     assert build_size(size, out / "2k", ScaleConfig.for_preset("tiny")) == build
@@ -102,6 +103,33 @@ def test_parse_sizes_rejects(text):
 
     with pytest.raises(ValueError):
         parse_sizes(text)
+
+
+@pytest.mark.parametrize(("text", "value"), [("2k", 2_000), ("1M", 1_000_000), ("1.5k", 1_500),
+                                             ("500_000", 500_000), (" 7 ", 7)])
+def test_parse_count(text, value):
+    from slimrec.bench.argtypes import parse_count
+
+    assert parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "1.5", "ten", "k", "-2k"])
+def test_parse_count_rejects(text):
+    from slimrec.bench.argtypes import parse_count
+
+    with pytest.raises(ValueError, match="count"):
+        parse_count(text)
+
+
+def test_int_list():
+    import argparse
+
+    from slimrec.bench.argtypes import int_list
+
+    assert int_list("1,32") == (1, 32) and int_list("0") == (0,)
+    for bad in ("", "1,-1", "a,b"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            int_list(bad)
 
 
 def test_ratios_by_hand():

@@ -42,6 +42,38 @@ def train(tmp_path, *extra: str) -> list[str]:
     return ["train", "--preset", "tiny", "--out", str(tmp_path / "out"), "--threads", "1", *extra]
 
 
+# --- the parser ------------------------------------------------------------------------------------
+
+
+def test_parser_imports_no_torch():
+    """`slimrec serve` builds this parser (preset names included) in processes that never load torch."""
+    import subprocess
+    import sys
+
+    code = "import sys; from slimrec.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd="/")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("text", "value"), [("1", 1), ("32", 32)])
+def test_positive_int_accepts(text, value):
+    from slimrec.bench.argtypes import positive_int
+
+    assert positive_int(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "1.5", "ten", ""])
+def test_positive_int_rejects(text):
+    import argparse
+
+    from slimrec.bench.argtypes import positive_int
+
+    with pytest.raises(argparse.ArgumentTypeError, match="expected a positive integer"):
+        positive_int(text)
+
+
 # --- train: bad data, preset or config --------------------------------------------------------------
 
 
