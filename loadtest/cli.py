@@ -72,7 +72,8 @@ def parse_start(values: list[str]) -> dict[str, str]:
 
 
 def config_from_args(args: argparse.Namespace):
-    from slimrec.loadtest.run import LoadConfig, parse_duration
+    from slimrec.loadtest.run import LoadConfig
+    from slimrec.loadtest.units import parse_duration
     from slimrec.loadtest.workload import DEFAULT_K_MIX, RequestMix
 
     return LoadConfig(users=args.users, spawn_rate=args.spawn_rate or float(args.users),

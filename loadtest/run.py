@@ -87,29 +87,6 @@ class LoadConfig:
         return flags
 
 
-def parse_duration(text: str) -> float:
-    """'60s', '2m', '1h', '1m30s' or '45' (seconds) -> seconds; ValueError otherwise."""
-    text = text.strip().lower()
-    if not text:
-        raise ValueError("empty duration")
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    total, number = 0.0, ""
-    for char in text:
-        if char.isdigit() or char == ".":
-            number += char
-        elif char in "hms" and number:
-            total += float(number) * {"h": 3600, "m": 60, "s": 1}[char]
-            number = ""
-        else:
-            raise ValueError(f"duration {text!r}: expected e.g. 60s, 2m, 1m30s")
-    if number:
-        raise ValueError(f"duration {text!r}: a number without a unit at the end")
-    return total
-
-
 def run_phase(phase: str, url: str, config: LoadConfig, out: Path, workload: Path,
               forced: str | None) -> dict:
     """One headless locust run (single process, or 1 master + N workers); returns what happened."""

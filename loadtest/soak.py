@@ -20,13 +20,14 @@ import asyncio
 import contextlib
 import json
 import random
-import re
 import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from slimrec.loadtest.cli import parse_start
 from slimrec.loadtest.launch import local_server
+from slimrec.loadtest.units import parse_duration
 
 MAX_DURATION_S = 24 * 3600.0
 RSS_SAMPLE_S = 1.0
@@ -38,9 +39,9 @@ def register(subparsers) -> None:
                                                "errors, p50/p99")
     soak.add_argument("--start", required=True, metavar="NAME=ARTIFACT_DIR,...",
                       help="variants of the server to start (e.g. full=artifacts/teacher,compressed=...)")
-    soak.add_argument("--duration", type=parse_duration, default=180.0, help="e.g. 180s, 3m, 10 (seconds)")
+    soak.add_argument("--duration", default="180s", help="e.g. 180s, 3m, 1m30s, 10 (seconds); at most 24 h")
     soak.add_argument("--concurrency", type=int, default=8, help="concurrent connections (1-1024)")
-    soak.add_argument("--warmup", type=parse_duration, default=None,
+    soak.add_argument("--warmup", default=None,
                       help="excluded from latency and the memory baseline (default: duration/6, 2-30 s)")
     soak.add_argument("--max-requests", type=int, default=5_000_000, help="stop after this many requests")
     soak.add_argument("--max-growth-pct", type=float, default=5.0, help="RSS growth that fails the run")
@@ -48,17 +49,6 @@ def register(subparsers) -> None:
     soak.add_argument("--seed", type=int, default=0)
     soak.add_argument("--json", type=Path, help="also write the report as JSON")
     soak.set_defaults(run=run_soak, command="soak")
-
-
-def parse_duration(text: str) -> float:
-    """'180s', '3m', '1h', '2.5' (seconds) -> seconds; ValueError (argparse shows it) otherwise."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(text))
-    if not match:
-        raise argparse.ArgumentTypeError(f"duration {text!r}: use e.g. 180s, 3m, 1h or seconds")
-    seconds = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
-    if not 0 < seconds <= MAX_DURATION_S:
-        raise argparse.ArgumentTypeError(f"duration {text!r}: must be more than 0 and at most 24 h")
-    return seconds
 
 
 @dataclass
@@ -80,20 +70,19 @@ class Tally:
 
 
 def run_soak(args: argparse.Namespace) -> int:
-    from slimrec.serving.settings import parse_pairs
-
-    variants = parse_pairs(args.start, "--start")
-    if not variants:
-        raise ValueError("--start: give at least one NAME=ARTIFACT_DIR")
+    variants = parse_start([args.start])
     for name, path in variants.items():
         if not (Path(path) / "catalogue.json").is_file():
             raise ValueError(f"--start: {name}={path} is not an artifact directory (no catalogue.json)")
     if not 1 <= args.concurrency <= 1024 or args.max_requests < 1 or not 1 <= args.k <= 200:
         raise ValueError("--concurrency must be 1-1024, --max-requests >= 1, --k 1-200")
-    warmup = args.warmup if args.warmup is not None else min(30.0, max(2.0, args.duration / 6))
-    if warmup >= args.duration:
-        raise ValueError(f"--warmup ({warmup:g} s) must be shorter than --duration ({args.duration:g} s)")
-    report = soak(variants, args.duration, args.concurrency, warmup, args.max_requests, args.k, args.seed)
+    duration = parse_duration(args.duration)
+    if not 0 < duration <= MAX_DURATION_S:
+        raise ValueError(f"--duration {args.duration!r}: must be more than 0 and at most 24 h")
+    warmup = parse_duration(args.warmup) if args.warmup is not None else min(30.0, max(2.0, duration / 6))
+    if warmup >= duration:
+        raise ValueError(f"--warmup ({warmup:g} s) must be shorter than --duration ({duration:g} s)")
+    report = soak(variants, duration, args.concurrency, warmup, args.max_requests, args.k, args.seed)
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from slimrec.bench.argtypes import positive_int
 from slimrec.compression.presets import COMPRESS_PRESETS, compress_config
+from slimrec.loadtest.units import parse_duration
 from slimrec.models.presets import TRAIN_PRESETS, train_config
 
 
@@ -191,6 +192,7 @@ def cmd_demo(args) -> int:
     from slimrec.models.fetch import fetch_movielens_100k
     from slimrec.models.movielens import data_root
 
+    parse_duration(args.load_duration)  # a typo fails now, not after training and compressing
     data = fetch_movielens_100k(data_root())
     teacher, compressed = args.out / "teacher", args.out / "compressed"
     steps = [

@@ -74,6 +74,13 @@ def test_positive_int_rejects(text):
         positive_int(text)
 
 
+def test_demo_rejects_a_bad_load_duration_before_any_work(tmp_path, capsys):
+    code, _, err = run(["demo", "--out", str(tmp_path / "demo"), "--load-duration", "20 parsecs"], capsys)
+    assert code == 2
+    assert "20 parsecs" in one_line_error(err, "demo")
+    assert not (tmp_path / "demo").exists()
+
+
 # --- train: bad data, preset or config --------------------------------------------------------------
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from serving_fixtures import running_server
 from slimrec.loadtest import report as rep
-from slimrec.loadtest.run import LoadConfig, parse_duration
+from slimrec.loadtest.run import LoadConfig
+from slimrec.loadtest.units import parse_duration
 from slimrec.loadtest.workload import RequestMix, Workload, ZipfSampler, parse_k_mix
 
 from slimrec.cli import main
@@ -258,8 +259,10 @@ def test_settings_parsing_and_validation():
     with pytest.raises(ValueError, match="k mix"):
         parse_k_mix("ten:1")
     assert [parse_duration(t) for t in ("60s", "2m", "1m30s", "45", "0.5s")] == [60, 120, 90, 45, 0.5]
-    with pytest.raises(ValueError):
-        parse_duration("3 parsecs")
+    assert [parse_duration(t) for t in ("250ms", "1h", "1M 30S", "0")] == [0.25, 3600, 90, 0]
+    for bad in ("3 parsecs", "", "-5", "1e3", "inf", "m", "1m30", "1.s"):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
     config = LoadConfig(users=8, spawn_rate=4, duration_s=30, rate=100)
     assert config.warmup_s == 2.0 and config.max_requests == math.ceil(100 * 1.5 * 30) + 100
     with pytest.raises(ValueError, match="--mode"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from serving_fixtures import copy_artifact
 
 from slimrec.cli import main
@@ -25,3 +26,15 @@ def test_soak_short_run_has_no_errors_and_flat_memory(tiny_teacher, tmp_path, ca
     assert report["rss_samples"] >= 8 and abs(report["rss_growth_pct"]) < 5, report
     assert report["server_exit_code"] == 0 and code == 0
     assert "p50" in printed and "growth" in printed
+
+
+@pytest.mark.parametrize(("flag", "value", "named"), [
+    ("--duration", "25h", "at most 24 h"),
+    ("--duration", "3 parsecs", "expected e.g. 60s"),
+    ("--warmup", "1m", "must be shorter than --duration"),
+])
+def test_soak_rejects_bad_durations_before_starting_a_server(tiny_teacher, capsys, flag, value, named):
+    argv = ["soak", "--start", f"full={tiny_teacher}", "--duration", "30s", flag, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("slimrec soak: error: ") and named in err[0]
