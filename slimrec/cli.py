@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from slimrec import __version__
 from slimrec.bench.argtypes import positive_int
 from slimrec.compression.presets import COMPRESS_PRESETS, compress_config
 from slimrec.loadtest.units import parse_duration
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slimrec", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"slimrec {__version__}")
     sub = parser.add_subparsers(dest="command")
 
     data = sub.add_parser("data", help="fetch or generate datasets").add_subparsers(dest="data_command")

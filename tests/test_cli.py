@@ -45,6 +45,16 @@ def train(tmp_path, *extra: str) -> list[str]:
 # --- the parser ------------------------------------------------------------------------------------
 
 
+def test_version_prints_the_package_version(capsys):
+    from importlib.metadata import version
+
+    import slimrec
+
+    code, out, _ = run(["--version"], capsys)
+    assert code == 0
+    assert out.strip() == f"slimrec {slimrec.__version__}" == f"slimrec {version('slimrec')}"
+
+
 def test_parser_imports_no_torch():
     """`slimrec serve` builds this parser (preset names included) in processes that never load torch."""
     import subprocess
