@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from slimrec.models.classification_metrics import auc, log_loss
 from slimrec.models.fold import Fold
 from slimrec.models.ranker import Ranker
 from slimrec.models.ranking_metrics import ranking_metrics
@@ -102,33 +101,3 @@ def evaluate_two_stage(model: TwoTower, ranker: Ranker, fold: Fold, n_candidates
                            *fold.eval_relevant, ks=RETRIEVAL_KS)
         for w in retrieval_weights
     }
-
-
-def ranker_auc(ranker: Ranker, fold: Fold, seed: int = 0, n_negatives: int = 50) -> dict[str, float]:
-    """AUC and log loss on the scored fold: positives = the user's held-out items,
-    negatives = `n_negatives` items per user drawn uniformly from items the user never rated."""
-    rng = np.random.default_rng(seed)
-    users = fold.eval_users
-    indptr, rel = fold.eval_relevant
-    max_pos = int(np.diff(indptr).max())
-    n_items = fold.dataset.n_items
-    rated = np.zeros((len(users), n_items), bool) if n_items * len(users) <= 5e8 else None
-    cands = np.full((len(users), max_pos + n_negatives), -1, np.int64)
-    labels = np.zeros_like(cands, dtype=np.float32)
-    for j in range(len(users)):  # per user, but only to assemble the evaluation rows
-        pos = rel[indptr[j] : indptr[j + 1]]
-        cands[j, : len(pos)] = pos
-        labels[j, : len(pos)] = 1
-    all_rows = fold.split.user_start
-    for j, u in enumerate(users):
-        seen = fold.split.item[all_rows[u] : all_rows[u + 1]]
-        if rated is not None:
-            rated[j, seen] = True
-        neg = rng.integers(0, n_items, size=4 * n_negatives)
-        neg = neg[~np.isin(neg, seen)][:n_negatives]
-        cands[j, max_pos : max_pos + len(neg)] = neg
-    logits = ranker_logits(ranker, fold, users, cands)
-    keep = cands >= 0
-    probs = 1 / (1 + np.exp(-logits[keep].astype(np.float64)))
-    return {"auc": auc(labels[keep], logits[keep]), "log_loss": log_loss(labels[keep], probs),
-            "negatives": f"{n_negatives} per user, uniform over items the user never rated"}
