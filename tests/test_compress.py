@@ -50,7 +50,8 @@ def test_retrieval_kd_loss_is_zero_kl_when_student_is_teacher():
     # The student is the teacher itself: both score distributions coincide, so KL = 0.
     assert kd_only(teacher, batch()).item() == pytest.approx(0.0, abs=1e-6)
     labels_only = retrieval_kd_loss(teacher, DistillConfig(label_weight=1.0))
-    assert labels_only(teacher, batch()).item() == pytest.approx(teacher.in_batch_loss(**batch()).item(), rel=1e-6)
+    in_batch = teacher.in_batch_loss(**batch()).item()
+    assert labels_only(teacher, batch()).item() == pytest.approx(in_batch, rel=1e-6)
 
 
 def test_retrieval_kd_pulls_a_student_towards_the_teacher():
@@ -73,8 +74,10 @@ def test_retrieval_kd_pulls_a_student_towards_the_teacher():
 
 def test_ranker_kd_loss_mixes_labels_and_teacher():
     torch.manual_seed(0)
-    teacher = Ranker(RankerConfig(id_dim=4, feature_dim=2, n_cross=1, deep=(8,), dropout=0.0), SPACE, tables())
-    student = Ranker(RankerConfig(id_dim=4, feature_dim=2, n_cross=1, cross_rank=2, deep=(4,)), SPACE, tables())
+    teacher = Ranker(RankerConfig(id_dim=4, feature_dim=2, n_cross=1, deep=(8,), dropout=0.0),
+                     SPACE, tables())
+    student = Ranker(RankerConfig(id_dim=4, feature_dim=2, n_cross=1, cross_rank=2, deep=(4,)),
+                     SPACE, tables())
     inputs = {k: v for k, v in batch().items() if k not in ("item_code", "log_q")}
     inputs["candidates"] = torch.randint(0, 13, (5, 3))
     labels = torch.zeros(5, 3)
@@ -83,7 +86,8 @@ def test_ranker_kd_loss_mixes_labels_and_teacher():
     only_labels = ranker_kd_loss(teacher, DistillConfig(label_weight=1.0))(student, inputs, labels, mask)
     expected = torch.nn.functional.binary_cross_entropy_with_logits(student(**inputs)[mask], labels[mask])
     assert only_labels.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert torch.isfinite(ranker_kd_loss(teacher, DistillConfig(label_weight=0.3))(student, inputs, labels, mask))
+    mixed = ranker_kd_loss(teacher, DistillConfig(label_weight=0.3))
+    assert torch.isfinite(mixed(student, inputs, labels, mask))
 
 
 def metrics(ndcg, recall):
@@ -95,7 +99,7 @@ def test_gate_passes_within_tolerance_and_names_each_failing_metric():
     assert gate(teacher, metrics(0.1670, 0.730), GateConfig(tolerance=0.02)) == []
     failures = gate(teacher, metrics(0.1650, 0.700), GateConfig(tolerance=0.02))
     assert len(failures) == 2
-    assert "ndcg@10" in failures[0] and "0.1650" in failures[0] and "0.1700" in failures[0] and "0.02" in failures[0]
+    assert all(part in failures[0] for part in ("ndcg@10", "0.1650", "0.1700", "0.02"))
     assert "recall@200" in failures[1]
     assert gate(teacher, metrics(0.1699, 0.74), GateConfig(tolerance=0.0)) != []
 
@@ -171,7 +175,8 @@ def test_shared_copy_of_tiny_teacher_is_not_modified(tiny_teacher):
     from slimrec.artifact import load_artifact
 
     load_artifact(tiny_teacher)  # still verifies after compression read it
-    assert np.isfinite(json.loads((tiny_teacher / "metrics.json").read_text())["two_stage"]["test"]["ndcg@10"])
+    recorded = json.loads((tiny_teacher / "metrics.json").read_text())
+    assert np.isfinite(recorded["two_stage"]["test"]["ndcg@10"])
 
 
 def test_teacher_cache_reuses_the_first_epochs_teacher_outputs():
