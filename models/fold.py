@@ -57,10 +57,6 @@ class Fold:
         return self.split.item.astype(np.int64) + 1
 
     @cached_property
-    def row_user_start(self) -> np.ndarray:
-        return self.split.user_start[self.split.user]
-
-    @cached_property
     def fit_counts(self) -> np.ndarray:
         """Number of fitted rows per user (a prefix of each user's sequence)."""
         return np.bincount(self.split.user[self.fit_positions], minlength=self.dataset.n_users)

@@ -20,13 +20,13 @@ import signal
 import threading
 from multiprocessing.connection import Connection
 
-from slimrec.loadtest.launch import STOP_TIMEOUT_S
 from slimrec.serving.queries import Answer, Query
 
 log = logging.getLogger("slimrec.serving")
 
 READY_TIMEOUT_S = 300.0  # a child loads and verifies the artifact: seconds, minutes at 1M items
 CALL_TIMEOUT_S = 120.0  # a batch that takes longer than this means a hung child: replace it
+STOP_TIMEOUT_S = 15.0  # a child asked to stop gets this long before it is killed
 
 
 class ModelProcessError(RuntimeError):
