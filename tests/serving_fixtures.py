@@ -35,8 +35,9 @@ class Server:
         full_env.update({"SLIMREC_DATA_DIR": os.environ.get("SLIMREC_DATA_DIR", ""), **env})
         command = serve_command({}, self.port, *args)
         self._log = open(log_path, "wb")
-        self.process = subprocess.Popen(command, cwd=REPO, env=full_env, stdout=self._log,
-                                        stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            command, cwd=REPO, env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
         self.client = httpx.Client(base_url=self.url, timeout=30.0)
 
     def log(self) -> str:
@@ -81,7 +82,7 @@ def metric_value(text: str, name: str, **labels: str) -> float | None:
         head, _, value = line.rpartition(" ")
         sample_labels = {}
         if "{" in head:
-            for pair in head[head.index("{") + 1: -1].split(","):
+            for pair in head[head.index("{") + 1 : -1].split(","):
                 if pair:
                     key, _, raw = pair.partition("=")
                     sample_labels[key] = raw.strip('"')

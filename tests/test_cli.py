@@ -61,8 +61,9 @@ def test_parser_imports_no_torch():
     import sys
 
     code = "import sys; from slimrec.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                            cwd="/")
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
@@ -107,13 +108,16 @@ def test_train_unknown_preset(tmp_path, capsys):
     assert "invalid choice: 'nope'" in err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize(("toml", "named"), [
-    ("[two_tower]\nbogus_width = 3\n", "bogus_width"),  # unknown key in a table
-    ("epochs = 3\n", "epochs"),  # unknown top-level key
-    ("[ranker]\ncross_rank = 0\n", "cross_rank must be >= 1 or None, got 0"),  # a known key, bad value
-    ("[two_tower]\ntemperature = 5.0\n", "temperature must be in (0, 1], got 5.0"),
-    ("[retrieval_schedule]\nlr = -1.0\n", "lr=-1.0"),
-])
+@pytest.mark.parametrize(
+    ("toml", "named"),
+    [
+        ("[two_tower]\nbogus_width = 3\n", "bogus_width"),  # unknown key in a table
+        ("epochs = 3\n", "epochs"),  # unknown top-level key
+        ("[ranker]\ncross_rank = 0\n", "cross_rank must be >= 1 or None, got 0"),  # a known key, bad value
+        ("[two_tower]\ntemperature = 5.0\n", "temperature must be in (0, 1], got 5.0"),
+        ("[retrieval_schedule]\nlr = -1.0\n", "lr=-1.0"),
+    ],
+)
 def test_train_bad_config_values(tmp_path, capsys, toml, named):
     config = tmp_path / "train.toml"
     config.write_text(toml)
@@ -162,8 +166,21 @@ def test_data_synth_rejects_zero(tmp_path, capsys, flag):
 
 def test_data_synth_rejects_an_impossible_shape(tmp_path, capsys):
     # 10 users need at least 5 interactions each: 1 cannot be drawn.
-    code, _, err = run(["data", "synth", "--items", "10", "--users", "10", "--interactions", "1",
-                        "--out", str(tmp_path / "synth")], capsys)
+    code, _, err = run(
+        [
+            "data",
+            "synth",
+            "--items",
+            "10",
+            "--users",
+            "10",
+            "--interactions",
+            "1",
+            "--out",
+            str(tmp_path / "synth"),
+        ],
+        capsys,
+    )
     assert code == 2
     assert "n_interactions must lie in [50, 50]" in one_line_error(err, "data synth")
 

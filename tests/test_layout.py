@@ -16,8 +16,15 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = {"models": "models", "compression": "compression", "artifact": "artifact", "serving": "serving",
-            "loadtest": "loadtest", "bench": "bench", "slimrec": "slimrec"}
+PACKAGES = {
+    "models": "models",
+    "compression": "compression",
+    "artifact": "artifact",
+    "serving": "serving",
+    "loadtest": "loadtest",
+    "bench": "bench",
+    "slimrec": "slimrec",
+}
 ALLOWED = {
     "artifact": {"artifact"},
     "models": {"models", "artifact"},
@@ -85,14 +92,25 @@ STACK_ALLOWED = {"artifact": set(), "serving": set(), "loadtest": {"locust", "ma
 @pytest.mark.parametrize("package", sorted(STACK_ALLOWED))
 def test_the_serving_side_never_imports_the_training_stack(package):
     banned = TRAINING_STACK - STACK_ALLOWED[package]
-    found = [f"{m} imports {t}" for m, p in MODULES.items() if package_of(m) == package
-             for t, _ in imports_of(p) if t.split(".")[0] in banned]
+    found = [
+        f"{m} imports {t}"
+        for m, p in MODULES.items()
+        if package_of(m) == package
+        for t, _ in imports_of(p)
+        if t.split(".")[0] in banned
+    ]
     assert not found, "\n".join(found)
 
 
 def test_no_module_imports_another_modules_private_names():
-    private = [f"{m} imports {name} from {t}" for m, p in MODULES.items() for t, names in imports_of(p)
-               if t.startswith("slimrec") for name in names if name.startswith("_") and name != "__version__"]
+    private = [
+        f"{m} imports {name} from {t}"
+        for m, p in MODULES.items()
+        for t, names in imports_of(p)
+        if t.startswith("slimrec")
+        for name in names
+        if name.startswith("_") and name != "__version__"
+    ]
     assert not private, "\n".join(private)
 
 
@@ -114,7 +132,7 @@ def test_there_are_no_import_circles():
         state[node] = 1
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+                cycles.append(" -> ".join(stack[stack.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, [*stack, dep])
         state[node] = 2
