@@ -9,5 +9,12 @@ from slimrec.artifact.load import Artifact, load_artifact
 from slimrec.artifact.manifest import ArtifactError, sha256_file
 from slimrec.artifact.writer import ArtifactWriter
 
-__all__ = ["Artifact", "ArtifactError", "ArtifactWriter", "amend_artifact", "load_artifact", "sha256_file",
-           "update_metrics"]
+__all__ = [
+    "Artifact",
+    "ArtifactError",
+    "ArtifactWriter",
+    "amend_artifact",
+    "load_artifact",
+    "sha256_file",
+    "update_metrics",
+]

@@ -37,8 +37,9 @@ def update_metrics(path: str | Path, metrics: dict) -> Path:
     return Path(path) / METRICS
 
 
-def amend_artifact(path: str | Path, files: dict[str, tuple[bytes, str]] | None = None,
-                   fields: dict[str, Any] | None = None) -> Path:
+def amend_artifact(
+    path: str | Path, files: dict[str, tuple[bytes, str]] | None = None, fields: dict[str, Any] | None = None
+) -> Path:
     """Add or replace files ({rel: (bytes, role)}) and top-level manifest fields of an artifact.
 
     Each file is replaced atomically (temp file + os.replace), the manifest last: a crash in
@@ -63,8 +64,11 @@ def amend_artifact(path: str | Path, files: dict[str, tuple[bytes, str]] | None 
         rel = checked_relpath(rel)
         if role not in ROLES:
             raise ArtifactError(f"{root / rel}: role must be one of {ROLES}, got {role!r}")
-        manifest["files"][rel] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
-                                  "role": role}
+        manifest["files"][rel] = {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+            "role": role,
+        }
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(root / rel, data)
     try:

@@ -40,7 +40,12 @@ class FeatureSpace:
     @property
     def user_vocab_sizes(self) -> tuple[int, int, int, int]:
         """Embedding table sizes for USER_FEATURES (each + 1 for unknown)."""
-        return (len(AGE_EDGES) + 2, len(self.genders) + 1, len(self.occupations) + 1, len(self.zip_prefixes) + 1)
+        return (
+            len(AGE_EDGES) + 2,
+            len(self.genders) + 1,
+            len(self.occupations) + 1,
+            len(self.zip_prefixes) + 1,
+        )
 
     @property
     def n_year_buckets(self) -> int:
@@ -85,4 +90,3 @@ def zip_prefix(zip_code: np.ndarray) -> np.ndarray:
 def _lookup(vocab: list[str], values: np.ndarray) -> np.ndarray:
     index = {v: j + 1 for j, v in enumerate(vocab)}
     return np.array([index.get(str(v), 0) for v in values], dtype=np.int64)
-

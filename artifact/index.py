@@ -16,8 +16,11 @@ import numpy as np
 
 # IVF with scalar-quantized codes: 8, 6 or 4 bits per dimension. On the 1M-item synthetic catalogue
 # (d 48, nlist 4000, nprobe 16) recall@200 vs exact was 0.9977 / 0.9976 / 0.9942 (ties within 1e-3).
-SQ_KINDS = {"ivf_sq8": faiss.ScalarQuantizer.QT_8bit, "ivf_sq6": faiss.ScalarQuantizer.QT_6bit,
-            "ivf_sq4": faiss.ScalarQuantizer.QT_4bit}
+SQ_KINDS = {
+    "ivf_sq8": faiss.ScalarQuantizer.QT_8bit,
+    "ivf_sq6": faiss.ScalarQuantizer.QT_6bit,
+    "ivf_sq4": faiss.ScalarQuantizer.QT_4bit,
+}
 INDEX_KINDS = ("flat", *SQ_KINDS, "ivf_pq_refine", "hnsw")
 
 
@@ -62,8 +65,9 @@ class ItemIndex:
         elif self.spec.kind == "hnsw":
             faiss.downcast_index(self.index).hnsw.efSearch = self.spec.ef_search
 
-    def search(self, queries: np.ndarray, k: int,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """queries [nq, d] -> (scores float32 [nq, k], item indices int64 [nq, k]); -1 pads with -inf.
 
         `allowed` (bool [n_items]) restricts the search to those items inside FAISS (an IDSelector
@@ -91,7 +95,8 @@ class ItemIndex:
             refine = faiss.downcast_index(self.index)
             return faiss.IndexRefineSearchParameters(
                 k_factor=refine.k_factor,
-                base_index_params=faiss.SearchParametersIVF(sel=selector, nprobe=self.spec.nprobe))
+                base_index_params=faiss.SearchParametersIVF(sel=selector, nprobe=self.spec.nprobe),
+            )
         if self.spec.kind == "hnsw":
             return faiss.SearchParametersHNSW(sel=selector, efSearch=self.spec.ef_search)
         return faiss.SearchParameters(sel=selector)
@@ -169,13 +174,20 @@ def _train(index: faiss.Index, xb: np.ndarray, seed: int) -> None:
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray) -> float:
     """Mean |approx ∩ exact| / |exact| per query (faiss contrib's knn intersection measure)."""
-    hits = [len(np.intersect1d(a[a >= 0], e[e >= 0])) / max(1, (e >= 0).sum())
-            for a, e in zip(approx_ids, exact_ids)]
+    hits = [
+        len(np.intersect1d(a[a >= 0], e[e >= 0])) / max(1, (e >= 0).sum())
+        for a, e in zip(approx_ids, exact_ids, strict=True)
+    ]
     return float(np.mean(hits))
 
 
-def recall_within(found_ids: np.ndarray, exact_scores: np.ndarray, queries: np.ndarray, items: np.ndarray,
-                  tolerance: float = 1e-3) -> float:
+def recall_within(
+    found_ids: np.ndarray,
+    exact_scores: np.ndarray,
+    queries: np.ndarray,
+    items: np.ndarray,
+    tolerance: float = 1e-3,
+) -> float:
     """Share of the k found items whose exact score is within `tolerance` of the exact k-th best.
 
     ann-benchmarks' recall: an item that ties with the k-th best is as good an answer as it, which
@@ -187,4 +199,3 @@ def recall_within(found_ids: np.ndarray, exact_scores: np.ndarray, queries: np.n
     scores = np.einsum("qd,qkd->qk", queries, items[np.maximum(found_ids, 0)])
     good = (found_ids >= 0) & (scores >= exact_scores[:, k - 1 : k] - tolerance)
     return float(good.sum(1).mean() / k)
-

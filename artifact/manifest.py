@@ -48,7 +48,6 @@ class ArtifactError(ValueError):
     """An artifact that cannot be written or loaded; the message names the file and the problem."""
 
 
-
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks so large weights never sit in memory twice.
 
@@ -91,7 +90,6 @@ def _first_installed_version(distributions: tuple[str, ...]) -> str | None:
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             return importlib.metadata.version(name)
     return None
-
 
 
 def slimrec_version() -> str:

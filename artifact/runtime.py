@@ -52,8 +52,9 @@ class ServedModel:
         self.popular_items = tables["popular_items"]
         self.n_users, self.n_items = self.space.n_users, self.space.n_items
         if self.index.n_items != self.n_items:
-            raise ValueError(f"{artifact.path}: index holds {self.index.n_items} items, "
-                             f"the feature space {self.n_items}")
+            raise ValueError(
+                f"{artifact.path}: index holds {self.index.n_items} items, the feature space {self.n_items}"
+            )
 
     # --- request assembly ----------------------------------------------------------------------
 
@@ -67,19 +68,27 @@ class ServedModel:
             UserBatch of B rows; exclude_items in the fitted table's dtype, int32 as written.
         """
         indptr = self.fitted_indptr
-        inputs = user_inputs(users, self.user_features, self.fitted_items, indptr[users], indptr[users + 1],
-                             self.space.history_len)
+        inputs = user_inputs(
+            users,
+            self.user_features,
+            self.fitted_items,
+            indptr[users],
+            indptr[users + 1],
+            self.space.history_len,
+        )
         exclude = csr_rows(indptr, self.fitted_items, users) if exclude_seen else empty_csr(len(users))
         return UserBatch(*inputs, *exclude)
 
     # --- stages -------------------------------------------------------------------------------
 
     def embed(self, batch: UserBatch) -> np.ndarray:
-        return run_session(self.user_tower, user_code=batch.codes, user_features=batch.features,
-                    history=batch.history)
+        return run_session(
+            self.user_tower, user_code=batch.codes, user_features=batch.features, history=batch.history
+        )
 
-    def retrieve(self, user_emb: np.ndarray, n: int, batch: UserBatch,
-                 allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve(
+        self, user_emb: np.ndarray, n: int, batch: UserBatch, allowed: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-n item indices [B, n] (-1 padded) and scores, excluded and disallowed items dropped.
 
         A row is safe when searched n + (its excluded count) deep. One search that deep for the
@@ -100,12 +109,14 @@ class ServedModel:
         redo = np.flatnonzero((needed > k) & (items[:, -1] < 0)) if n > 0 else np.zeros(0, np.int64)
         if len(redo):
             deeper = int(needed[redo].max())
-            items[redo], scores[redo] = self._search_excluding(user_emb[redo], deeper, n,
-                                                               _rows(batch, redo), allowed)
+            items[redo], scores[redo] = self._search_excluding(
+                user_emb[redo], deeper, n, _rows(batch, redo), allowed
+            )
         return items, scores
 
-    def _search_excluding(self, user_emb: np.ndarray, k: int, n: int, batch: UserBatch,
-                          allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    def _search_excluding(
+        self, user_emb: np.ndarray, k: int, n: int, batch: UserBatch, allowed: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         scores, items = self.index.search(user_emb, k, allowed)
         drop = items < 0
         if len(batch.exclude_items):
@@ -114,13 +125,19 @@ class ServedModel:
 
     def rank(self, batch: UserBatch, candidates: np.ndarray, retrieval_scores: np.ndarray) -> np.ndarray:
         """Final scores [B, C]: ranker logit + retrieval_weight * retrieval score / temperature."""
-        logits = run_session(self.ranker, user_code=batch.codes, user_features=batch.features,
-                      history=batch.history, candidates=np.maximum(candidates, -1) + 1)
+        logits = run_session(
+            self.ranker,
+            user_code=batch.codes,
+            user_features=batch.features,
+            history=batch.history,
+            candidates=np.maximum(candidates, -1) + 1,
+        )
         final = logits + self.retrieval_weight * retrieval_scores / self.temperature
         return np.where(candidates >= 0, final, -np.inf).astype(np.float32)
 
-    def recommend(self, batch: UserBatch, k: int, n_candidates: int = 200,
-                  allowed: np.ndarray | None = None) -> Recommendations:
+    def recommend(
+        self, batch: UserBatch, k: int, n_candidates: int = 200, allowed: np.ndarray | None = None
+    ) -> Recommendations:
         import time
 
         t0 = time.perf_counter()

@@ -143,11 +143,18 @@ def sent_user_features(space: FeatureSpace, sent: Sequence[dict]) -> np.ndarray:
         np.array([-1 if s.get("age") is None else s["age"] for s in sent]),
         np.array([s.get("gender") or "" for s in sent], dtype=object),
         np.array([s.get("occupation") or "" for s in sent], dtype=object),
-        np.array([s.get("zip_code") or "" for s in sent], dtype=object))
+        np.array([s.get("zip_code") or "" for s in sent], dtype=object),
+    )
 
 
-def user_inputs(users: np.ndarray, feature_table: np.ndarray, items: np.ndarray, starts: np.ndarray,
-                ends: np.ndarray, history_len: int) -> UserInputs:
+def user_inputs(
+    users: np.ndarray,
+    feature_table: np.ndarray,
+    items: np.ndarray,
+    starts: np.ndarray,
+    ends: np.ndarray,
+    history_len: int,
+) -> UserInputs:
     """Model inputs of known users whose histories are `items[starts[b]:ends[b]]`.
 
     Args:
@@ -164,5 +171,6 @@ def user_inputs(users: np.ndarray, feature_table: np.ndarray, items: np.ndarray,
         ...             model.fitted_indptr[users + 1], model.space.history_len)
     """
     codes = user_codes(users)
-    return UserInputs(codes, user_feature_rows(feature_table, codes),
-                      history_window(items, starts, ends, history_len))
+    return UserInputs(
+        codes, user_feature_rows(feature_table, codes), history_window(items, starts, ends, history_len)
+    )

@@ -81,8 +81,9 @@ class ArtifactWriter:
     def __init__(self, directory: str | Path, variant: str, config: dict, data: dict):
         self.directory = Path(directory)
         if self.directory.name in ("", ".", ".."):
-            raise ArtifactError(f"{directory}: artifact directory needs a name "
-                                "(got an empty, '.' or '..' path)")
+            raise ArtifactError(
+                f"{directory}: artifact directory needs a name (got an empty, '.' or '..' path)"
+            )
         if not isinstance(variant, str) or not variant:
             raise ArtifactError(f"{self.directory}: variant must be a non-empty string, got {variant!r}")
         if self.directory.exists() and not _is_replaceable_artifact_dir(self.directory):

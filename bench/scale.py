@@ -39,8 +39,12 @@ from slimrec.bench.scale_config import ScaleConfig
 from slimrec.bench.stages import bench_artifacts, write_report
 
 # (items, users, interactions) of the sizes the scale run is tuned for; others interpolate log-log.
-SHAPES = ((2_000, 1_000, 20_000), (10_000, 20_000, 500_000), (100_000, 50_000, 2_000_000),
-          (1_000_000, 200_000, 10_000_000))
+SHAPES = (
+    (2_000, 1_000, 20_000),
+    (10_000, 20_000, 500_000),
+    (100_000, 50_000, 2_000_000),
+    (1_000_000, 200_000, 10_000_000),
+)
 MIN_PER_USER = 5  # models.synth.MIN_PER_USER, checked before anything long starts
 
 
@@ -76,12 +80,16 @@ def parse_sizes(text: str) -> list[CatalogueSize]:
         elif len(fields) == 3:
             n_items, n_users, n_interactions = (parse_count(f) for f in fields)
         else:
-            raise ValueError(f"--catalogue entry {part!r}: expected ITEMS (e.g. 100k) "
-                             "or ITEMS:USERS:INTERACTIONS (e.g. 2k:1k:20k)")
+            raise ValueError(
+                f"--catalogue entry {part!r}: expected ITEMS (e.g. 100k) "
+                "or ITEMS:USERS:INTERACTIONS (e.g. 2k:1k:20k)"
+            )
         cap = max(MIN_PER_USER, n_items // 2)
         if not MIN_PER_USER * n_users <= n_interactions <= cap * n_users:
-            raise ValueError(f"--catalogue entry {part!r}: {n_interactions:,} interactions for "
-                             f"{n_users:,} users must lie in [{MIN_PER_USER * n_users:,}, {cap * n_users:,}]")
+            raise ValueError(
+                f"--catalogue entry {part!r}: {n_interactions:,} interactions for "
+                f"{n_users:,} users must lie in [{MIN_PER_USER * n_users:,}, {cap * n_users:,}]"
+            )
         sizes.append(CatalogueSize(part.lower().replace(":", "-"), n_items, n_users, n_interactions))
     if not sizes:
         raise ValueError("--catalogue: no sizes given (e.g. --catalogue 10k,100k,1m)")
@@ -153,9 +161,11 @@ def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: di
     fold = Fold.create(FIT_TRAIN_VALID, dataset, split, space)
     sample = training_view(fold, config.train_interactions, rng)
     clock.lap("load_split")
-    log(f"{size.label}: {dataset.n_items:,} items, {dataset.n_users:,} users, "
+    log(
+        f"{size.label}: {dataset.n_items:,} items, {dataset.n_users:,} users, "
         f"{len(fold.fit_positions):,} fitted interactions; one retrieval epoch = "
-        f"{len(sample.fit_positions):,} of them")
+        f"{len(sample.fit_positions):,} of them"
+    )
 
     teacher, student = train_models(fold, sample, train_config, config, clock)
     users = rng.permutation(fold.eval_users)  # disjoint samples: tune nprobe on some, report recall on others
@@ -163,25 +173,39 @@ def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: di
     recall_users = users[config.tune_users : config.tune_users + config.recall_users]
     spec, index_info = build_indexes(teacher, student, fold, tune_users, config, clock)
 
-    data = {"dataset": dataset.name, "source": str(data_dir), "fingerprint": dataset.fingerprint(),
-            "split_fingerprint": split.fingerprint()}
+    data = {
+        "dataset": dataset.name,
+        "source": str(data_dir),
+        "fingerprint": dataset.fingerprint(),
+        "split_fingerprint": split.fingerprint(),
+    }
     meta = {"train": train_config.to_dict(), "scale": params}
     write_served(work / "full", "full", teacher, IndexSpec("flat"), None, data, meta)
     clock.lap("write_full")
     pipeline = PipelineConfig()
-    steps = {"distill": config.distill_config().to_dict(), "embeddings": pipeline.embeddings.to_dict(),
-             "dense": pipeline.dense.to_dict()}
-    write_served(work / "compressed", "compressed", student, spec, pipeline.dense, data,
-                 {**meta, "pipeline": steps})
+    steps = {
+        "distill": config.distill_config().to_dict(),
+        "embeddings": pipeline.embeddings.to_dict(),
+        "dense": pipeline.dense.to_dict(),
+    }
+    write_served(
+        work / "compressed", "compressed", student, spec, pipeline.dense, data, {**meta, "pipeline": steps}
+    )
     clock.lap("write_compressed")
     checks = served_checks(work, dataset, split, recall_users, threads, config.recall_tolerance)
     clock.lap("recall_sanity")
     return {
         "params": params,
         "shape": shape_summary(dataset, fold, sample, student),
-        "training": {name: stage_summary(stage) for name, stage in (
-            ("teacher_retrieval", teacher.retrieval), ("teacher_ranker", teacher.ranking),
-            ("student_retrieval", student.retrieval), ("student_ranker", student.ranking))},
+        "training": {
+            name: stage_summary(stage)
+            for name, stage in (
+                ("teacher_retrieval", teacher.retrieval),
+                ("teacher_ranker", teacher.ranking),
+                ("student_retrieval", student.retrieval),
+                ("student_ranker", student.ranking),
+            )
+        },
         "index": index_info,
         **checks,
         "seconds": clock.seconds,
@@ -203,8 +227,9 @@ def same_build(previous: dict, params: dict) -> bool:
         return False
     tuning = previous["index"]["compressed"]
     walked = [step["nprobe"] for step in tuning["tuning"]]
-    return (old["config"]["nprobe_grid"] == grid
-            or (walked == grid[: len(walked)] and tuning["tuning"][-1]["recall"] >= tuning["target_recall"]))
+    return old["config"]["nprobe_grid"] == grid or (
+        walked == grid[: len(walked)] and tuning["tuning"][-1]["recall"] >= tuning["target_recall"]
+    )
 
 
 def synthesize(size: CatalogueSize, out: Path, seed: int, fresh: bool) -> Path:
@@ -215,8 +240,10 @@ def synthesize(size: CatalogueSize, out: Path, seed: int, fresh: bool) -> Path:
     wanted = {**asdict(size), "seed": seed}
     if not fresh and stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return out
-    log(f"{size.label}: generating {size.n_items:,} items, {size.n_users:,} users, "
-        f"{size.n_interactions:,} interactions")
+    log(
+        f"{size.label}: generating {size.n_items:,} items, {size.n_users:,} users, "
+        f"{size.n_interactions:,} interactions"
+    )
     write_synthetic(out, size.n_items, size.n_users, size.n_interactions, seed=seed)
     stamp.write_text(json.dumps(wanted) + "\n")
     return out
@@ -225,8 +252,9 @@ def synthesize(size: CatalogueSize, out: Path, seed: int, fresh: bool) -> Path:
 # --- the whole run ------------------------------------------------------------------------------
 
 
-def run_scale(sizes: list[CatalogueSize], out: Path, config: ScaleConfig, timing,
-              fresh: bool = False) -> dict:
+def run_scale(
+    sizes: list[CatalogueSize], out: Path, config: ScaleConfig, timing, fresh: bool = False
+) -> dict:
     """Build and bench every size in turn; writes <out>/scale.{json,md,png} after each size."""
     from slimrec.bench.scale_render import plot_scale, render_scale
 
@@ -240,10 +268,20 @@ def run_scale(sizes: list[CatalogueSize], out: Path, config: ScaleConfig, timing
         log(f"{size.label}: benchmarking {work / 'full'} vs {work / 'compressed'}")
         bench = bench_artifacts({"full": work / "full", "compressed": work / "compressed"}, timing)
         write_report(bench, work)
-        runs.append({"size": asdict(size), "build": build, "bench": bench,
-                     "seconds": round(time.perf_counter() - started, 1)})
-        report = {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config.to_dict(),
-                  "timing": timing.to_dict(), "sizes": runs}
+        runs.append(
+            {
+                "size": asdict(size),
+                "build": build,
+                "bench": bench,
+                "seconds": round(time.perf_counter() - started, 1),
+            }
+        )
+        report = {
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": config.to_dict(),
+            "timing": timing.to_dict(),
+            "sizes": runs,
+        }
         (out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
         (out / "scale.md").write_text(render_scale(report) + "\n")
         (out / "scale.png").write_bytes(plot_scale(report))

@@ -58,17 +58,25 @@ class ScaleConfig:
         if self.embedding_min_count < 0:
             raise ValueError(f"embedding_min_count must be >= 0, got {self.embedding_min_count}")
         if self.index_kind not in SQ_KINDS:
-            raise ValueError(f"unknown index_kind {self.index_kind!r}; "
-                             f"expected one of {tuple(SQ_KINDS)}")
+            raise ValueError(f"unknown index_kind {self.index_kind!r}; expected one of {tuple(SQ_KINDS)}")
         if not 0 < self.target_recall <= 1:
             raise ValueError(f"target_recall must be in (0, 1], got {self.target_recall}")
 
     @classmethod
     def for_preset(cls, preset: str, **overrides) -> ScaleConfig:
         """The preset's settings; overrides that are None keep them."""
-        base = {} if preset == "default" else {
-            "train_interactions": None, "ranker_users": 300, "cut_points": 1, "tune_users": 100,
-            "recall_users": 200, "nprobe_grid": (1, 4, 16, 64)}
+        base = (
+            {}
+            if preset == "default"
+            else {
+                "train_interactions": None,
+                "ranker_users": 300,
+                "cut_points": 1,
+                "tune_users": 100,
+                "recall_users": 200,
+                "nprobe_grid": (1, 4, 16, 64),
+            }
+        )
         return cls(preset=preset, **{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def to_dict(self) -> dict:
@@ -80,8 +88,9 @@ class ScaleConfig:
         config = train_config("teacher" if self.preset == "default" else "tiny", seed=self.seed)
         config.retrieval_schedule = replace(config.retrieval_schedule, max_epochs=1)
         config.ranker_schedule = replace(config.ranker_schedule, max_epochs=1)
-        config.ranker_data = replace(config.ranker_data, cut_points=self.cut_points,
-                                     max_users=self.ranker_users)
+        config.ranker_data = replace(
+            config.ranker_data, cut_points=self.cut_points, max_users=self.ranker_users
+        )
         return config
 
     def distill_config(self):
@@ -93,14 +102,17 @@ class ScaleConfig:
         # decoupled weight decay pulls the rows a short run never visits towards 0, so those
         # items embed from their side features; the student gets the same decay here.
         decay = self.train_config().retrieval_schedule.weight_decay
-        return replace(distill, teacher_candidates=0,
-                       retrieval_schedule=replace(distill.retrieval_schedule, max_epochs=1,
-                                                  weight_decay=decay),
-                       ranker_schedule=replace(distill.ranker_schedule, max_epochs=1))
+        return replace(
+            distill,
+            teacher_candidates=0,
+            retrieval_schedule=replace(distill.retrieval_schedule, max_epochs=1, weight_decay=decay),
+            ranker_schedule=replace(distill.ranker_schedule, max_epochs=1),
+        )
 
     def index_tuning(self):
         """The compressed index's tuning, as `slimrec compress` states it."""
         from slimrec.compression.tune_index import IndexTuning
 
-        return IndexTuning(kind=self.index_kind, target_recall=self.target_recall,
-                           nprobe_grid=self.nprobe_grid)
+        return IndexTuning(
+            kind=self.index_kind, target_recall=self.target_recall, nprobe_grid=self.nprobe_grid
+        )

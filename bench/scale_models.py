@@ -47,33 +47,53 @@ def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
     clock.lap("teacher_ranker")
     teacher = FoldModels(fold, retrieval.model, ranking.model, w, retrieval, ranking)
 
-    student = distill_stage((retrieval.model, ranking.model), fold, train_config, config.distill_config(),
-                            epochs=(1, 1), weights=(w,), retrieval_fold=sample, lap=clock.lap)
+    student = distill_stage(
+        (retrieval.model, ranking.model),
+        fold,
+        train_config,
+        config.distill_config(),
+        epochs=(1, 1),
+        weights=(w,),
+        retrieval_fold=sample,
+        lap=clock.lap,
+    )
     if config.embedding_min_count:  # rows only: no hidden-unit pruning without a fine-tuning pass
-        prune_stage_(student, PruneConfig(keep_fraction=1.0, prune_cross_rank=False,
-                                          embedding_min_count=config.embedding_min_count))
+        prune_stage_(
+            student,
+            PruneConfig(
+                keep_fraction=1.0, prune_cross_rank=False, embedding_min_count=config.embedding_min_count
+            ),
+        )
     quantize_stage_(student, PipelineConfig().embeddings)
     return teacher, student
 
 
 def stage_summary(result) -> dict:
-    return {"seconds": round(result.seconds, 2), "epochs": result.epochs,
-            "loss": [round(h["loss"], 4) for h in result.history if "loss" in h],
-            "examples_per_s": [round(h["examples_per_s"]) for h in result.history if "examples_per_s" in h]}
+    return {
+        "seconds": round(result.seconds, 2),
+        "epochs": result.epochs,
+        "loss": [round(h["loss"], 4) for h in result.history if "loss" in h],
+        "examples_per_s": [round(h["examples_per_s"]) for h in result.history if "examples_per_s" in h],
+    }
 
 
 def shape_summary(dataset, fold, sample, student) -> dict:
     """build.json's "shape": the catalogue, what was fitted, and the id rows the student kept."""
     from slimrec.compression.prune_embeddings import embedding_rows
 
-    return {"n_items": dataset.n_items, "n_users": dataset.n_users,
-            "interactions": len(dataset.interactions),
-            "fitted_interactions": int(len(fold.fit_positions)),
-            "items_with_fitted_interactions": int((fold.item_popularity > 0).sum()),
-            "retrieval_epoch_interactions": int(len(sample.fit_positions)),
-            "items_in_retrieval_epoch": int(len(np.unique(fold.split.item[sample.fit_positions]))),
-            "compressed_id_rows": {**embedding_rows(student.two_tower), **{
-                f"ranker.{k}": v for k, v in embedding_rows(student.ranker).items()}}}
+    return {
+        "n_items": dataset.n_items,
+        "n_users": dataset.n_users,
+        "interactions": len(dataset.interactions),
+        "fitted_interactions": int(len(fold.fit_positions)),
+        "items_with_fitted_interactions": int((fold.item_popularity > 0).sum()),
+        "retrieval_epoch_interactions": int(len(sample.fit_positions)),
+        "items_in_retrieval_epoch": int(len(np.unique(fold.split.item[sample.fit_positions]))),
+        "compressed_id_rows": {
+            **embedding_rows(student.two_tower),
+            **{f"ranker.{k}": v for k, v in embedding_rows(student.ranker).items()},
+        },
+    }
 
 
 def build_indexes(teacher, student, fold, tune_users: np.ndarray, config: ScaleConfig, clock: Clock):
@@ -90,13 +110,24 @@ def build_indexes(teacher, student, fold, tune_users: np.ndarray, config: ScaleC
     build_item_index(item_embeddings(teacher.two_tower, fold.dataset.n_items), IndexSpec("flat"))
     flat_seconds = time.perf_counter() - t0
     clock.lap("index_full")
-    tuned = tune_index(student, config.index_tuning(), users=tune_users, seed=config.seed,
-                       recall_tolerance=config.recall_tolerance)
+    tuned = tune_index(
+        student,
+        config.index_tuning(),
+        users=tune_users,
+        seed=config.seed,
+        recall_tolerance=config.recall_tolerance,
+    )
     clock.lap("index_compressed_tune")
-    return tuned.spec, {"full": {"kind": "flat", "build_seconds": flat_seconds},
-                        "compressed": {**tuned.spec.to_dict(), "build_seconds": tuned.build_seconds,
-                                       "tuning": tuned.curve, "target_recall": config.target_recall,
-                                       "tuning_users": len(tune_users)}}
+    return tuned.spec, {
+        "full": {"kind": "flat", "build_seconds": flat_seconds},
+        "compressed": {
+            **tuned.spec.to_dict(),
+            "build_seconds": tuned.build_seconds,
+            "tuning": tuned.curve,
+            "target_recall": config.target_recall,
+            "tuning_users": len(tune_users),
+        },
+    }
 
 
 def write_served(out: Path, variant: str, models, spec, dense_quant, data: dict, config: dict) -> None:
@@ -107,12 +138,17 @@ def write_served(out: Path, variant: str, models, spec, dense_quant, data: dict,
 
     writer = ArtifactWriter(out, variant, config={}, data=data)
     try:
-        entry = {**model_entry(models, spec),
-                 **write_model(writer, SERVED_PREFIX, models.fold, models.two_tower, models.ranker, spec,
-                               dense_quant)}
+        entry = {
+            **model_entry(models, spec),
+            **write_model(
+                writer, SERVED_PREFIX, models.fold, models.two_tower, models.ranker, spec, dense_quant
+            ),
+        }
         write_catalogue(writer, models.fold)
-        writer.set("config", {**config, "feature_space": models.fold.space.to_dict(),
-                              "models": {SERVED_PREFIX: entry}})
+        writer.set(
+            "config",
+            {**config, "feature_space": models.fold.space.to_dict(), "models": {SERVED_PREFIX: entry}},
+        )
         writer.commit()
     except BaseException:
         writer.abort()
@@ -138,8 +174,10 @@ def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, t
     out = {"sanity_recall@10": {}, "sanity_users": int(len(users))}
     for variant in ("full", "compressed"):
         model = ServedModel(load_artifact(work / variant), threads=threads)
-        tops = [model.recommend(model.known_users(users[s : s + 100]), k=10, n_candidates=K).items
-                for s in range(0, len(users), 100)]
+        tops = [
+            model.recommend(model.known_users(users[s : s + 100]), k=10, n_candidates=K).items
+            for s in range(0, len(users), 100)
+        ]
         metrics = ranking_metrics(np.concatenate(tops), *relevant, ks=(10,))
         out["sanity_recall@10"][variant] = metrics["recall@10"]
         if variant == "compressed":
@@ -151,9 +189,11 @@ def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, t
             out["index_recall@200_strict"] = recall_at_k(found, exact)
             out["sanity_recall@10"]["popularity"] = popularity_recall(model, users, relevant)
         del model
-    log(f"index recall@{K} vs exact {out['index_recall@200']:.4f} "
+    log(
+        f"index recall@{K} vs exact {out['index_recall@200']:.4f} "
         f"(strict {out['index_recall@200_strict']:.4f}); sanity two-stage recall@10 "
-        + ", ".join(f"{k} {v:.4f}" for k, v in out["sanity_recall@10"].items()))
+        + ", ".join(f"{k} {v:.4f}" for k, v in out["sanity_recall@10"].items())
+    )
     return out
 
 

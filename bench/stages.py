@@ -28,8 +28,10 @@ def bench_artifacts(paths: dict[str, Path], timing) -> dict:
 
     for name, path in paths.items():
         if not (Path(path) / "manifest.json").is_file():
-            raise FileNotFoundError(f"--{name} {path}: no artifact there (manifest.json missing); "
-                                    f"train one (`slimrec train` / `slimrec compress`) or pass its directory")
+            raise FileNotFoundError(
+                f"--{name} {path}: no artifact there (manifest.json missing); "
+                f"train one (`slimrec train` / `slimrec compress`) or pass its directory"
+            )
     artifacts = {name: load_artifact(path) for name, path in paths.items()}
     before = machine()
     load_before = before.pop("loadavg")
@@ -39,8 +41,10 @@ def bench_artifacts(paths: dict[str, Path], timing) -> dict:
     for name, path in paths.items():
         log(f"resident memory of {name}")
         memory[name] = resident_memory(path)
-    variants = {name: {"artifact": str(paths[name]), **describe(art), "memory": memory[name]}
-                for name, art in artifacts.items()}
+    variants = {
+        name: {"artifact": str(paths[name]), **describe(art), "memory": memory[name]}
+        for name, art in artifacts.items()
+    }
     return {
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {**before, "loadavg_before": load_before, "loadavg_after": machine()["loadavg"]},
@@ -50,7 +54,8 @@ def bench_artifacts(paths: dict[str, Path], timing) -> dict:
         "latency": latency,
         "ratios": ratios(latency),
         "memory_ratio": memory["compressed"]["resident_bytes"] / max(1, memory["full"]["resident_bytes"])
-        if set(memory) >= set(VARIANTS) else None,
+        if set(memory) >= set(VARIANTS)
+        else None,
     }
 
 
@@ -58,11 +63,16 @@ def describe(artifact) -> dict:
     """The served model's shape: catalogue, index, embedding width, bytes on disk."""
     entry = artifact.config["models"][""]
     files = artifact.manifest["files"]
-    return {"variant_tag": artifact.variant, "n_items": artifact.config["feature_space"]["n_items"],
-            "n_users": artifact.config["feature_space"]["n_users"], "index": entry["index"],
-            "embedding_dim": entry.get("embedding_dim"), "served_bytes": artifact.served_bytes(),
-            "index_bytes": files["items.faiss"]["bytes"],
-            "onnx_bytes": {k: files[k]["bytes"] for k in ("user_tower.onnx", "ranker.onnx")}}
+    return {
+        "variant_tag": artifact.variant,
+        "n_items": artifact.config["feature_space"]["n_items"],
+        "n_users": artifact.config["feature_space"]["n_users"],
+        "index": entry["index"],
+        "embedding_dim": entry.get("embedding_dim"),
+        "served_bytes": artifact.served_bytes(),
+        "index_bytes": files["items.faiss"]["bytes"],
+        "onnx_bytes": {k: files[k]["bytes"] for k in ("user_tower.onnx", "ranker.onnx")},
+    }
 
 
 def write_report(report: dict, out: Path, stem: str = "bench") -> None:
@@ -76,18 +86,24 @@ def write_report(report: dict, out: Path, stem: str = "bench") -> None:
 
 def render_markdown(report: dict) -> str:
     m = report["machine"]
-    lines = ["# slimrec bench: full vs compressed, offline (ServedModel.recommend, no HTTP)", "",
-             f"{m['cpu'] or 'CPU'}, {m['cpus']} CPUs; load average (1/5/15 min) "
-             f"{load_averages(m['loadavg_before'])} before, {load_averages(m['loadavg_after'])} after. "
-             f"k={report['settings']['k']} of {report['settings']['n_candidates']} candidates; "
-             f"{report['settings']['repeats']} requests at batch 1, {report['settings']['batch_repeats']} "
-             f"at larger batches, variants interleaved.", ""]
+    lines = [
+        "# slimrec bench: full vs compressed, offline (ServedModel.recommend, no HTTP)",
+        "",
+        f"{m['cpu'] or 'CPU'}, {m['cpus']} CPUs; load average (1/5/15 min) "
+        f"{load_averages(m['loadavg_before'])} before, {load_averages(m['loadavg_after'])} after. "
+        f"k={report['settings']['k']} of {report['settings']['n_candidates']} candidates; "
+        f"{report['settings']['repeats']} requests at batch 1, {report['settings']['batch_repeats']} "
+        f"at larger batches, variants interleaved.",
+        "",
+    ]
     for name, v in report["variants"].items():
         index = v["index"]
         depth = f", nprobe {index['nprobe']}, nlist {index['nlist']}" if index["kind"] != "flat" else ""
-        lines.append(f"- **{name}**: `{v['artifact']}`: {v['n_items']:,} items, d={v['embedding_dim']}, "
-                     f"index {index['kind']}{depth} ({mib(v['index_bytes'])}), "
-                     f"served files {mib(v['served_bytes'])}")
+        lines.append(
+            f"- **{name}**: `{v['artifact']}`: {v['n_items']:,} items, d={v['embedding_dim']}, "
+            f"index {index['kind']}{depth} ({mib(v['index_bytes'])}), "
+            f"served files {mib(v['served_bytes'])}"
+        )
     lines += ["", *latency_table(report["latency"], report["ratios"]), "", *memory_table(report)]
     return "\n".join(lines)
 
@@ -96,9 +112,12 @@ def latency_table(latency: list[dict], ratio_rows: list[dict]) -> list[str]:
     """Markdown rows: per (batch, threads), each variant's median / p99 ms per stage, then the ratio."""
     from slimrec.bench.timing import STAGES
 
-    lines = ["## Latency per request, ms: median / p99", "",
-             "| batch | threads | variant | " + " | ".join(STAGE_NAMES[s] for s in STAGES) + " |",
-             "|---:|---:|---|" + "---:|" * len(STAGES)]
+    lines = [
+        "## Latency per request, ms: median / p99",
+        "",
+        "| batch | threads | variant | " + " | ".join(STAGE_NAMES[s] for s in STAGES) + " |",
+        "|---:|---:|---|" + "---:|" * len(STAGES),
+    ]
     ratio_of = {(r["batch"], r["threads"]): r for r in ratio_rows}
     keys = list(dict.fromkeys((r["batch"], r["threads"]) for r in latency))
     for batch, threads in keys:
@@ -113,12 +132,18 @@ def latency_table(latency: list[dict], ratio_rows: list[dict]) -> list[str]:
 
 
 def memory_table(report: dict) -> list[str]:
-    lines = ["## Resident memory (RSS growth of a fresh process loading the ServedModel)", "",
-             "| variant | resident | load time | served files |", "|---|---:|---:|---:|"]
+    lines = [
+        "## Resident memory (RSS growth of a fresh process loading the ServedModel)",
+        "",
+        "| variant | resident | load time | served files |",
+        "|---|---:|---:|---:|",
+    ]
     for name, v in report["variants"].items():
         mem = v["memory"]
-        lines.append(f"| {name} | {mib(mem['resident_bytes'])} | {mem['load_seconds']:.2f} s "
-                     f"| {mib(v['served_bytes'])} |")
+        lines.append(
+            f"| {name} | {mib(mem['resident_bytes'])} | {mem['load_seconds']:.2f} s "
+            f"| {mib(v['served_bytes'])} |"
+        )
     if report.get("memory_ratio") is not None:
         served = report["variants"]["compressed"]["served_bytes"] / report["variants"]["full"]["served_bytes"]
         lines.append(f"| *compressed / full* | {report['memory_ratio']:.2f}x | | {served:.2f}x |")

@@ -87,10 +87,18 @@ class LatencySamples:
         stats = {}
         for stage, values in self.seconds.items():
             ms = np.asarray(values) * 1e3
-            stats[stage] = {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)),
-                            "mean_ms": float(ms.mean())}
-        return {"variant": self.variant, "batch": self.batch, "threads": self.threads,
-                "requests": len(self.seconds["total"]), "stages": stats}
+            stats[stage] = {
+                "median_ms": float(np.median(ms)),
+                "p99_ms": float(np.percentile(ms, 99)),
+                "mean_ms": float(ms.mean()),
+            }
+        return {
+            "variant": self.variant,
+            "batch": self.batch,
+            "threads": self.threads,
+            "requests": len(self.seconds["total"]),
+            "stages": stats,
+        }
 
 
 def request_users(model: ServedModel, n_requests: int, batch: int, rng: np.random.Generator) -> np.ndarray:
@@ -132,17 +140,26 @@ def time_variants(artifacts: dict[str, Artifact], config: TimingConfig, progress
 
 def check_same_data(artifacts: dict[str, Artifact]) -> None:
     """Variants compared request by request must serve the same users and items."""
-    seen = {name: (art.config["feature_space"]["n_users"], art.config["feature_space"]["n_items"],
-                   art.manifest["data"].get("fingerprint")) for name, art in artifacts.items()}
+    seen = {
+        name: (
+            art.config["feature_space"]["n_users"],
+            art.config["feature_space"]["n_items"],
+            art.manifest["data"].get("fingerprint"),
+        )
+        for name, art in artifacts.items()
+    }
     if len(set(seen.values())) > 1:
-        detail = ", ".join(f"{name}: {u:,} users, {i:,} items, data {str(f)[:12]}"
-                           for name, (u, i, f) in seen.items())
-        raise ValueError(f"the variants were trained on different data ({detail}); "
-                         "bench compares models of one dataset")
+        detail = ", ".join(
+            f"{name}: {u:,} users, {i:,} items, data {str(f)[:12]}" for name, (u, i, f) in seen.items()
+        )
+        raise ValueError(
+            f"the variants were trained on different data ({detail}); bench compares models of one dataset"
+        )
 
 
-def _time_one(model: ServedModel, users: np.ndarray, config: TimingConfig,
-              into: LatencySamples | None) -> None:
+def _time_one(
+    model: ServedModel, users: np.ndarray, config: TimingConfig, into: LatencySamples | None
+) -> None:
     t0 = time.perf_counter()
     rec = model.recommend(model.known_users(users), k=config.k, n_candidates=config.n_candidates)
     total = time.perf_counter() - t0
@@ -160,9 +177,18 @@ def ratios(latency: list[dict], numerator: str = "compressed", denominator: str 
         if variant != denominator or (numerator, batch, threads) not in by_key:
             continue
         top = by_key[(numerator, batch, threads)]["stages"]
-        out.append({"batch": batch, "threads": threads, "stages": {
-            stage: {q: top[stage][f"{q}_ms"] / row["stages"][stage][f"{q}_ms"] for q in ("median", "p99")}
-            for stage in row["stages"]}})
+        out.append(
+            {
+                "batch": batch,
+                "threads": threads,
+                "stages": {
+                    stage: {
+                        q: top[stage][f"{q}_ms"] / row["stages"][stage][f"{q}_ms"] for q in ("median", "p99")
+                    }
+                    for stage in row["stages"]
+                },
+            }
+        )
     return out
 
 
@@ -190,8 +216,9 @@ def resident_memory(path, timeout_s: float = 600) -> dict:
 
     Returns {"resident_bytes", "rss_before_bytes", "rss_after_bytes", "load_seconds"}.
     """
-    result = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(path)], capture_output=True,
-                            text=True, timeout=timeout_s)
+    result = subprocess.run(
+        [sys.executable, "-c", _MEMORY_PROBE, str(path)], capture_output=True, text=True, timeout=timeout_s
+    )
     if result.returncode != 0:
         tail = result.stderr.strip().splitlines()[-1:] or ["(no output)"]
         raise RuntimeError(f"loading {path} in a fresh process failed: {tail[0]}")
@@ -208,6 +235,13 @@ def machine() -> dict:
         pass
     import onnxruntime
 
-    return {"cpu": cpu, "cpus": all_cpus(), "loadavg": list(os.getloadavg()),
-            "versions": {"onnxruntime": onnxruntime.__version__, "faiss": faiss.__version__,
-                         "numpy": np.__version__}}
+    return {
+        "cpu": cpu,
+        "cpus": all_cpus(),
+        "loadavg": list(os.getloadavg()),
+        "versions": {
+            "onnxruntime": onnxruntime.__version__,
+            "faiss": faiss.__version__,
+            "numpy": np.__version__,
+        },
+    }

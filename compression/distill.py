@@ -33,17 +33,25 @@ from slimrec.models.two_tower import TwoTower, TwoTowerConfig
 @dataclass
 class DistillConfig:
     version: int = 1
-    student_two_tower: TwoTowerConfig = field(default_factory=lambda: TwoTowerConfig(
-        id_dim=48, feature_dim=8, user_hidden=(256,), item_hidden=(128,), out_dim=48, temperature=0.05))
-    student_ranker: RankerConfig = field(default_factory=lambda: RankerConfig(
-        id_dim=32, feature_dim=8, n_cross=2, cross_rank=32, deep=(256, 64)))
+    student_two_tower: TwoTowerConfig = field(
+        default_factory=lambda: TwoTowerConfig(
+            id_dim=48, feature_dim=8, user_hidden=(256,), item_hidden=(128,), out_dim=48, temperature=0.05
+        )
+    )
+    student_ranker: RankerConfig = field(
+        default_factory=lambda: RankerConfig(
+            id_dim=32, feature_dim=8, n_cross=2, cross_rank=32, deep=(256, 64)
+        )
+    )
     label_weight: float = 0.5  # weight of the ground-truth loss; the teacher's gets 1 - label_weight
     temperature: float = 1.0  # softens both score distributions in the KL term
     teacher_candidates: int = 50  # teacher's top items per example added to the candidate set
     retrieval_schedule: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=40, batch_size=1024, lr=3e-3, patience=4))
+        default_factory=lambda: StageSchedule(max_epochs=40, batch_size=1024, lr=3e-3, patience=4)
+    )
     ranker_schedule: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=8, batch_size=64, lr=2e-3, patience=2))
+        default_factory=lambda: StageSchedule(max_epochs=8, batch_size=64, lr=2e-3, patience=2)
+    )
 
     def __post_init__(self):
         if self.version != 1:
@@ -54,8 +62,12 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
         if self.teacher_candidates < 0:
             raise ValueError(f"DistillConfig.teacher_candidates must be >= 0, got {self.teacher_candidates}")
-        for name, cls in (("student_two_tower", TwoTowerConfig), ("student_ranker", RankerConfig),
-                          ("retrieval_schedule", StageSchedule), ("ranker_schedule", StageSchedule)):
+        for name, cls in (
+            ("student_two_tower", TwoTowerConfig),
+            ("student_ranker", RankerConfig),
+            ("retrieval_schedule", StageSchedule),
+            ("ranker_schedule", StageSchedule),
+        ):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
 
@@ -79,8 +91,16 @@ def retrieval_kd_loss(teacher: TwoTower, config: DistillConfig):
             logits_t = u_t @ teacher_items[codes - 1].T / teacher.config.temperature
         u_s = student.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
         logits_s = u_s @ student.item_tower(codes).T / student.config.temperature
-        kd = F.kl_div(F.log_softmax(logits_s / t, dim=1), F.log_softmax(logits_t / t, dim=1),
-                      log_target=True, reduction="batchmean") * t * t
+        kd = (
+            F.kl_div(
+                F.log_softmax(logits_s / t, dim=1),
+                F.log_softmax(logits_t / t, dim=1),
+                log_target=True,
+                reduction="batchmean",
+            )
+            * t
+            * t
+        )
         return a * label_loss + (1 - a) * kd
 
     return loss_fn
@@ -108,14 +128,15 @@ class TeacherCache:
         u_t = teacher.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
         top = teacher_top_codes(u_t, teacher_items, self.m).view(len(u_t), -1)
         if rows is not None and self.bytes < self.max_bytes:
-            for k, e, c in zip(keys, u_t, top):
+            for k, e, c in zip(keys, u_t, top, strict=True):
                 self.emb[k], self.top[k] = e, c
             self.bytes += u_t.numel() * 4 + top.numel() * 8
         return u_t, top
 
 
-def teacher_top_codes(user_emb: torch.Tensor, item_emb: torch.Tensor, m: int,
-                      chunk: int = 262144) -> torch.Tensor:
+def teacher_top_codes(
+    user_emb: torch.Tensor, item_emb: torch.Tensor, m: int, chunk: int = 262144
+) -> torch.Tensor:
     """Item codes of the teacher's top-m items per user (flattened), scanning items in chunks
     so a million-item catalogue never needs a [batch, n_items] score matrix."""
     if m == 0:
@@ -142,28 +163,59 @@ def ranker_kd_loss(teacher: Ranker, config: DistillConfig):
         logits = student(**inputs)[mask]
         with torch.no_grad():
             soft = torch.sigmoid(teacher(**inputs)[mask] / t)
-        return (a * F.binary_cross_entropy_with_logits(logits, labels[mask])
-                + (1 - a) * F.binary_cross_entropy_with_logits(logits / t, soft) * t * t)
+        return (
+            a * F.binary_cross_entropy_with_logits(logits, labels[mask])
+            + (1 - a) * F.binary_cross_entropy_with_logits(logits / t, soft) * t * t
+        )
 
     return loss_fn
 
 
-def distill_two_tower(teacher: TwoTower, fold: Fold, train_config: TrainConfig, config: DistillConfig,
-                      epochs: int | None = None, student: TwoTower | None = None,
-                      schedule: StageSchedule | None = None, name: str = "student retrieval") -> StageResult:
+def distill_two_tower(
+    teacher: TwoTower,
+    fold: Fold,
+    train_config: TrainConfig,
+    config: DistillConfig,
+    epochs: int | None = None,
+    student: TwoTower | None = None,
+    schedule: StageSchedule | None = None,
+    name: str = "student retrieval",
+) -> StageResult:
     """Train (or, given `student`, fine-tune) a student two-tower; early-stopped when epochs is None."""
     student = student or TwoTower(config.student_two_tower, fold.space, fold.tables)
-    return train_retrieval(fold, train_config, epochs, model=student,
-                           schedule=schedule or config.retrieval_schedule,
-                           loss_fn=retrieval_kd_loss(teacher, config), name=name)
+    return train_retrieval(
+        fold,
+        train_config,
+        epochs,
+        model=student,
+        schedule=schedule or config.retrieval_schedule,
+        loss_fn=retrieval_kd_loss(teacher, config),
+        name=name,
+    )
 
 
-def distill_ranker(teacher: Ranker, retrieval: TwoTower, fold: Fold, train_config: TrainConfig,
-                   config: DistillConfig, epochs: int | None = None,
-                   retrieval_weights: tuple[float, ...] = (0.0,), student: Ranker | None = None,
-                   schedule: StageSchedule | None = None, name: str = "student ranker") -> StageResult:
+def distill_ranker(
+    teacher: Ranker,
+    retrieval: TwoTower,
+    fold: Fold,
+    train_config: TrainConfig,
+    config: DistillConfig,
+    epochs: int | None = None,
+    retrieval_weights: tuple[float, ...] = (0.0,),
+    student: Ranker | None = None,
+    schedule: StageSchedule | None = None,
+    name: str = "student ranker",
+) -> StageResult:
     """Train (or fine-tune) a student ranker on lists retrieved by the student `retrieval` model."""
     student = student or Ranker(config.student_ranker, fold.space, fold.tables)
-    return train_ranker(fold, retrieval, train_config, epochs, retrieval_weights, model=student,
-                        schedule=schedule or config.ranker_schedule, loss_fn=ranker_kd_loss(teacher, config),
-                        name=name)
+    return train_ranker(
+        fold,
+        retrieval,
+        train_config,
+        epochs,
+        retrieval_weights,
+        model=student,
+        schedule=schedule or config.ranker_schedule,
+        loss_fn=ranker_kd_loss(teacher, config),
+        name=name,
+    )

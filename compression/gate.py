@@ -29,6 +29,8 @@ def gate(teacher_metrics: dict, candidate_metrics: dict, config: GateConfig) -> 
         t = teacher_metrics["two_stage"]["valid"][name]
         c = candidate_metrics["two_stage"]["valid"][name]
         if c < t * (1 - config.tolerance):
-            failures.append(f"two-stage {name} on validation {c:.4f} < teacher {t:.4f} x "
-                            f"(1 - {config.tolerance:g}) = {t * (1 - config.tolerance):.4f}")
+            failures.append(
+                f"two-stage {name} on validation {c:.4f} < teacher {t:.4f} x "
+                f"(1 - {config.tolerance:g}) = {t * (1 - config.tolerance):.4f}"
+            )
     return failures

@@ -40,8 +40,9 @@ def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
 
 def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear) -> nn.Linear:
     """A Linear holding `weight` [out, in] and `bias`, set up like `like`."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                      device=weight.device, dtype=weight.dtype)
+    layer = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     with torch.no_grad():
         layer.weight.copy_(weight)
         if bias is not None:
@@ -52,8 +53,15 @@ def linear_from(weight: torch.Tensor, bias: torch.Tensor | None, like: nn.Linear
 
 def embedding_from(weight: torch.Tensor, like: nn.Embedding) -> nn.Embedding:
     """An Embedding holding `weight` [rows, dim], with the options of `like`."""
-    table = nn.Embedding(weight.shape[0], weight.shape[1], padding_idx=like.padding_idx,
-                         max_norm=like.max_norm, sparse=like.sparse, device=weight.device, dtype=weight.dtype)
+    table = nn.Embedding(
+        weight.shape[0],
+        weight.shape[1],
+        padding_idx=like.padding_idx,
+        max_norm=like.max_norm,
+        sparse=like.sparse,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
     with torch.no_grad():
         table.weight.copy_(weight)
     table.requires_grad_(like.weight.requires_grad)

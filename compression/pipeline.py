@@ -46,17 +46,26 @@ class PipelineConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=6, batch_size=1024, lr=1e-3, patience=2))
+        default_factory=lambda: StageSchedule(max_epochs=6, batch_size=1024, lr=1e-3, patience=2)
+    )
     finetune_ranker: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=3, batch_size=64, lr=5e-4, patience=1))
+        default_factory=lambda: StageSchedule(max_epochs=3, batch_size=64, lr=5e-4, patience=1)
+    )
     embeddings: EmbeddingQuantConfig = field(default_factory=EmbeddingQuantConfig)
     dense: OnnxQuantConfig = field(default_factory=OnnxQuantConfig)
     index: IndexTuning = field(default_factory=IndexTuning)
     gate: GateConfig = field(default_factory=GateConfig)
 
-    SECTIONS = {"distill": DistillConfig, "prune": PruneConfig, "finetune": StageSchedule,
-                "finetune_ranker": StageSchedule, "embeddings": EmbeddingQuantConfig,
-                "dense": OnnxQuantConfig, "index": IndexTuning, "gate": GateConfig}
+    SECTIONS = {
+        "distill": DistillConfig,
+        "prune": PruneConfig,
+        "finetune": StageSchedule,
+        "finetune_ranker": StageSchedule,
+        "embeddings": EmbeddingQuantConfig,
+        "dense": OnnxQuantConfig,
+        "index": IndexTuning,
+        "gate": GateConfig,
+    }
 
     def __post_init__(self):
         if self.version != 1:
@@ -78,8 +87,9 @@ class PipelineConfig:
             raise ValueError("compress config: top-level type must be PipelineConfig")
         unknown = set(d) - set(cls.SECTIONS) - {"version", "seed"}
         if unknown:
-            raise ValueError(f"compress config: unknown section(s) {sorted(unknown)}; "
-                             f"expected {sorted(cls.SECTIONS)}")
+            raise ValueError(
+                f"compress config: unknown section(s) {sorted(unknown)}; expected {sorted(cls.SECTIONS)}"
+            )
         kwargs = {k: d[k] for k in ("version", "seed") if k in d}
         for name, section_cls in cls.SECTIONS.items():
             if name not in d:
@@ -88,8 +98,9 @@ class PipelineConfig:
             values.pop("calibration_feeds", None)  # a count written by OnnxQuantConfig.to_dict, not an input
             tag = values.pop("type", section_cls.__name__)
             if tag != section_cls.__name__:
-                raise ValueError(f"compress config: [{name}] has type {tag!r}, "
-                                 f"expected {section_cls.__name__!r}")
+                raise ValueError(
+                    f"compress config: [{name}] has type {tag!r}, expected {section_cls.__name__!r}"
+                )
             try:
                 kwargs[name] = section_cls(**values)
             except TypeError as exc:
@@ -103,10 +114,16 @@ Teacher = tuple[TwoTower, Ranker]
 Epochs = tuple[int | None, int | None]  # (retrieval, ranker); None: early stopping on validation
 
 
-def distill_stage(teacher: Teacher, fold: Fold, train_config: TrainConfig, config: DistillConfig,
-                  epochs: Epochs = (None, None), weights: tuple[float, ...] = (0.0,),
-                  retrieval_fold: Fold | None = None,
-                  lap: Callable[[str], object] | None = None) -> FoldModels:
+def distill_stage(
+    teacher: Teacher,
+    fold: Fold,
+    train_config: TrainConfig,
+    config: DistillConfig,
+    epochs: Epochs = (None, None),
+    weights: tuple[float, ...] = (0.0,),
+    retrieval_fold: Fold | None = None,
+    lap: Callable[[str], object] | None = None,
+) -> FoldModels:
     """A student two-tower and ranker distilled from `teacher` on `fold`.
 
     Args:
@@ -134,18 +151,39 @@ def prune_stage_(models: FoldModels, config: PruneConfig) -> FoldModels:
     return models
 
 
-def finetune_stage(teacher: Teacher, pruned: FoldModels, train_config: TrainConfig, config: PipelineConfig,
-                   epochs: Epochs = (None, None)) -> FoldModels:
+def finetune_stage(
+    teacher: Teacher,
+    pruned: FoldModels,
+    train_config: TrainConfig,
+    config: PipelineConfig,
+    epochs: Epochs = (None, None),
+) -> FoldModels:
     """Fine-tune pruned models against the teacher (the distillation losses, the short schedules)."""
     teacher_two_tower, teacher_ranker = teacher
     fold, weight = pruned.fold, pruned.retrieval_weight
-    retrieval = distill_two_tower(teacher_two_tower, fold, train_config, config.distill, epochs[0],
-                                  student=pruned.two_tower, schedule=config.finetune,
-                                  name="fine-tune retrieval")
+    retrieval = distill_two_tower(
+        teacher_two_tower,
+        fold,
+        train_config,
+        config.distill,
+        epochs[0],
+        student=pruned.two_tower,
+        schedule=config.finetune,
+        name="fine-tune retrieval",
+    )
     two_tower = cast(TwoTower, retrieval.model)
-    ranking = distill_ranker(teacher_ranker, two_tower, fold, train_config, config.distill, epochs[1],
-                             (weight,), student=pruned.ranker, schedule=config.finetune_ranker,
-                             name="fine-tune ranker")
+    ranking = distill_ranker(
+        teacher_ranker,
+        two_tower,
+        fold,
+        train_config,
+        config.distill,
+        epochs[1],
+        (weight,),
+        student=pruned.ranker,
+        schedule=config.finetune_ranker,
+        name="fine-tune ranker",
+    )
     return FoldModels(fold, two_tower, cast(Ranker, ranking.model), weight, retrieval, ranking)
 
 
@@ -159,24 +197,38 @@ def quantize_stage_(models: FoldModels, config: EmbeddingQuantConfig) -> FoldMod
 def copy_models(models: FoldModels) -> FoldModels:
     """Deep copies of both models (the fold is shared), for a stage that changes them in place."""
     two_tower, ranker = copy.deepcopy(models.two_tower), copy.deepcopy(models.ranker)
-    return FoldModels(models.fold, two_tower, ranker, models.retrieval_weight,
-                      replace(models.retrieval, model=two_tower), replace(models.ranking, model=ranker))
+    return FoldModels(
+        models.fold,
+        two_tower,
+        ranker,
+        models.retrieval_weight,
+        replace(models.retrieval, model=two_tower),
+        replace(models.ranking, model=ranker),
+    )
 
 
 # --- the stages on one fold -------------------------------------------------------------------
 
 
-def run_stages(fold: Fold, teacher: Teacher, train_config: TrainConfig, config: PipelineConfig,
-               fixed: dict | None) -> dict[str, FoldModels]:
+def run_stages(
+    fold: Fold, teacher: Teacher, train_config: TrainConfig, config: PipelineConfig, fixed: dict | None
+) -> dict[str, FoldModels]:
     """Distil, prune + fine-tune, quantize on one fold. `fixed` carries epochs and blend weights
     chosen on the selection fold; None means choose them here (early stopping on validation)."""
     fixed = fixed or {}
     weights = (fixed["weight"],) if "weight" in fixed else train_config.retrieval_weights
-    student = distill_stage(teacher, fold, train_config, config.distill,
-                            (fixed.get("student_retrieval"), fixed.get("student_ranker")), weights)
+    student = distill_stage(
+        teacher,
+        fold,
+        train_config,
+        config.distill,
+        (fixed.get("student_retrieval"), fixed.get("student_ranker")),
+        weights,
+    )
     pruned = prune_stage_(copy_models(student), config.prune)
-    tuned = finetune_stage(teacher, pruned, train_config, config,
-                           (fixed.get("pruned_retrieval"), fixed.get("pruned_ranker")))
+    tuned = finetune_stage(
+        teacher, pruned, train_config, config, (fixed.get("pruned_retrieval"), fixed.get("pruned_ranker"))
+    )
     int8 = quantize_stage_(copy_models(tuned), config.embeddings)
     return {"student": student, "pruned": tuned, "int8": int8}
 
@@ -203,8 +255,10 @@ def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineCo
     train_config.seed = config.seed
     space = FeatureSpace.from_dict(teacher_artifact.config["feature_space"])
     split = protocol_split(dataset)
-    folds = {p: Fold.create(name, dataset, split, space)
-             for p, name in ((SELECTION_PREFIX, FIT_TRAIN), (SERVED_PREFIX, FIT_TRAIN_VALID))}
+    folds = {
+        p: Fold.create(name, dataset, split, space)
+        for p, name in ((SELECTION_PREFIX, FIT_TRAIN), (SERVED_PREFIX, FIT_TRAIN_VALID))
+    }
     teachers = {p: read_teacher(teacher_artifact, p, folds[p])[1:] for p in folds}
 
     log("== compress: stages on the selection fold (fit on train, choose on valid)")
@@ -214,19 +268,33 @@ def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineCo
 
     stages_dir = out.with_name(out.name + ".stages")
     data = dict(teacher_artifact.manifest["data"])
-    base_config = {"train": train_config.to_dict(), "pipeline": config.to_dict(),
-                   "teacher": {"path": str(teacher_path),
-                               "created_at": teacher_artifact.manifest["created_at"]}}
+    base_config = {
+        "train": train_config.to_dict(),
+        "pipeline": config.to_dict(),
+        "teacher": {"path": str(teacher_path), "created_at": teacher_artifact.manifest["created_at"]},
+    }
     index_spec = tune_index(selected["int8"], config.index).spec
-    plan = [("student", IndexSpec("flat"), None), ("pruned", IndexSpec("flat"), None),
-            ("int8", IndexSpec("flat"), config.dense), ("compressed", index_spec, config.dense)]
+    plan = [
+        ("student", IndexSpec("flat"), None),
+        ("pruned", IndexSpec("flat"), None),
+        ("int8", IndexSpec("flat"), config.dense),
+        ("compressed", index_spec, config.dense),
+    ]
     paths = {"teacher": teacher_path}
     for stage, spec, dense in plan:
         source = "int8" if stage == "compressed" else stage
         path = out if stage == "compressed" else stages_dir / stage
         log(f"== compress: writing and evaluating stage {stage} -> {path}")
-        write_fitted_artifact(path, "compressed" if stage == "compressed" else stage, selected[source],
-                              final[source], {**base_config, "stage": stage}, data, spec, dense_quant=dense)
+        write_fitted_artifact(
+            path,
+            "compressed" if stage == "compressed" else stage,
+            selected[source],
+            final[source],
+            {**base_config, "stage": stage},
+            data,
+            spec,
+            dense_quant=dense,
+        )
         update_metrics(path, evaluate_artifact(load_artifact(path), dataset))
         paths[stage] = path
 
@@ -234,4 +302,3 @@ def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineCo
     latency = measure_latency(artifacts, dataset)
     report = write_report(out, artifacts, stage_sizes(artifacts), latency, config.gate)
     return report
-

@@ -14,8 +14,13 @@ COMPRESS_PRESETS: dict[str, dict] = {
     "default": {},
     "tiny": {
         "distill": {
-            "student_two_tower": {"id_dim": 8, "feature_dim": 4, "user_hidden": [16], "item_hidden": [16],
-                                  "out_dim": 8},
+            "student_two_tower": {
+                "id_dim": 8,
+                "feature_dim": 4,
+                "user_hidden": [16],
+                "item_hidden": [16],
+                "out_dim": 8,
+            },
             "student_ranker": {"id_dim": 8, "feature_dim": 4, "n_cross": 1, "cross_rank": 4, "deep": [16, 8]},
             "retrieval_schedule": {"max_epochs": 1, "batch_size": 1024, "lr": 5e-3, "patience": 1},
             "ranker_schedule": {"max_epochs": 1, "batch_size": 128, "lr": 2e-3, "patience": 1},
@@ -34,5 +39,6 @@ def compress_config(preset: str, toml_path: Path | None = None):
 
     if preset not in COMPRESS_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(COMPRESS_PRESETS)}")
-    return PipelineConfig.from_dict(merge_toml(merge(PipelineConfig().to_dict(), COMPRESS_PRESETS[preset]),
-                                               toml_path))
+    return PipelineConfig.from_dict(
+        merge_toml(merge(PipelineConfig().to_dict(), COMPRESS_PRESETS[preset]), toml_path)
+    )

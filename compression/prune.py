@@ -109,8 +109,14 @@ class PruneConfig:
 # --- the entry point ---------------------------------------------------------------------------
 
 
-def prune_(model: nn.Module, config: PruneConfig, importance_batches: Any = None, *,
-           user_counts: Any = None, item_counts: Any = None) -> nn.Module:
+def prune_(
+    model: nn.Module,
+    config: PruneConfig,
+    importance_batches: Any = None,
+    *,
+    user_counts: Any = None,
+    item_counts: Any = None,
+) -> nn.Module:
     """Prune `model` in place as `config` says, and return it.
 
     Args:
@@ -183,6 +189,7 @@ def prune_summary(before: nn.Module, after: nn.Module) -> dict[str, dict]:
          FLOPs are about twice that, and unstructured zeros do not lower them;
          "embedding_rows": {table: {...}}; "linear_sparsity": {...}: zero weight fraction}.
     """
+
     def pair(b: float, a: float) -> dict[str, float | None]:
         return {"before": b, "after": a, "ratio": a / b if b else None}  # None: JSON has no NaN
 
@@ -193,8 +200,9 @@ def prune_summary(before: nn.Module, after: nn.Module) -> dict[str, dict]:
         "params": merge(_params_by_group(before), _params_by_group(after)),
         "macs_per_example": merge(_macs_by_unit(before), _macs_by_unit(after)),
         "embedding_rows": merge(embedding_rows(before), embedding_rows(after)),
-        "linear_sparsity": pair(sparse_storage_bytes(before)["sparsity"],
-                                sparse_storage_bytes(after)["sparsity"]),
+        "linear_sparsity": pair(
+            sparse_storage_bytes(before)["sparsity"], sparse_storage_bytes(after)["sparsity"]
+        ),
     }
 
 
@@ -230,8 +238,11 @@ def _sync_configs(model: nn.Module) -> None:
             item = tuple(lin.out_features for lin in m.item_tower.mlp if isinstance(lin, nn.Linear))
             m.config = replace(m.config, user_hidden=user[:-1], item_hidden=item[:-1])
             if not torch.equal(m.user_tower.item_rows, m.item_tower.item_rows):
-                warnings.warn("the user tower's history rows and the item tower's rows now differ; "
-                              "TwoTower(config, space, tables) cannot rebuild this model", stacklevel=3)
+                warnings.warn(
+                    "the user tower's history rows and the item tower's rows now differ; "
+                    "TwoTower(config, space, tables) cannot rebuild this model",
+                    stacklevel=3,
+                )
         elif isinstance(m, Ranker):
             ranks = {(cross_rank(c) if is_low_rank(c) else None) for c in m.cross}
             deep = tuple(lin.out_features for lin in m.deep if isinstance(lin, nn.Linear))
@@ -239,8 +250,11 @@ def _sync_configs(model: nn.Module) -> None:
             if len(ranks) == 1:
                 m.config = replace(m.config, cross_rank=ranks.pop())
             elif ranks:
-                warnings.warn(f"cross layers now differ in rank {ranks}; RankerConfig.cross_rank cannot "
-                              "describe them, so Ranker(config, ...) cannot rebuild this model", stacklevel=3)
+                warnings.warn(
+                    f"cross layers now differ in rank {ranks}; RankerConfig.cross_rank cannot "
+                    "describe them, so Ranker(config, ...) cannot rebuild this model",
+                    stacklevel=3,
+                )
 
 
 def _n_keep(n: int, fraction: float, minimum: int) -> int:

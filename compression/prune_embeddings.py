@@ -22,15 +22,18 @@ def id_tables(model: nn.Module) -> list[tuple[str, nn.Module, str, str, str]]:
     tables = []
     for prefix, m in model.named_modules():
         if isinstance(m, UserTower):
-            tables += [(join_name(prefix, "user_embedding"), m, "user_embedding", "user_rows", "user"),
-                       (join_name(prefix, "history.embedding"), m, "history.embedding", "item_rows", "item")]
+            tables += [
+                (join_name(prefix, "user_embedding"), m, "user_embedding", "user_rows", "user"),
+                (join_name(prefix, "history.embedding"), m, "history.embedding", "item_rows", "item"),
+            ]
         elif isinstance(m, ItemTower | Ranker):
             tables.append((join_name(prefix, "item_embedding"), m, "item_embedding", "item_rows", "item"))
     return tables
 
 
-def share_rare_rows_(model: nn.Module, user_counts: Any, item_counts: Any, min_count: int,
-                     filter_fn: FilterFn | None = None) -> nn.Module:
+def share_rare_rows_(
+    model: nn.Module, user_counts: Any, item_counts: Any, min_count: int, filter_fn: FilterFn | None = None
+) -> nn.Module:
     """Point ids with fewer than `min_count` fitted interactions at row 0, and drop unused rows.
 
     Row 0 is the shared fallback (unknown id) row and stays as it is; every other kept
@@ -60,8 +63,9 @@ def share_rare_rows_(model: nn.Module, user_counts: Any, item_counts: Any, min_c
         rows = getattr(owner, rows_name)
         count = torch.as_tensor(np.asarray(counts[kind]))
         if count.shape != (len(rows) - 1,):
-            raise ValueError(f"{kind}_counts must have shape ({len(rows) - 1},) for {name}, "
-                             f"got {tuple(count.shape)}")
+            raise ValueError(
+                f"{kind}_counts must have shape ({len(rows) - 1},) for {name}, got {tuple(count.shape)}"
+            )
         new_rows = rows.clone()
         new_rows[1:][count < min_count] = 0
         kept = torch.unique(torch.cat([torch.zeros(1, dtype=torch.long, device=rows.device), new_rows]))

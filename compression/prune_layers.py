@@ -40,12 +40,13 @@ def hidden_unit_pairs(model: nn.Module) -> list[HiddenUnitPair]:
     pairs = []
     for prefix, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential) or not all(
-                isinstance(m, nn.Linear | nn.ReLU | nn.Dropout) for m in seq):
+            isinstance(m, nn.Linear | nn.ReLU | nn.Dropout) for m in seq
+        ):
             continue  # low-rank cross factors are a Sequential too, with no ReLU between them
         layers = list(seq)
         linear = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
         for i, j in pairwise(linear):
-            if any(isinstance(m, nn.ReLU) for m in layers[i + 1:j]):
+            if any(isinstance(m, nn.ReLU) for m in layers[i + 1 : j]):
                 pairs.append(HiddenUnitPair(join_name(prefix, str(i)), layers[i], layers[j]))
     for prefix, ranker in named_modules_of(model, Ranker):
         if len(ranker.deep):
@@ -66,8 +67,9 @@ def weight_norm_scores(layer_in: nn.Linear, layer_out: nn.Linear) -> torch.Tenso
     return w_in.norm(dim=1) * layer_out.weight.detach().norm(dim=0)
 
 
-def taylor_scores(model: nn.Module, pairs: list[HiddenUnitPair],
-                  importance_batches: Any) -> list[torch.Tensor]:
+def taylor_scores(
+    model: nn.Module, pairs: list[HiddenUnitPair], importance_batches: Any
+) -> list[torch.Tensor]:
     """[n] per pair: sum over examples of |a_j * dL/da_j| (Molchanov et al., ICLR 2017).
 
     a_j is hidden unit j after its activation, i.e. the input of `layer_out`; the sum is
@@ -88,11 +90,15 @@ def taylor_scores(model: nn.Module, pairs: list[HiddenUnitPair],
         n_losses = 0
         for loss in losses:
             if not captured:
-                raise ValueError("importance_batches: a loss arrived with no forward pass of the pruned "
-                                 "layers before it; compute each loss inside the iteration (a generator)")
+                raise ValueError(
+                    "importance_batches: a loss arrived with no forward pass of the pruned "
+                    "layers before it; compute each loss inside the iteration (a generator)"
+                )
             if not loss.requires_grad or not all(x.requires_grad for _, x in captured):
-                raise ValueError("importance_batches: losses must be computed with gradients enabled "
-                                 "and trainable layers below the pruned ones")
+                raise ValueError(
+                    "importance_batches: losses must be computed with gradients enabled "
+                    "and trainable layers below the pruned ones"
+                )
             grads = torch.autograd.grad(loss, [x for _, x in captured], allow_unused=True)
             for (k, x), g in zip(captured, grads, strict=True):
                 if g is not None:
@@ -108,8 +114,7 @@ def taylor_scores(model: nn.Module, pairs: list[HiddenUnitPair],
     return scores
 
 
-def remove_hidden_units(model: nn.Module, pairs: list[HiddenUnitPair],
-                        keep: list[torch.Tensor]) -> None:
+def remove_hidden_units(model: nn.Module, pairs: list[HiddenUnitPair], keep: list[torch.Tensor]) -> None:
     """Rebuild every touched Linear once with its kept rows (own units) and columns (inputs)."""
     rows: dict[int, torch.Tensor] = {}
     cols: dict[int, torch.Tensor] = {}
@@ -179,6 +184,8 @@ def reduce_cross_rank_(layer: CrossLayer, rank: int) -> CrossLayer:
     u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
     root = s[:rank].sqrt()
     down_w, up_w = (root[:, None] * vh[:rank]).to(w.dtype), (u[:, :rank] * root).to(w.dtype)
-    layer.w = nn.Sequential(linear_from(down_w, None, like=like),
-                            linear_from(up_w, None if bias is None else bias.detach(), like=like))
+    layer.w = nn.Sequential(
+        linear_from(down_w, None, like=like),
+        linear_from(up_w, None if bias is None else bias.detach(), like=like),
+    )
     return layer

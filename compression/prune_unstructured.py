@@ -25,7 +25,7 @@ def magnitude_prune_(model: nn.Module, sparsity: float, filter_fn: FilterFn | No
         return model
     magnitudes = torch.cat([m.weight.detach().abs().flatten() for m in layers])
     keep = torch.ones_like(magnitudes, dtype=torch.bool)
-    keep[torch.argsort(magnitudes)[:round(sparsity * len(magnitudes))]] = False
+    keep[torch.argsort(magnitudes)[: round(sparsity * len(magnitudes))]] = False
     with torch.no_grad():
         for m, mask in zip(layers, keep.split([m.weight.numel() for m in layers]), strict=True):
             m.weight.mul_(mask.view_as(m.weight))

@@ -53,8 +53,10 @@ class EmbeddingQuantConfig:
 
     def __post_init__(self):
         if self.version not in SUPPORTED_VERSIONS:
-            raise ValueError(f"EmbeddingQuantConfig.version {self.version!r} is not supported; "
-                             f"this slimrec reads {SUPPORTED_VERSIONS}")
+            raise ValueError(
+                f"EmbeddingQuantConfig.version {self.version!r} is not supported; "
+                f"this slimrec reads {SUPPORTED_VERSIONS}"
+            )
         if self.bits not in EMBEDDING_BITS:
             raise ValueError(f"EmbeddingQuantConfig.bits must be one of {EMBEDDING_BITS}, got {self.bits!r}")
         if not isinstance(self.symmetric, bool):
@@ -66,8 +68,12 @@ class EmbeddingQuantConfig:
 
     def to_dict(self) -> dict:
         """JSON-ready; a filter_fn is code, not configuration, and is left out."""
-        return {"version": self.version, "bits": self.bits, "symmetric": self.symmetric,
-                "min_rows": self.min_rows}
+        return {
+            "version": self.version,
+            "bits": self.bits,
+            "symmetric": self.symmetric,
+            "min_rows": self.min_rows,
+        }
 
     def bits_for(self, module: nn.Embedding, name: str) -> int | None:
         """The width for this table, or None to leave it in fp32."""
@@ -77,8 +83,9 @@ class EmbeddingQuantConfig:
         if isinstance(choice, bool) or choice is None:
             return self.bits if choice else None
         if choice not in EMBEDDING_BITS:
-            raise ValueError(f"filter_fn returned {choice!r} for table {name!r}; "
-                             f"return a bool or one of {EMBEDDING_BITS}")
+            raise ValueError(
+                f"filter_fn returned {choice!r} for table {name!r}; return a bool or one of {EMBEDDING_BITS}"
+            )
         return int(choice)
 
 
@@ -124,8 +131,14 @@ class QuantizedEmbedding(nn.Module):
         table(torch.tensor([[1, 2, 0]]))  # [1, 3, 64] float32, row 0 all zero
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 8, symmetric: bool = True,
-                 padding_idx: int | None = None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        bits: int = 8,
+        symmetric: bool = True,
+        padding_idx: int | None = None,
+    ):
         super().__init__()
         if bits not in EMBEDDING_BITS:
             raise ValueError(f"QuantizedEmbedding bits must be one of {EMBEDDING_BITS}, got {bits!r}")
@@ -204,16 +217,19 @@ def quantize_embeddings_(model: nn.Module, config: EmbeddingQuantConfig | None =
     """
     config = config or EmbeddingQuantConfig()
     if isinstance(model, nn.Embedding):
-        raise ValueError("quantize_embeddings_ replaces submodules; for a bare nn.Embedding "
-                         "use QuantizedEmbedding.from_float(table, bits)")
+        raise ValueError(
+            "quantize_embeddings_ replaces submodules; for a bare nn.Embedding "
+            "use QuantizedEmbedding.from_float(table, bits)"
+        )
     done: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
         if not isinstance(module, nn.Embedding):
             continue
         if id(module) not in done:
             bits = config.bits_for(module, name)
-            done[id(module)] = module if bits is None else QuantizedEmbedding.from_float(
-                module, bits, config.symmetric)
+            done[id(module)] = (
+                module if bits is None else QuantizedEmbedding.from_float(module, bits, config.symmetric)
+            )
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, done[id(module)])
     return model

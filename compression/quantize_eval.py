@@ -55,9 +55,14 @@ def quantization_error(reference: np.ndarray, quantized: np.ndarray, k: int = 10
     return out
 
 
-def compare_sessions(ref_path: Path | str, q_path: Path | str,
-                     feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
-                     k: int = 10, threads: int = 1, timing_runs: int = 0) -> dict:
+def compare_sessions(
+    ref_path: Path | str,
+    q_path: Path | str,
+    feeds: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]],
+    k: int = 10,
+    threads: int = 1,
+    timing_runs: int = 0,
+) -> dict:
     """Run two ONNX models on the same feeds and compare their first outputs.
 
     Args:
@@ -75,10 +80,13 @@ def compare_sessions(ref_path: Path | str, q_path: Path | str,
     if not feeds:
         raise ValueError("compare_sessions needs at least one feed")
     sessions = [session(ref_path, threads), session(q_path, threads)]
-    prepared = [[feed_for([i.name for i in s.get_inputs()], f, str(p)) for f in feeds]
-                for s, p in zip(sessions, (ref_path, q_path), strict=True)]
-    outputs = [np.concatenate([s.run(None, f)[0] for f in fs])
-               for s, fs in zip(sessions, prepared, strict=True)]
+    prepared = [
+        [feed_for([i.name for i in s.get_inputs()], f, str(p)) for f in feeds]
+        for s, p in zip(sessions, (ref_path, q_path), strict=True)
+    ]
+    outputs = [
+        np.concatenate([s.run(None, f)[0] for f in fs]) for s, fs in zip(sessions, prepared, strict=True)
+    ]
     result = quantization_error(outputs[0], outputs[1], k)
     if timing_runs > 0:
         times: list[list[float]] = [[], []]
@@ -104,8 +112,11 @@ def onnx_weight_bytes(path: Path | str) -> dict[str, int]:
         dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
         n = int(np.prod(tensor.dims, dtype=np.int64))
         nbytes = (n + 1) // 2 if tensor.data_type in _FOUR_BIT else n * dtype.itemsize
-        name = onnx.TensorProto.DataType.Name(tensor.data_type).lower() if tensor.data_type in _FOUR_BIT \
+        name = (
+            onnx.TensorProto.DataType.Name(tensor.data_type).lower()
+            if tensor.data_type in _FOUR_BIT
             else dtype.name
+        )
         out[name] = out.get(name, 0) + nbytes
 
     graphs = [model.graph]

@@ -96,8 +96,10 @@ class OnnxQuantConfig:
 
     def __post_init__(self):
         if self.version not in SUPPORTED_VERSIONS:
-            raise ValueError(f"OnnxQuantConfig.version {self.version!r} is not supported; "
-                             f"this slimrec reads {SUPPORTED_VERSIONS}")
+            raise ValueError(
+                f"OnnxQuantConfig.version {self.version!r} is not supported; "
+                f"this slimrec reads {SUPPORTED_VERSIONS}"
+            )
         if self.mode not in ONNX_MODES:
             raise ValueError(f"OnnxQuantConfig.mode must be one of {ONNX_MODES}, got {self.mode!r}")
         self.op_types = (self.op_types,) if isinstance(self.op_types, str) else tuple(self.op_types)
@@ -105,37 +107,49 @@ class OnnxQuantConfig:
             raise ValueError("OnnxQuantConfig.op_types is empty: nothing would be quantized")
         self.keep_fp32 = (self.keep_fp32,) if isinstance(self.keep_fp32, str) else tuple(self.keep_fp32)
         if not all(isinstance(m, str) and m.strip(".") for m in self.keep_fp32):
-            raise ValueError(f"OnnxQuantConfig.keep_fp32 must hold module paths like 'deep.0', "
-                             f"got {self.keep_fp32!r}")
+            raise ValueError(
+                f"OnnxQuantConfig.keep_fp32 must hold module paths like 'deep.0', got {self.keep_fp32!r}"
+            )
         if self.calibration_method not in CALIBRATION_METHODS:
-            raise ValueError(f"OnnxQuantConfig.calibration_method must be one of {CALIBRATION_METHODS}, "
-                             f"got {self.calibration_method!r}")
+            raise ValueError(
+                f"OnnxQuantConfig.calibration_method must be one of {CALIBRATION_METHODS}, "
+                f"got {self.calibration_method!r}"
+            )
         if self.mode == "dynamic" and self.calibration is not None:
-            raise ValueError("OnnxQuantConfig.calibration is only read by mode='static'; "
-                             "drop it or set the mode")
+            raise ValueError(
+                "OnnxQuantConfig.calibration is only read by mode='static'; drop it or set the mode"
+            )
         if self.mode == "static":
             if self.calibration is None or isinstance(self.calibration, Mapping) or not len(self.calibration):
-                raise ValueError("OnnxQuantConfig(mode='static') needs calibration: a non-empty list of "
-                                 "feed dicts (input name -> array)")
+                raise ValueError(
+                    "OnnxQuantConfig(mode='static') needs calibration: a non-empty list of "
+                    "feed dicts (input name -> array)"
+                )
             self.calibration = tuple(self.calibration)
             if not all(isinstance(feed, Mapping) for feed in self.calibration):
                 raise ValueError("OnnxQuantConfig.calibration must hold feed dicts (input name -> array)")
 
     def to_dict(self) -> dict:
         """JSON-ready; the calibration arrays are summarised by their count."""
-        return {"version": self.version, "mode": self.mode, "per_channel": self.per_channel,
-                "reduce_range": self.reduce_range, "op_types": list(self.op_types),
-                "keep_fp32": list(self.keep_fp32),
-                "calibration_feeds": None if self.calibration is None else len(self.calibration),
-                "calibration_method": self.calibration_method}
+        return {
+            "version": self.version,
+            "mode": self.mode,
+            "per_channel": self.per_channel,
+            "reduce_range": self.reduce_range,
+            "op_types": list(self.op_types),
+            "keep_fp32": list(self.keep_fp32),
+            "calibration_feeds": None if self.calibration is None else len(self.calibration),
+            "calibration_method": self.calibration_method,
+        }
 
     def quantize_graph(self, src_path: Path, dst_path: Path) -> None:
         """`quantize_onnx_dense` with this config: what the artifact writer calls after export."""
         quantize_onnx_dense(src_path, dst_path, self)
 
 
-def quantize_onnx_dense(src_path: Path | str, dst_path: Path | str,
-                        config: OnnxQuantConfig | None = None) -> Path:
+def quantize_onnx_dense(
+    src_path: Path | str, dst_path: Path | str, config: OnnxQuantConfig | None = None
+) -> Path:
     """Write `src_path`'s graph to `dst_path` with int8 MatMul/Gemm weights.
 
     The graph is first shape-inferred and constant-folded (`quant_pre_process`). Its
@@ -158,27 +172,42 @@ def quantize_onnx_dense(src_path: Path | str, dst_path: Path | str,
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         excluded = _nodes_of_modules(src, prepared, config.op_types, config.keep_fp32)
-        common = dict(op_types_to_quantize=list(config.op_types), nodes_to_exclude=excluded,
-                      per_channel=config.per_channel,
-                      reduce_range=config.reduce_range, weight_type=QuantType.QInt8)
+        common = dict(
+            op_types_to_quantize=list(config.op_types),
+            nodes_to_exclude=excluded,
+            per_channel=config.per_channel,
+            reduce_range=config.reduce_range,
+            weight_type=QuantType.QInt8,
+        )
         if config.mode == "dynamic":
             quantize_dynamic(prepared, dst, extra_options={"MatMulConstBOnly": True}, **common)
         else:
-            methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                       "percentile": CalibrationMethod.Percentile}
+            methods = {
+                "minmax": CalibrationMethod.MinMax,
+                "entropy": CalibrationMethod.Entropy,
+                "percentile": CalibrationMethod.Percentile,
+            }
             reader = _FeedReader(prepared, config.calibration)
-            quantize_static(prepared, dst, reader, quant_format=QuantFormat.QDQ,
-                            activation_type=QuantType.QUInt8,  # u8 x s8: the fast VNNI path
-                            calibrate_method=methods[config.calibration_method],
-                            extra_options={"MatMulConstBOnly": True,
-                                           # keep MatMul outputs in float: bias add and x0 * (.) follow
-                                           "OpTypesToExcludeOutputQuantization": list(config.op_types)},
-                            **common)
+            quantize_static(
+                prepared,
+                dst,
+                reader,
+                quant_format=QuantFormat.QDQ,
+                activation_type=QuantType.QUInt8,  # u8 x s8: the fast VNNI path
+                calibrate_method=methods[config.calibration_method],
+                extra_options={
+                    "MatMulConstBOnly": True,
+                    # keep MatMul outputs in float: bias add and x0 * (.) follow
+                    "OpTypesToExcludeOutputQuantization": list(config.op_types),
+                },
+                **common,
+            )
     return dst
 
 
-def _nodes_of_modules(src: Path, prepared: Path, op_types: Sequence[str],
-                      modules: Sequence[str]) -> list[str]:
+def _nodes_of_modules(
+    src: Path, prepared: Path, op_types: Sequence[str], modules: Sequence[str]
+) -> list[str]:
     """Names of the `op_types` nodes that the exporter scoped under any of `modules` (or their children).
 
     "Class/path" entries apply only to graphs exported from that class (package.py runs one
@@ -199,12 +228,15 @@ def _nodes_of_modules(src: Path, prepared: Path, op_types: Sequence[str],
         owner, _, module = entry.rpartition("/")
         if owner and owner != root:
             continue
-        hits = [n for n, path in scopes.items()
-                if any(p == module or p.startswith(module + ".") for p in path)]
+        hits = [
+            n for n, path in scopes.items() if any(p == module or p.startswith(module + ".") for p in path)
+        ]
         if not hits:
             known = sorted({p for path in scopes.values() for p in path[1:-1]}) or "none recorded"
-            raise ValueError(f"keep_fp32: no {'/'.join(op_types)} node of {src.name} ({root or '?'}) belongs "
-                             f"to module {module!r}; modules with such nodes: {known}")
+            raise ValueError(
+                f"keep_fp32: no {'/'.join(op_types)} node of {src.name} ({root or '?'}) belongs "
+                f"to module {module!r}; modules with such nodes: {known}"
+            )
         names += hits
     kept = {node.name for node in onnx.load(str(prepared), load_external_data=False).graph.node}
     lost = sorted(set(names) - kept)

@@ -37,9 +37,14 @@ def stage_sizes(artifacts: dict[str, Artifact]) -> dict[str, dict]:
         parts = {label: files[rel]["bytes"] for rel, label in {**SERVED_PARTS, **DATA_PARTS}.items()}
         model = sum(files[rel]["bytes"] for rel in SERVED_PARTS)
         entry = art.config["models"][""]
-        out[stage] = {"parts": parts, "model_bytes": model,
-                      "served_bytes": art.served_bytes(), "parameters": entry.get("parameters", {}),
-                      "index": entry["index"], "memory_bytes": resident_bytes(art.path)}
+        out[stage] = {
+            "parts": parts,
+            "model_bytes": model,
+            "served_bytes": art.served_bytes(),
+            "parameters": entry.get("parameters", {}),
+            "index": entry["index"],
+            "memory_bytes": resident_bytes(art.path),
+        }
     return out
 
 
@@ -52,20 +57,23 @@ def resident_bytes(path) -> int:
         "art = load_artifact(sys.argv[1]); gc.collect(); p = psutil.Process(); before = p.memory_info().rss\n"
         "m = ServedModel(art); gc.collect(); print(p.memory_info().rss - before)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300
+    )
     return int(result.stdout.strip()) if result.returncode == 0 else -1
 
 
-def measure_latency(artifacts: dict[str, Artifact], dataset: Dataset, n_requests: int = 300,
-                    warmup: int = 20, seed: int = 0) -> dict[str, dict]:
+def measure_latency(
+    artifacts: dict[str, Artifact], dataset: Dataset, n_requests: int = 300, warmup: int = 20, seed: int = 0
+) -> dict[str, dict]:
     """Per-request latency of every stage's served model over the same test users, interleaved."""
     split = protocol_split(dataset)
     users = np.unique(split.user[split.fold == TEST])
     sample = np.random.default_rng(seed).choice(users, size=n_requests + warmup, replace=True)
     models = {stage: ServedModel(art, threads=1) for stage, art in artifacts.items()}
     times: dict[str, dict[str, list[float]]] = {
-        stage: {"total": [], "embed": [], "retrieve": [], "rank": []} for stage in models}
+        stage: {"total": [], "embed": [], "retrieve": [], "rank": []} for stage in models
+    }
     for i, user in enumerate(tqdm(sample, desc="latency (all stages)", file=sys.stderr, disable=None)):
         for stage, model in models.items():
             t0 = time.perf_counter()
@@ -75,10 +83,15 @@ def measure_latency(artifacts: dict[str, Artifact], dataset: Dataset, n_requests
                 times[stage]["total"].append(elapsed)
                 for part, seconds in rec.timings.items():
                     times[stage][part].append(seconds)
-    return {stage: {f"{part}_{q}_ms": float(np.percentile(v, p)) * 1e3
-                    for part, v in parts.items() for q, p in (("p50", 50), ("p99", 99))}
-            | {"requests": n_requests}
-            for stage, parts in times.items()}
+    return {
+        stage: {
+            f"{part}_{q}_ms": float(np.percentile(v, p)) * 1e3
+            for part, v in parts.items()
+            for q, p in (("p50", 50), ("p99", 99))
+        }
+        | {"requests": n_requests}
+        for stage, parts in times.items()
+    }
 
 
 def index_recall(art: Artifact, dataset: Dataset, k: int = 200) -> float:
@@ -95,13 +108,19 @@ def build_rows(artifacts, sizes, latency, dataset) -> list[dict]:
     rows = []
     for stage, art in artifacts.items():
         metrics = art.read_json("metrics.json")
-        rows.append({
-            "stage": stage, **sizes[stage], **latency[stage],
-            "index_recall@200": index_recall(art, dataset),
-            "bytes_per_item_index": sizes[stage]["parts"]["index"] / art.config["feature_space"]["n_items"],
-            "two_stage": metrics["two_stage"], "retrieval": metrics["retrieval"],
-            "ranker": metrics.get("ranker", {}),
-        })
+        rows.append(
+            {
+                "stage": stage,
+                **sizes[stage],
+                **latency[stage],
+                "index_recall@200": index_recall(art, dataset),
+                "bytes_per_item_index": sizes[stage]["parts"]["index"]
+                / art.config["feature_space"]["n_items"],
+                "two_stage": metrics["two_stage"],
+                "retrieval": metrics["retrieval"],
+                "ranker": metrics.get("ranker", {}),
+            }
+        )
     return rows
 
 
@@ -119,15 +138,30 @@ def write_report(out, artifacts: dict[str, Artifact], sizes, latency, gate_confi
         "memory_bytes": final["memory_bytes"] / max(1, teacher["memory_bytes"]),
         "latency_p50": final["total_p50_ms"] / teacher["total_p50_ms"],
         "latency_p99": final["total_p99_ms"] / teacher["total_p99_ms"],
-        **{f"test_{m}": final["two_stage"]["test"][m] / teacher["two_stage"]["test"][m]
-           for m in ("ndcg@10", "recall@200")},
+        **{
+            f"test_{m}": final["two_stage"]["test"][m] / teacher["two_stage"]["test"][m]
+            for m in ("ndcg@10", "recall@200")
+        },
     }
-    report = {"dataset": dataset_name, "split": "PROTOCOL.md", "rows": rows, "ratios": ratios,
-              "gate": {"tolerance": gate_config.tolerance, "metrics": list(gate_config.metrics),
-                       "failures": failures, "promotable": not failures}}
-    amend_artifact(out, files={
-        "report.json": (json.dumps(report, indent=2, default=float).encode(), "offline"),
-        "report.md": (render_markdown(report).encode(), "offline"),
-        "report.png": (render_plot(report), "offline"),
-    }, fields={"promotable": not failures})
+    report = {
+        "dataset": dataset_name,
+        "split": "PROTOCOL.md",
+        "rows": rows,
+        "ratios": ratios,
+        "gate": {
+            "tolerance": gate_config.tolerance,
+            "metrics": list(gate_config.metrics),
+            "failures": failures,
+            "promotable": not failures,
+        },
+    }
+    amend_artifact(
+        out,
+        files={
+            "report.json": (json.dumps(report, indent=2, default=float).encode(), "offline"),
+            "report.md": (render_markdown(report).encode(), "offline"),
+            "report.png": (render_plot(report), "offline"),
+        },
+        fields={"promotable": not failures},
+    )
     return report

@@ -25,32 +25,50 @@ def render_markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        params = sum(v for k, v in r["parameters"].items() if k in ("user_tower", "ranker")) \
-            if r["parameters"] else 0
+        params = (
+            sum(v for k, v in r["parameters"].items() if k in ("user_tower", "ranker"))
+            if r["parameters"]
+            else 0
+        )
         depth = f" nprobe={r['index']['nprobe']}" if r["index"]["kind"] != "flat" else ""
         index = r["index"]["kind"] + depth
         lines.append(
             f"| {r['stage']} | {_mb(r['model_bytes'])} | {_mb(r['served_bytes'])} | {_mb(r['memory_bytes'])} "
             f"| {params:,} | {index} | {r['bytes_per_item_index']:.0f} | {r['index_recall@200']:.4f} "
             f"| {r['total_p50_ms']:.3f} | {r['total_p99_ms']:.3f} "
-            f"| {r['embed_p50_ms']:.3f} / {r['retrieve_p50_ms']:.3f} / {r['rank_p50_ms']:.3f} |")
+            f"| {r['embed_p50_ms']:.3f} / {r['retrieve_p50_ms']:.3f} / {r['rank_p50_ms']:.3f} |"
+        )
     for fold in ("valid", "test"):
-        lines += ["", f"## Quality ({fold}; PROTOCOL.md metrics)", "",
-                  "| stage | two-stage NDCG@10 | R@10 | R@50 | R@200 | HR@10 | MRR@10 | retrieval NDCG@10 "
-                  "| retrieval R@200 | ranker AUC |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## Quality ({fold}; PROTOCOL.md metrics)",
+            "",
+            "| stage | two-stage NDCG@10 | R@10 | R@50 | R@200 | HR@10 | MRR@10 | retrieval NDCG@10 "
+            "| retrieval R@200 | ranker AUC |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in rows:
             t, s = r["two_stage"][fold], r["retrieval"][fold]
             auc = r["ranker"].get(fold, {}).get("auc", float("nan"))
-            lines.append(f"| {r['stage']} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | {t['recall@50']:.4f} "
-                         f"| {t['recall@200']:.4f} | {t['hr@10']:.4f} | {t['mrr@10']:.4f} "
-                         f"| {s['ndcg@10']:.4f} | {s['recall@200']:.4f} | {auc:.4f} |")
+            lines.append(
+                f"| {r['stage']} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | {t['recall@50']:.4f} "
+                f"| {t['recall@200']:.4f} | {t['hr@10']:.4f} | {t['mrr@10']:.4f} "
+                f"| {s['ndcg@10']:.4f} | {s['recall@200']:.4f} | {auc:.4f} |"
+            )
     ratios = report["ratios"]
     gate = report["gate"]
-    lines += ["", "## Compressed vs teacher", "",
-              *(f"- {k}: {v:.4f}" for k, v in ratios.items()), "",
-              f"## Quality gate (validation, tolerance {gate['tolerance']:g} relative)", "",
-              "promotable: **yes**" if gate["promotable"] else "promotable: **no**",
-              *(f"- {f}" for f in gate["failures"]), ""]
+    lines += [
+        "",
+        "## Compressed vs teacher",
+        "",
+        *(f"- {k}: {v:.4f}" for k, v in ratios.items()),
+        "",
+        f"## Quality gate (validation, tolerance {gate['tolerance']:g} relative)",
+        "",
+        "promotable: **yes**" if gate["promotable"] else "promotable: **no**",
+        *(f"- {f}" for f in gate["failures"]),
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -62,8 +80,10 @@ def render_plot(report: dict) -> bytes:
 
     rows = report["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, label in ((axes[0], "model_bytes", "served model size (MB, log)"),
-                           (axes[1], "total_p50_ms", "per-request latency p50 (ms, log)")):
+    for ax, key, label in (
+        (axes[0], "model_bytes", "served model size (MB, log)"),
+        (axes[1], "total_p50_ms", "per-request latency p50 (ms, log)"),
+    ):
         xs = [r[key] / 2**20 if key == "model_bytes" else r[key] for r in rows]
         ys = [r["two_stage"]["test"]["ndcg@10"] for r in rows]
         ax.plot(xs, ys, "o-", color="tab:blue")

@@ -39,8 +39,13 @@ class TunedIndex:
     build_seconds: float = 0.0
 
 
-def tune_index(models: FoldModels, tuning: IndexTuning, users: np.ndarray | None = None, seed: int = 0,
-               recall_tolerance: float | None = None) -> TunedIndex:
+def tune_index(
+    models: FoldModels,
+    tuning: IndexTuning,
+    users: np.ndarray | None = None,
+    seed: int = 0,
+    recall_tolerance: float | None = None,
+) -> TunedIndex:
     """Smallest nprobe in the grid whose recall@200 vs exact reaches the target on `users`' queries.
 
     `users` defaults to the fold's validation users; `recall_tolerance` as `tune_nprobe`.
@@ -51,8 +56,13 @@ def tune_index(models: FoldModels, tuning: IndexTuning, users: np.ndarray | None
     return tune_nprobe(items, queries, tuning, seed, recall_tolerance)
 
 
-def tune_nprobe(items: np.ndarray, queries: np.ndarray, tuning: IndexTuning, seed: int = 0,
-                recall_tolerance: float | None = None) -> TunedIndex:
+def tune_nprobe(
+    items: np.ndarray,
+    queries: np.ndarray,
+    tuning: IndexTuning,
+    seed: int = 0,
+    recall_tolerance: float | None = None,
+) -> TunedIndex:
     """Build the IVF index once (timed), then raise nprobe along the grid until recall@K reaches the target.
 
     Args:
@@ -74,11 +84,16 @@ def tune_nprobe(items: np.ndarray, queries: np.ndarray, tuning: IndexTuning, see
         found = index.search(queries, K)[1]
         ms = (time.perf_counter() - t0) * 1e3 / len(queries)
         strict = recall_at_k(found, exact)
-        recall = strict if recall_tolerance is None else recall_within(found, exact_scores, queries, items,
-                                                                       recall_tolerance)
+        recall = (
+            strict
+            if recall_tolerance is None
+            else recall_within(found, exact_scores, queries, items, recall_tolerance)
+        )
         curve.append({"nprobe": nprobe, "ms_per_query": ms, "recall": recall, "recall_strict": strict})
-        log(f"index {tuning.kind} nlist {nlist}: nprobe {nprobe:>4}  recall@{K} vs exact {recall:.4f} "
-            f"(strict {strict:.4f})  {ms:.3f} ms/query")
+        log(
+            f"index {tuning.kind} nlist {nlist}: nprobe {nprobe:>4}  recall@{K} vs exact {recall:.4f} "
+            f"(strict {strict:.4f})  {ms:.3f} ms/query"
+        )
         if recall >= tuning.target_recall:
             break
     else:

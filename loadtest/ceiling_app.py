@@ -46,8 +46,9 @@ app = FastAPI(title="slimrec ceiling", docs_url=None, redoc_url=None, openapi_ur
 
 
 def answer(user_id: str) -> CeilingResponse:
-    return CeilingResponse(variant=VARIANT, model_version="ceiling-0", user_id=user_id, items=ITEMS,
-                           request_id="ceiling")
+    return CeilingResponse(
+        variant=VARIANT, model_version="ceiling-0", user_id=user_id, items=ITEMS, request_id="ceiling"
+    )
 
 
 @app.post("/v1/recommend")

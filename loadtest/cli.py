@@ -14,42 +14,80 @@ from pathlib import Path
 def register(subparsers) -> None:
     """Add the `loadtest` subcommand to slimrec's argparse subparsers."""
     p = subparsers.add_parser(
-        "loadtest", help="locust load test of the served variants; per-variant report and ratios",
+        "loadtest",
+        help="locust load test of the served variants; per-variant report and ratios",
         description="Run locust headless against the variants (each in turn, or the A/B split), optionally "
-                    "against a trivial FastAPI ceiling; write loadtest-report.{md,json}, a latency PNG and "
-                    "locust's CSVs to --out.")
+        "against a trivial FastAPI ceiling; write loadtest-report.{md,json}, a latency PNG and "
+        "locust's CSVs to --out.",
+    )
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--host", metavar="URL", help="a running `slimrec serve` (e.g. http://127.0.0.1:8000)")
-    target.add_argument("--start", action="append", metavar="NAME=ARTIFACT[,NAME=ARTIFACT]",
-                        help="serve these variants on a free 127.0.0.1 port for the run (repeatable)")
+    target.add_argument(
+        "--host", metavar="URL", help="a running `slimrec serve` (e.g. http://127.0.0.1:8000)"
+    )
+    target.add_argument(
+        "--start",
+        action="append",
+        metavar="NAME=ARTIFACT[,NAME=ARTIFACT]",
+        help="serve these variants on a free 127.0.0.1 port for the run (repeatable)",
+    )
     p.add_argument("--split", metavar="NAME=WEIGHT,...", help="A/B weights for --start (default: equal)")
-    p.add_argument("--batcher", choices=["on", "off"], default=None,
-                   help="with --start: the server's request batcher on (its default settings) or off "
-                        "(batch of 1); run once each to measure what batching gains")
-    p.add_argument("--model-process", action="store_true",
-                   help="with --start: model calls in child processes (serve --model-process)")
-    p.add_argument("--catalogue", type=Path, metavar="PATH",
-                   help="artifact dir or catalogue.json to draw ids from (default: the served artifacts')")
-    p.add_argument("--mode", choices=["per-variant", "ab"], default="per-variant",
-                   help="per-variant: each variant in turn, forced by X-Slimrec-Variant, same load; "
-                        "ab: the configured split")
+    p.add_argument(
+        "--batcher",
+        choices=["on", "off"],
+        default=None,
+        help="with --start: the server's request batcher on (its default settings) or off "
+        "(batch of 1); run once each to measure what batching gains",
+    )
+    p.add_argument(
+        "--model-process",
+        action="store_true",
+        help="with --start: model calls in child processes (serve --model-process)",
+    )
+    p.add_argument(
+        "--catalogue",
+        type=Path,
+        metavar="PATH",
+        help="artifact dir or catalogue.json to draw ids from (default: the served artifacts')",
+    )
+    p.add_argument(
+        "--mode",
+        choices=["per-variant", "ab"],
+        default="per-variant",
+        help="per-variant: each variant in turn, forced by X-Slimrec-Variant, same load; "
+        "ab: the configured split",
+    )
     p.add_argument("--users", type=int, default=16, help="concurrent simulated users (default 16)")
-    p.add_argument("--spawn-rate", type=float, default=None,
-                   help="users started per second (default: --users)")
+    p.add_argument(
+        "--spawn-rate", type=float, default=None, help="users started per second (default: --users)"
+    )
     p.add_argument("--duration", default="60s", help="per phase: 60s, 2m, 1m30s (default 60s)")
-    p.add_argument("--rate", type=float, default=None, metavar="RPS",
-                   help="fixed offered load: RPS over all users (constant throughput per user); "
-                        "default: saturation (no think time)")
-    p.add_argument("--workers", type=int, default=0,
-                   help="locust workers beside a master (default 0: one locust process)")
-    p.add_argument("--ceiling", action="store_true",
-                   help="also drive loadtest/ceiling_app.py with the same settings")
-    p.add_argument("--warmup", default=None,
-                   help="leave out the first part of each phase (default: the ramp, users / spawn rate)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        metavar="RPS",
+        help="fixed offered load: RPS over all users (constant throughput per user); "
+        "default: saturation (no think time)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="locust workers beside a master (default 0: one locust process)",
+    )
+    p.add_argument(
+        "--ceiling", action="store_true", help="also drive loadtest/ceiling_app.py with the same settings"
+    )
+    p.add_argument(
+        "--warmup",
+        default=None,
+        help="leave out the first part of each phase (default: the ramp, users / spawn rate)",
+    )
     p.add_argument("--max-requests", type=int, default=None, help="request cap per phase (default: generous)")
     p.add_argument("--new-user-share", type=float, default=0.2, help="share of unknown users with a history")
-    p.add_argument("--genre-share", type=float, default=0.1,
-                   help="share of known-user requests with a genre filter")
+    p.add_argument(
+        "--genre-share", type=float, default=0.1, help="share of known-user requests with a genre filter"
+    )
     p.add_argument("--k-mix", default=None, help="K:WEIGHT,... (default 10:70,20:15,50:10,100:5)")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of user and item popularity")
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/loadtest-<time>)")
@@ -76,12 +114,19 @@ def config_from_args(args: argparse.Namespace):
     from slimrec.loadtest.units import parse_duration
     from slimrec.loadtest.workload import DEFAULT_K_MIX, RequestMix
 
-    return LoadConfig(users=args.users, spawn_rate=args.spawn_rate or float(args.users),
-                      duration_s=parse_duration(args.duration), mode=args.mode, rate=args.rate,
-                      workers=args.workers,
-                      warmup_s=None if args.warmup is None else parse_duration(args.warmup),
-                      max_requests=args.max_requests, ceiling=args.ceiling, zipf=args.zipf,
-                      mix=RequestMix(args.new_user_share, args.genre_share, args.k_mix or DEFAULT_K_MIX))
+    return LoadConfig(
+        users=args.users,
+        spawn_rate=args.spawn_rate or float(args.users),
+        duration_s=parse_duration(args.duration),
+        mode=args.mode,
+        rate=args.rate,
+        workers=args.workers,
+        warmup_s=None if args.warmup is None else parse_duration(args.warmup),
+        max_requests=args.max_requests,
+        ceiling=args.ceiling,
+        zipf=args.zipf,
+        mix=RequestMix(args.new_user_share, args.genre_share, args.k_mix or DEFAULT_K_MIX),
+    )
 
 
 def run_loadtest_command(args: argparse.Namespace) -> int:
@@ -92,15 +137,23 @@ def run_loadtest_command(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     start = parse_start(args.start) if args.start else None
     if (args.split or args.batcher or args.model_process) and not start:
-        raise ValueError("--split, --batcher and --model-process go with --start (a running server has "
-                         "its own settings)")
+        raise ValueError(
+            "--split, --batcher and --model-process go with --start (a running server has its own settings)"
+        )
     serve_args = ("--batch-max-size", "1") if args.batcher == "off" else ()
     if args.model_process:
         serve_args += ("--model-process",)
     out = args.out or Path("runs") / time.strftime("loadtest-%Y%m%d-%H%M%S")
     try:
-        report, paths = run_loadtest(config, out, host=args.host, start=start, split=args.split,
-                                     catalogue=args.catalogue, serve_args=serve_args)
+        report, paths = run_loadtest(
+            config,
+            out,
+            host=args.host,
+            start=start,
+            split=args.split,
+            catalogue=args.catalogue,
+            serve_args=serve_args,
+        )
     except (RuntimeError, TimeoutError, OSError) as exc:
         if isinstance(exc, FileNotFoundError):
             raise

@@ -1,6 +1,6 @@
 """Start `slimrec serve` as a child process on a free loopback port, and stop it by its own pid.
 
-Shared by the measuring tools (slimrec.loadtest.measure, slimrec.loadtest.soak), the load tester and the tests,
+Shared by the measuring tools (loadtest.measure, loadtest.soak), the load tester and the tests,
 so that every server they start binds 127.0.0.1, is waited for under a deadline and is
 stopped the same way: SIGTERM (a graceful shutdown), then SIGKILL if it has not exited.
 """
@@ -29,9 +29,20 @@ def free_port() -> int:
 
 def serve_command(variants: dict[str, str], port: int, *args: str) -> list[str]:
     """The `slimrec serve` command line for these variants on 127.0.0.1:port."""
-    return [sys.executable, "-m", "slimrec.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-            "--log-level", "warning", *[a for n, p in variants.items() for a in ("--variant", f"{n}={p}")],
-            *args]
+    return [
+        sys.executable,
+        "-m",
+        "slimrec.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        *[a for n, p in variants.items() for a in ("--variant", f"{n}={p}")],
+        *args,
+    ]
 
 
 def stop(process: subprocess.Popen, timeout_s: float = STOP_TIMEOUT_S) -> int:

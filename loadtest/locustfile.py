@@ -31,20 +31,34 @@ def add_arguments(parser):
     group = parser.add_argument_group("slimrec")
     group.add_argument("--workload", default="", help="workload JSON (user ids, item ids, genres)")
     group.add_argument("--force-variant", default="", help=f"send {VARIANT_HEADER}: NAME on each request")
-    group.add_argument("--target-rps", type=float, default=0.0,
-                       help="total offered RPS (constant throughput per user: target-rps / -u; "
-                            "distributed workers need the master's -u too); 0 = no think time")
+    group.add_argument(
+        "--target-rps",
+        type=float,
+        default=0.0,
+        help="total offered RPS (constant throughput per user: target-rps / -u; "
+        "distributed workers need the master's -u too); 0 = no think time",
+    )
     group.add_argument("--max-requests", type=int, default=0, help="stop after N requests; 0 = no cap")
-    group.add_argument("--request-log-dir", default="",
-                       help="write one CSV row per request here (one file per process)")
-    group.add_argument("--new-user-share", type=float, default=0.2,
-                       help="share of requests from unknown users with a history")
-    group.add_argument("--genre-share", type=float, default=0.1,
-                       help="share of known-user requests with a genre filter")
+    group.add_argument(
+        "--request-log-dir", default="", help="write one CSV row per request here (one file per process)"
+    )
+    group.add_argument(
+        "--new-user-share",
+        type=float,
+        default=0.2,
+        help="share of requests from unknown users with a history",
+    )
+    group.add_argument(
+        "--genre-share", type=float, default=0.1, help="share of known-user requests with a genre filter"
+    )
     group.add_argument("--k-mix", default=DEFAULT_K_MIX, help="K:WEIGHT,... for the k of each request")
     group.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of user and item popularity")
-    group.add_argument("--workload-seed", type=int, default=0,
-                       help="seed of the popularity ranking (the same on every worker)")
+    group.add_argument(
+        "--workload-seed",
+        type=int,
+        default=0,
+        help="seed of the popularity ranking (the same on every worker)",
+    )
 
 
 class Traffic:
@@ -85,16 +99,21 @@ class RecommendUser(FastHttpUser):
     def recommend(self):
         traffic = self.traffic
         kind, body = traffic.mix.draw(self.rng, traffic.workload, traffic.users, traffic.items)
-        with self.client.post("/v1/recommend", json=body, headers=self.headers, name=f"recommend {kind}",
-                              catch_response=True) as resp:
+        with self.client.post(
+            "/v1/recommend", json=body, headers=self.headers, name=f"recommend {kind}", catch_response=True
+        ) as resp:
             self.check(resp, f"recommend {kind}")
 
     @task(1)
     def user_recommendations(self):
         user = self.traffic.users.sample(self.rng)
         k = self.rng.choices(self.traffic.mix.ks, self.traffic.mix.k_weights)[0]
-        with self.client.get(f"/v1/users/{user}/recommendations?k={k}", headers=self.headers,
-                             name="user recs", catch_response=True) as resp:
+        with self.client.get(
+            f"/v1/users/{user}/recommendations?k={k}",
+            headers=self.headers,
+            name="user recs",
+            catch_response=True,
+        ) as resp:
             self.check(resp, "user recs")
 
     def check(self, resp, name: str) -> None:

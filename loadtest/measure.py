@@ -1,7 +1,7 @@
 """Latency of a real `slimrec serve` process over HTTP: p50/p99 per variant, batcher on vs off.
 
-    python -m slimrec.loadtest.measure --variant full=artifacts/teacher --variant compressed=artifacts/compressed \\
-        [--requests 1000] [--concurrency 16]
+    python -m slimrec.loadtest.measure --variant full=artifacts/teacher \\
+        --variant compressed=artifacts/compressed [--requests 1000] [--concurrency 16]
 
 Starts its own server on a free loopback port (one per configuration), sends sequential
 keep-alive requests forced to each variant with X-Slimrec-Variant, then a concurrent burst
@@ -34,9 +34,14 @@ def server_total_ms(header: str) -> float:
 
 def summarize(client_ms: list[float], server_ms: list[float], seconds: float) -> dict:
     c, s = np.asarray(client_ms), np.asarray(server_ms)
-    return {"requests": len(c), "rps": len(c) / seconds,
-            "client_p50_ms": float(np.percentile(c, 50)), "client_p99_ms": float(np.percentile(c, 99)),
-            "server_p50_ms": float(np.nanpercentile(s, 50)), "server_p99_ms": float(np.nanpercentile(s, 99))}
+    return {
+        "requests": len(c),
+        "rps": len(c) / seconds,
+        "client_p50_ms": float(np.percentile(c, 50)),
+        "client_p99_ms": float(np.percentile(c, 99)),
+        "server_p50_ms": float(np.nanpercentile(s, 50)),
+        "server_p99_ms": float(np.nanpercentile(s, 99)),
+    }
 
 
 def measure_sequential(url: str, variant: str, users: list[str], n: int, k: int = 10) -> dict:
@@ -66,11 +71,13 @@ def measure_concurrent(url: str, users: list[str], n: int, concurrency: int, k: 
         client_ms, server_ms = [], []
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
         async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
             async def worker(offset: int, count: int):
                 for i in range(count):
                     t0 = time.perf_counter()
-                    response = await client.post("/v1/recommend",
-                                                 json={"user_id": users[(offset + i) % len(users)], "k": k})
+                    response = await client.post(
+                        "/v1/recommend", json={"user_id": users[(offset + i) % len(users)], "k": k}
+                    )
                     client_ms.append((time.perf_counter() - t0) * 1000)
                     response.raise_for_status()
                     server_ms.append(server_total_ms(response.headers.get("server-timing", "")))
@@ -99,11 +106,15 @@ def batch_sizes(url: str) -> str:
 
 
 def print_table(rows: list[tuple[str, dict]]) -> None:
-    print(f"{'configuration':<36} {'n':>6} {'rps':>7} {'client p50':>11} {'client p99':>11} "
-          f"{'server p50':>11} {'server p99':>11}")
+    print(
+        f"{'configuration':<36} {'n':>6} {'rps':>7} {'client p50':>11} {'client p99':>11} "
+        f"{'server p50':>11} {'server p99':>11}"
+    )
     for name, r in rows:
-        print(f"{name:<36} {r['requests']:>6} {r['rps']:>7.0f} {r['client_p50_ms']:>9.2f}ms "
-              f"{r['client_p99_ms']:>9.2f}ms {r['server_p50_ms']:>9.2f}ms {r['server_p99_ms']:>9.2f}ms")
+        print(
+            f"{name:<36} {r['requests']:>6} {r['rps']:>7.0f} {r['client_p50_ms']:>9.2f}ms "
+            f"{r['client_p99_ms']:>9.2f}ms {r['server_p50_ms']:>9.2f}ms {r['server_p99_ms']:>9.2f}ms"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in variants:
             rows.append((f"sequential {name}", measure_sequential(url, name, users, args.requests)))
     if args.concurrency:
-        configurations = (("batcher on (max 16, 0 ms)", ("--batch-max-size", "16")),
-                          ("batcher on (max 16, 2 ms)", ("--batch-max-wait-ms", "2")),
-                          ("batcher off (thread pool)", ("--batch-max-size", "1")))
+        configurations = (
+            ("batcher on (max 16, 0 ms)", ("--batch-max-size", "16")),
+            ("batcher on (max 16, 2 ms)", ("--batch-max-wait-ms", "2")),
+            ("batcher off (thread pool)", ("--batch-max-size", "1")),
+        )
         for label, flags in configurations:
             with local_server(variants, *flags) as (url, _):
                 result = measure_concurrent(url, users, args.concurrent_requests, args.concurrency)

@@ -31,9 +31,15 @@ class Process:
         self.seen_cpu_warning = False
         self._log = open(log_path, "w")
         try:
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE,
-                                            stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.process = subprocess.Popen(
+                command,
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         except BaseException:
             self._log.close()
             raise
@@ -64,8 +70,10 @@ class Process:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.stop()
-            raise TimeoutError(f"{' '.join(self.command[:4])} ... (pid {self.pid}) still running after "
-                               f"{timeout:.0f} s; stopped. Log: {self.log_path}") from None
+            raise TimeoutError(
+                f"{' '.join(self.command[:4])} ... (pid {self.pid}) still running after "
+                f"{timeout:.0f} s; stopped. Log: {self.log_path}"
+            ) from None
 
     def stop(self) -> int | None:
         """SIGTERM this pid, SIGKILL it after STOP_TIMEOUT_S; returns the exit code."""
@@ -84,8 +92,9 @@ def wait_ready(url: str, process: Process | None, timeout_s: float = READY_TIMEO
         if is_ready(url):
             return
         time.sleep(0.2)
-    raise TimeoutError(f"{url}/readyz not ready after {timeout_s:.0f} s"
-                       + (f":\n{process.tail()}" if process else ""))
+    raise TimeoutError(
+        f"{url}/readyz not ready after {timeout_s:.0f} s" + (f":\n{process.tail()}" if process else "")
+    )
 
 
 @contextlib.contextmanager
@@ -110,8 +119,20 @@ def slimrec_server(variants: dict[str, str], split: str | None, logs: Path, serv
 
 
 def ceiling_server(logs: Path):
-    """slimrec.loadtest.ceiling_app under uvicorn on a free loopback port; a context manager yielding the Process."""
+    """loadtest/ceiling_app.py under uvicorn on a free loopback port; a context manager yielding it."""
     port = free_port()
-    command = [sys.executable, "-m", "uvicorn", "slimrec.loadtest.ceiling_app:app", "--host", "127.0.0.1",
-               "--port", str(port), "--log-level", "warning", "--no-access-log", "--no-server-header"]
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "slimrec.loadtest.ceiling_app:app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+        "--no-server-header",
+    ]
     return running(command, f"http://127.0.0.1:{port}", logs / "ceiling.log")

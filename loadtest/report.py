@@ -17,9 +17,16 @@ import numpy as np
 
 PERCENTILES = (50, 90, 95, 99)
 RATIO_METRICS = ("rps", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
-COLUMNS = (("requests", "requests", "{:,}"), ("failures", "failures", "{:,}"), ("rps", "RPS", "{:,.1f}"),
-           ("p50_ms", "p50 ms", "{:.2f}"), ("p90_ms", "p90 ms", "{:.2f}"), ("p95_ms", "p95 ms", "{:.2f}"),
-           ("p99_ms", "p99 ms", "{:.2f}"), ("max_ms", "max ms", "{:.2f}"))
+COLUMNS = (
+    ("requests", "requests", "{:,}"),
+    ("failures", "failures", "{:,}"),
+    ("rps", "RPS", "{:,.1f}"),
+    ("p50_ms", "p50 ms", "{:.2f}"),
+    ("p90_ms", "p90 ms", "{:.2f}"),
+    ("p95_ms", "p95 ms", "{:.2f}"),
+    ("p99_ms", "p99 ms", "{:.2f}"),
+    ("max_ms", "max ms", "{:.2f}"),
+)
 
 
 def read_request_log(paths) -> dict[str, np.ndarray]:
@@ -32,15 +39,23 @@ def read_request_log(paths) -> dict[str, np.ndarray]:
                 variant.append(row["variant"])
                 ms.append(float(row["response_ms"]))
                 ok.append(row["ok"] == "1")
-    return {"start": np.asarray(start, dtype=float), "variant": np.asarray(variant, dtype=object),
-            "response_ms": np.asarray(ms, dtype=float), "ok": np.asarray(ok, dtype=bool)}
+    return {
+        "start": np.asarray(start, dtype=float),
+        "variant": np.asarray(variant, dtype=object),
+        "response_ms": np.asarray(ms, dtype=float),
+        "ok": np.asarray(ok, dtype=bool),
+    }
 
 
 def summarize(latencies_ms, requests: int, failures: int, seconds: float) -> dict:
     """One row: counts, RPS over `seconds`, mean and percentiles of `latencies_ms` (successful requests)."""
     values = np.asarray(latencies_ms, dtype=float)
-    row = {"requests": int(requests), "failures": int(failures),
-           "rps": requests / seconds if seconds > 0 else 0.0, "seconds": float(seconds)}
+    row = {
+        "requests": int(requests),
+        "failures": int(failures),
+        "rps": requests / seconds if seconds > 0 else 0.0,
+        "seconds": float(seconds),
+    }
     if values.size:
         row["mean_ms"] = float(values.mean())
         cuts = np.percentile(values, PERCENTILES)
@@ -51,8 +66,9 @@ def summarize(latencies_ms, requests: int, failures: int, seconds: float) -> dic
     return row
 
 
-def phase_rows(log: dict[str, np.ndarray], warmup_s: float = 0.0
-               ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+def phase_rows(
+    log: dict[str, np.ndarray], warmup_s: float = 0.0
+) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
     """Rows per variant for one phase, requests that started in the first `warmup_s` seconds left out.
 
     The window runs from the first kept request's start to the last one's end, shared by every
@@ -86,8 +102,11 @@ def locust_totals(stats_json: Path) -> dict | None:
     for entry in entries:
         variant = entry["name"].rpartition("[")[2].rstrip("]") if entry["name"].endswith("]") else "?"
         by_variant[variant] = by_variant.get(variant, 0) + entry["num_requests"]
-    return {"requests": sum(e["num_requests"] for e in entries),
-            "failures": sum(e["num_failures"] for e in entries), "by_variant": by_variant}
+    return {
+        "requests": sum(e["num_requests"] for e in entries),
+        "failures": sum(e["num_failures"] for e in entries),
+        "by_variant": by_variant,
+    }
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -102,8 +121,14 @@ def ratios(candidate: dict, baseline: dict) -> dict[str, float | None]:
     return {metric: ratio(candidate.get(metric), baseline.get(metric)) for metric in RATIO_METRICS}
 
 
-def build_report(rows: dict[str, dict], settings: dict, ceiling: dict | None = None,
-                 baseline: str = "full", candidate: str = "compressed", extra: dict | None = None) -> dict:
+def build_report(
+    rows: dict[str, dict],
+    settings: dict,
+    ceiling: dict | None = None,
+    baseline: str = "full",
+    candidate: str = "compressed",
+    extra: dict | None = None,
+) -> dict:
     """The report as a dict (what loadtest-report.json holds).
 
     Args:
@@ -135,8 +160,10 @@ def fmt(template: str, value) -> str:
 
 
 def markdown_table(rows: dict[str, dict]) -> list[str]:
-    lines = ["| variant | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "|---|" + "---:|" * len(COLUMNS)]
+    lines = [
+        "| variant | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "|---|" + "---:|" * len(COLUMNS),
+    ]
     for name, row in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt(t, row.get(key)) for key, _, t in COLUMNS) + " |")
     return lines
@@ -147,9 +174,14 @@ def render_markdown(report: dict) -> str:
     s = report["settings"]
     load = f"at {s['rate']:g} RPS offered" if s.get("rate") else "at saturation (no think time)"
     lines = [f"# Load test: {s.get('mode', '?')}, {s.get('users', '?')} users, {load}", ""]
-    facts = [("target", s.get("host")), ("duration per phase", s.get("duration")),
-             ("warm-up left out", s.get("warmup")), ("load generators", s.get("generators")),
-             ("request mix", s.get("mix")), ("load average (1, 5, 15 min) before / after", s.get("loadavg"))]
+    facts = [
+        ("target", s.get("host")),
+        ("duration per phase", s.get("duration")),
+        ("warm-up left out", s.get("warmup")),
+        ("load generators", s.get("generators")),
+        ("request mix", s.get("mix")),
+        ("load average (1, 5, 15 min) before / after", s.get("loadavg")),
+    ]
     lines += [f"- {name}: {value}" for name, value in facts if value not in (None, "")]
     table = dict(report["variants"])
     if report.get("ceiling"):
@@ -158,13 +190,21 @@ def render_markdown(report: dict) -> str:
     for pair, values in report["ratios"].items():
         if pair.endswith("/ceiling"):
             continue
-        lines += ["", f"Ratios {pair} (RPS above 1 and latency below 1 favour {pair.split('/')[0]}):", "",
-                  "| " + " | ".join(RATIO_METRICS) + " |", "|" + "---:|" * len(RATIO_METRICS),
-                  "| " + " | ".join(fmt("{:.3f}", values[m]) for m in RATIO_METRICS) + " |"]
+        lines += [
+            "",
+            f"Ratios {pair} (RPS above 1 and latency below 1 favour {pair.split('/')[0]}):",
+            "",
+            "| " + " | ".join(RATIO_METRICS) + " |",
+            "|" + "---:|" * len(RATIO_METRICS),
+            "| " + " | ".join(fmt("{:.3f}", values[m]) for m in RATIO_METRICS) + " |",
+        ]
     ceiling_pairs = [(pair, v["rps"]) for pair, v in report["ratios"].items() if pair.endswith("/ceiling")]
     if ceiling_pairs:
-        lines += ["", "Against the ceiling (a FastAPI endpoint returning ten constant items, same load): "
-                  + "; ".join(f"{pair} RPS {fmt('{:.3f}', value)}" for pair, value in ceiling_pairs)]
+        lines += [
+            "",
+            "Against the ceiling (a FastAPI endpoint returning ten constant items, same load): "
+            + "; ".join(f"{pair} RPS {fmt('{:.3f}', value)}" for pair, value in ceiling_pairs),
+        ]
     for note in report.get("notes", []):
         lines += ["", f"Note: {note}"]
     return "\n".join(lines) + "\n"
@@ -215,11 +255,18 @@ def without_nan(value):
 
 def write_report(out: Path, report: dict, latencies: dict[str, np.ndarray]) -> dict[str, Path]:
     """loadtest-report.{md,json} and loadtest-latency.png in `out`; returns the paths."""
-    paths = {"markdown": out / "loadtest-report.md", "json": out / "loadtest-report.json",
-             "png": out / "loadtest-latency.png"}
+    paths = {
+        "markdown": out / "loadtest-report.md",
+        "json": out / "loadtest-report.json",
+        "png": out / "loadtest-latency.png",
+    }
     paths["json"].write_text(json.dumps(without_nan(report), indent=2, allow_nan=False) + "\n")
     paths["markdown"].write_text(render_markdown(report))
     s = report["settings"]
-    plot_latency(latencies, paths["png"], f"{s.get('mode')}, {s.get('users')} users, "
-                 + (f"{s['rate']:g} RPS offered" if s.get("rate") else "saturation"))
+    plot_latency(
+        latencies,
+        paths["png"],
+        f"{s.get('mode')}, {s.get('users')} users, "
+        + (f"{s['rate']:g} RPS offered" if s.get("rate") else "saturation"),
+    )
     return paths

@@ -35,14 +35,22 @@ RSS_SAMPLE_S = 1.0
 
 def register(subparsers) -> None:
     """Add `soak` to slimrec's argparse subparsers."""
-    soak = subparsers.add_parser("soak", help="steady load on a fresh loopback server; memory growth, "
-                                               "errors, p50/p99")
-    soak.add_argument("--start", required=True, metavar="NAME=ARTIFACT_DIR,...",
-                      help="variants of the server to start (e.g. full=artifacts/teacher,compressed=...)")
+    soak = subparsers.add_parser(
+        "soak", help="steady load on a fresh loopback server; memory growth, errors, p50/p99"
+    )
+    soak.add_argument(
+        "--start",
+        required=True,
+        metavar="NAME=ARTIFACT_DIR,...",
+        help="variants of the server to start (e.g. full=artifacts/teacher,compressed=...)",
+    )
     soak.add_argument("--duration", default="180s", help="e.g. 180s, 3m, 1m30s, 10 (seconds); at most 24 h")
     soak.add_argument("--concurrency", type=int, default=8, help="concurrent connections (1-1024)")
-    soak.add_argument("--warmup", default=None,
-                      help="excluded from latency and the memory baseline (default: duration/6, 2-30 s)")
+    soak.add_argument(
+        "--warmup",
+        default=None,
+        help="excluded from latency and the memory baseline (default: duration/6, 2-30 s)",
+    )
     soak.add_argument("--max-requests", type=int, default=5_000_000, help="stop after this many requests")
     soak.add_argument("--max-growth-pct", type=float, default=5.0, help="RSS growth that fails the run")
     soak.add_argument("--k", type=int, default=10)
@@ -86,13 +94,23 @@ def run_soak(args: argparse.Namespace) -> int:
     print_report(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
-    failed = report["errors"] > 0 or report["rss_growth_pct"] > args.max_growth_pct \
+    failed = (
+        report["errors"] > 0
+        or report["rss_growth_pct"] > args.max_growth_pct
         or report["server_exit_code"] != 0
+    )
     return 1 if failed else 0
 
 
-def soak(variants: dict[str, str], duration_s: float, concurrency: int, warmup_s: float,
-         max_requests: int, k: int = 10, seed: int = 0) -> dict:
+def soak(
+    variants: dict[str, str],
+    duration_s: float,
+    concurrency: int,
+    warmup_s: float,
+    max_requests: int,
+    k: int = 10,
+    seed: int = 0,
+) -> dict:
     """Start a server with `variants`, load it, stop it; the report as a dict (see `print_report`).
 
     Example:
@@ -101,8 +119,20 @@ def soak(variants: dict[str, str], duration_s: float, concurrency: int, warmup_s
     """
     catalogue = json.loads((Path(next(iter(variants.values()))) / "catalogue.json").read_text())
     with local_server(variants) as (url, process):
-        tally = asyncio.run(_load(url, process.pid, list(variants), catalogue, duration_s, concurrency,
-                                  warmup_s, max_requests, k, seed))
+        tally = asyncio.run(
+            _load(
+                url,
+                process.pid,
+                list(variants),
+                catalogue,
+                duration_s,
+                concurrency,
+                warmup_s,
+                max_requests,
+                k,
+                seed,
+            )
+        )
     return summarize(tally, variants, duration_s, concurrency, warmup_s, process)
 
 
@@ -117,12 +147,26 @@ def request_mix(rng: random.Random, catalogue: dict, k: int) -> dict:
         return {"user_id": f"soak-new-{rng.randrange(10**9)}", "k": k, "history": history}
     if roll < 0.9:
         return {"user_id": f"soak-unknown-{rng.randrange(10**9)}", "k": k}
-    return {"user_id": str(rng.choice(users)), "k": k, "include_genres": ["Drama"],
-            "exclude_genres": ["Horror"]}
+    return {
+        "user_id": str(rng.choice(users)),
+        "k": k,
+        "include_genres": ["Drama"],
+        "exclude_genres": ["Horror"],
+    }
 
 
-async def _load(url: str, pid: int, names: list[str], catalogue: dict, duration_s: float, concurrency: int,
-                warmup_s: float, max_requests: int, k: int, seed: int) -> Tally:
+async def _load(
+    url: str,
+    pid: int,
+    names: list[str],
+    catalogue: dict,
+    duration_s: float,
+    concurrency: int,
+    warmup_s: float,
+    max_requests: int,
+    k: int,
+    seed: int,
+) -> Tally:
     import httpx
     import psutil
 
@@ -166,8 +210,14 @@ async def _load(url: str, pid: int, names: list[str], catalogue: dict, duration_
     return tally
 
 
-def summarize(tally: Tally, variants: dict[str, str], duration_s: float, concurrency: int, warmup_s: float,
-              process: subprocess.Popen) -> dict:
+def summarize(
+    tally: Tally,
+    variants: dict[str, str],
+    duration_s: float,
+    concurrency: int,
+    warmup_s: float,
+    process: subprocess.Popen,
+) -> dict:
     import numpy as np
 
     latencies = np.asarray(tally.latencies_ms) if tally.latencies_ms else np.full(1, np.nan)
@@ -175,29 +225,45 @@ def summarize(tally: Tally, variants: dict[str, str], duration_s: float, concurr
     start_rss, end_rss = float(np.median(after[:3])), float(np.median(after[-3:]))
     measured_s = max(duration_s - warmup_s, 1e-9)
     return {
-        "variants": variants, "duration_s": duration_s, "warmup_s": warmup_s, "concurrency": concurrency,
-        "requests": tally.requests, "requests_measured": tally.measured,
-        "rps_measured": tally.measured / measured_s, "ok_per_variant": tally.per_variant,
-        "errors": sum(tally.errors.values()), "errors_by_kind": tally.errors,
+        "variants": variants,
+        "duration_s": duration_s,
+        "warmup_s": warmup_s,
+        "concurrency": concurrency,
+        "requests": tally.requests,
+        "requests_measured": tally.measured,
+        "rps_measured": tally.measured / measured_s,
+        "ok_per_variant": tally.per_variant,
+        "errors": sum(tally.errors.values()),
+        "errors_by_kind": tally.errors,
         "error_examples": tally.error_examples,
-        "p50_ms": float(np.percentile(latencies, 50)), "p99_ms": float(np.percentile(latencies, 99)),
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p99_ms": float(np.percentile(latencies, 99)),
         "max_ms": float(np.max(latencies)),
-        "rss_start_mib": start_rss / 2**20, "rss_end_mib": end_rss / 2**20,
-        "rss_max_mib": max(after) / 2**20, "rss_samples": len(tally.rss),
+        "rss_start_mib": start_rss / 2**20,
+        "rss_end_mib": end_rss / 2**20,
+        "rss_max_mib": max(after) / 2**20,
+        "rss_samples": len(tally.rss),
         "rss_growth_pct": (end_rss - start_rss) / start_rss * 100 if start_rss else float("nan"),
-        "server_pid": process.pid, "server_exit_code": process.returncode,
+        "server_pid": process.pid,
+        "server_exit_code": process.returncode,
     }
 
 
 def print_report(r: dict) -> None:
     per_variant = "  ".join(f"{name} {count}" for name, count in r["ok_per_variant"].items())
-    print(f"soak: {r['duration_s']:g} s at concurrency {r['concurrency']} on {', '.join(r['variants'])} "
-          f"(server pid {r['server_pid']}, 127.0.0.1)")
-    print(f"requests  {r['requests']} ({per_variant}); after the {r['warmup_s']:g} s warm-up "
-          f"{r['requests_measured']}, {r['rps_measured']:.0f} rps")
+    print(
+        f"soak: {r['duration_s']:g} s at concurrency {r['concurrency']} on {', '.join(r['variants'])} "
+        f"(server pid {r['server_pid']}, 127.0.0.1)"
+    )
+    print(
+        f"requests  {r['requests']} ({per_variant}); after the {r['warmup_s']:g} s warm-up "
+        f"{r['requests_measured']}, {r['rps_measured']:.0f} rps"
+    )
     first = f" {r['errors_by_kind']}: {r['error_examples'][0]}" if r["errors"] else ""
     print(f"errors    {r['errors']}{first}")
     print(f"latency   p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  max {r['max_ms']:.1f} ms")
-    print(f"RSS       start {r['rss_start_mib']:.1f} MiB (after warm-up)  end {r['rss_end_mib']:.1f} MiB  "
-          f"max {r['rss_max_mib']:.1f} MiB  growth {r['rss_growth_pct']:+.2f}%  ({r['rss_samples']} samples)")
+    print(
+        f"RSS       start {r['rss_start_mib']:.1f} MiB (after warm-up)  end {r['rss_end_mib']:.1f} MiB  "
+        f"max {r['rss_max_mib']:.1f} MiB  growth {r['rss_growth_pct']:+.2f}%  ({r['rss_samples']} samples)"
+    )
     print(f"server    exit code {r['server_exit_code']} after SIGTERM")

@@ -34,8 +34,13 @@ class Workload:
             raise ValueError(f"workload from {self.source or '?'}: no user ids or no item ids")
 
     def to_dict(self) -> dict:
-        return {"format": WORKLOAD_FORMAT, "source": self.source, "user_ids": self.user_ids,
-                "item_ids": self.item_ids, "genres": self.genres}
+        return {
+            "format": WORKLOAD_FORMAT,
+            "source": self.source,
+            "user_ids": self.user_ids,
+            "item_ids": self.item_ids,
+            "genres": self.genres,
+        }
 
     def save(self, path: Path) -> Path:
         path.write_text(json.dumps(self.to_dict()))
@@ -46,8 +51,12 @@ class Workload:
         data = json.loads(Path(path).read_text())
         if data.get("format") != WORKLOAD_FORMAT:
             raise ValueError(f"{path}: workload format {data.get('format')!r}, expected {WORKLOAD_FORMAT}")
-        return cls([str(u) for u in data["user_ids"]], [str(i) for i in data["item_ids"]],
-                   list(data.get("genres", [])), data.get("source", str(path)))
+        return cls(
+            [str(u) for u in data["user_ids"]],
+            [str(i) for i in data["item_ids"]],
+            list(data.get("genres", [])),
+            data.get("source", str(path)),
+        )
 
     @classmethod
     def from_catalogue(cls, path: str | Path, genres: list[str] | None = None) -> Workload:
@@ -60,8 +69,12 @@ class Workload:
         data = json.loads(path.read_text())
         if genres is None:
             genres = sorted({g for text in data.get("genres", []) for g in text.split("|") if g})
-        return cls([str(u) for u in data["user_ids"]], [str(i) for i in data["item_ids"]],
-                   [g for g in genres if g != "unknown"], str(path))
+        return cls(
+            [str(u) for u in data["user_ids"]],
+            [str(i) for i in data["item_ids"]],
+            [g for g in genres if g != "unknown"],
+            str(path),
+        )
 
 
 def workload_from_server(url: str, timeout_s: float = 10.0) -> Workload:
@@ -79,8 +92,10 @@ def workload_from_server(url: str, timeout_s: float = 10.0) -> Workload:
         if catalogue.is_file():
             return Workload.from_catalogue(catalogue, genres)
         tried.append(str(catalogue))
-    raise FileNotFoundError(f"{url} serves artifacts not readable here ({', '.join(tried)}); "
-                            "pass the catalogue (--catalogue ARTIFACT_DIR)")
+    raise FileNotFoundError(
+        f"{url} serves artifacts not readable here ({', '.join(tried)}); "
+        "pass the catalogue (--catalogue ARTIFACT_DIR)"
+    )
 
 
 def get_json(url: str, timeout_s: float = 10.0) -> dict:
@@ -151,8 +166,9 @@ class RequestMix:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         self.ks, self.k_weights = parse_k_mix(self.k_mix)
 
-    def draw(self, rng: random.Random, workload: Workload, users: ZipfSampler,
-             items: ZipfSampler) -> tuple[str, dict]:
+    def draw(
+        self, rng: random.Random, workload: Workload, users: ZipfSampler, items: ZipfSampler
+    ) -> tuple[str, dict]:
         """One request body for POST /v1/recommend and its kind ("known", "new-user" or "genre")."""
         k = rng.choices(self.ks, self.k_weights)[0]
         if rng.random() < self.new_user_share:

@@ -35,8 +35,15 @@ def read_delimited(
     encoding = encoding or sniff_encoding(path)
     _check_first_line(path, sep, len(names), header_lines, encoding)
     columns = [c for name in names for c in (name, f"\x00gap-{name}")][:-1] if sep == "::" else names
-    read = dict(path=path, sep=sep[0], columns=columns, names=names, numeric=numeric,
-                header_lines=header_lines, encoding=encoding)
+    read = dict(
+        path=path,
+        sep=sep[0],
+        columns=columns,
+        names=names,
+        numeric=numeric,
+        header_lines=header_lines,
+        encoding=encoding,
+    )
     try:
         try:
             frame = _read_fast(**read)
@@ -66,17 +73,30 @@ def check_file(path: Path) -> None:
 def _csv_options(sep: str, columns: list[str], header_lines: int, encoding: str) -> dict:
     # index_col=False: otherwise surplus fields on line 1 silently become the index.
     # skip_blank_lines=False keeps row number == line number - header_lines - 1.
-    return dict(sep=sep, header=None, names=columns, skiprows=header_lines, engine="c",
-                encoding=encoding, quoting=3, keep_default_na=False, index_col=False,
-                skip_blank_lines=False)
+    return dict(
+        sep=sep,
+        header=None,
+        names=columns,
+        skiprows=header_lines,
+        engine="c",
+        encoding=encoding,
+        quoting=3,
+        keep_default_na=False,
+        index_col=False,
+        skip_blank_lines=False,
+    )
 
 
 def _read_fast(path, sep, columns, names, numeric, header_lines, encoding) -> pd.DataFrame | None:
     """Parse straight into numeric dtypes; None when some line needs the checked read."""
     gaps = [c for c in columns if c not in names]
     dtypes = {c: numeric.get(c, "float32" if c in gaps else str) for c in columns}
-    frame = pd.read_csv(path, dtype=dtypes, na_values={c: [""] for c in gaps},
-                        **_csv_options(sep, columns, header_lines, encoding))
+    frame = pd.read_csv(
+        path,
+        dtype=dtypes,
+        na_values={c: [""] for c in gaps},
+        **_csv_options(sep, columns, header_lines, encoding),
+    )
     suspicious = (
         len(frame) == 0
         or any(not np.isfinite(frame[c].to_numpy()).all() for c in numeric if frame[c].dtype.kind == "f")

@@ -25,8 +25,11 @@ def user_embeddings(model: TwoTower, fold: Fold, users: np.ndarray) -> np.ndarra
     out = []
     for s in range(0, len(users), USER_BATCH):
         codes, feats, history = fold.user_state(users[s : s + USER_BATCH])
-        out.append(model.user_tower(torch.from_numpy(codes), torch.from_numpy(feats),
-                                    torch.from_numpy(history)).numpy())
+        out.append(
+            model.user_tower(
+                torch.from_numpy(codes), torch.from_numpy(feats), torch.from_numpy(history)
+            ).numpy()
+        )
     return np.concatenate(out)
 
 
@@ -36,8 +39,9 @@ def item_embeddings(model: TwoTower, n_items: int) -> np.ndarray:
     return model.item_embeddings(n_items).numpy()
 
 
-def exact_top_k(user_emb: np.ndarray, item_emb: np.ndarray, k: int,
-                exclude: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def exact_top_k(
+    user_emb: np.ndarray, item_emb: np.ndarray, k: int, exclude: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k over the whole catalogue, excluded items removed.
 
     Returns (items [U, k] with -1 padding, scores [U, k]); processed in user blocks to bound memory.
@@ -56,22 +60,31 @@ def exact_top_k(user_emb: np.ndarray, item_emb: np.ndarray, k: int,
 
 def evaluate_retrieval(model: TwoTower, fold: Fold) -> dict[str, float]:
     users = fold.eval_users
-    top, _ = exact_top_k(user_embeddings(model, fold, users), item_embeddings(model, fold.dataset.n_items),
-                         max(RETRIEVAL_KS), fold.eval_exclude)
+    top, _ = exact_top_k(
+        user_embeddings(model, fold, users),
+        item_embeddings(model, fold.dataset.n_items),
+        max(RETRIEVAL_KS),
+        fold.eval_exclude,
+    )
     return ranking_metrics(top, *fold.eval_relevant, ks=RETRIEVAL_KS)
 
 
 @torch.no_grad()
-def ranker_logits(ranker: Ranker, fold: Fold, users: np.ndarray, candidates: np.ndarray,
-                  batch_users: int = 64) -> np.ndarray:
+def ranker_logits(
+    ranker: Ranker, fold: Fold, users: np.ndarray, candidates: np.ndarray, batch_users: int = 64
+) -> np.ndarray:
     """Ranker logits [U, C] for candidate item indices [U, C] (-1 padding gets -inf)."""
     ranker.eval()
     out = []
     for s in range(0, len(users), batch_users):
         codes, feats, history = fold.user_state(users[s : s + batch_users])
         cand = candidates[s : s + batch_users]
-        logits = ranker(torch.from_numpy(codes), torch.from_numpy(feats), torch.from_numpy(history),
-                        torch.from_numpy(np.maximum(cand, -1) + 1)).numpy()
+        logits = ranker(
+            torch.from_numpy(codes),
+            torch.from_numpy(feats),
+            torch.from_numpy(history),
+            torch.from_numpy(np.maximum(cand, -1) + 1),
+        ).numpy()
         out.append(np.where(cand >= 0, logits, -np.inf))
     return np.concatenate(out).astype(np.float32)
 
@@ -87,17 +100,28 @@ def top_k_of_candidates(candidates: np.ndarray, final_scores: np.ndarray, k: int
     return np.take_along_axis(candidates, order, 1)
 
 
-def evaluate_two_stage(model: TwoTower, ranker: Ranker, fold: Fold, n_candidates: int = 200,
-                       retrieval_weights: tuple[float, ...] = (0.0,)) -> dict[float, dict[str, float]]:
+def evaluate_two_stage(
+    model: TwoTower,
+    ranker: Ranker,
+    fold: Fold,
+    n_candidates: int = 200,
+    retrieval_weights: tuple[float, ...] = (0.0,),
+) -> dict[float, dict[str, float]]:
     """Two-stage metrics (exact retrieval of n_candidates, ranked, top 10) per retrieval weight."""
     users = fold.eval_users
-    cands, cand_scores = exact_top_k(user_embeddings(model, fold, users),
-                                     item_embeddings(model, fold.dataset.n_items),
-                                     n_candidates, fold.eval_exclude)
+    cands, cand_scores = exact_top_k(
+        user_embeddings(model, fold, users),
+        item_embeddings(model, fold.dataset.n_items),
+        n_candidates,
+        fold.eval_exclude,
+    )
     logits = ranker_logits(ranker, fold, users, cands)
     scaled = cand_scores / model.config.temperature
     return {
-        w: ranking_metrics(top_k_of_candidates(cands, blend(logits, scaled, w), max(RETRIEVAL_KS)),
-                           *fold.eval_relevant, ks=RETRIEVAL_KS)
+        w: ranking_metrics(
+            top_k_of_candidates(cands, blend(logits, scaled, w), max(RETRIEVAL_KS)),
+            *fold.eval_relevant,
+            ks=RETRIEVAL_KS,
+        )
         for w in retrieval_weights
     }

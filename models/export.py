@@ -48,8 +48,15 @@ def export_onnx(module: torch.nn.Module, kind: str, path: Path, history_len: int
     shapes = tuple(dynamic.get(name, {0: batch}) for name in inputs)
     module.eval()
     with _quiet():
-        program = torch.onnx.export(module, args, dynamo=True, input_names=list(inputs),
-                                    output_names=list(outputs), dynamic_shapes=shapes, verbose=False)
+        program = torch.onnx.export(
+            module,
+            args,
+            dynamo=True,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_shapes=shapes,
+            verbose=False,
+        )
         program.save(str(path))
     strip_metadata(path)
     compact_tables(path)
@@ -90,7 +97,10 @@ def parity(module: torch.nn.Module, kind: str, path: Path, history_len: int, see
     """Max |ONNX - PyTorch| over random valid inputs (batch 5, 7 candidates)."""
     inputs, _ = SIGNATURES[kind]
     g = torch.Generator().manual_seed(seed)
-    n_users, n_items = len(module.user_rows) - 1 if hasattr(module, "user_rows") else 5, len(module.item_rows) - 1
+    n_users, n_items = (
+        len(module.user_rows) - 1 if hasattr(module, "user_rows") else 5,
+        len(module.item_rows) - 1,
+    )
     feeds = {
         "user_code": torch.randint(0, n_users + 1, (5,), generator=g),
         "user_features": torch.zeros(5, 4, dtype=torch.long),
@@ -102,7 +112,7 @@ def parity(module: torch.nn.Module, kind: str, path: Path, history_len: int, see
     module.eval()
     with torch.no_grad():
         expected = module(*args).numpy()
-    got = session(path).run(None, {n: a.numpy() for n, a in zip(inputs, args)})[0]
+    got = session(path).run(None, {n: a.numpy() for n, a in zip(inputs, args, strict=True)})[0]
     return float(np.abs(got - expected).max())
 
 

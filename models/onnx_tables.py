@@ -51,8 +51,12 @@ def compact_lookup_tables(model: onnx.ModelProto) -> dict[str, int]:
             for node, _ in lookups:
                 after_lookup[id(node)].append(_cast_back(node))
             stats["narrowed"] += 1
-        elif tensor.data_type == TensorProto.UINT8 and values.ndim == 2 and values.shape[1] > 8 \
-                and np.isin(values, (0, 1)).all():
+        elif (
+            tensor.data_type == TensorProto.UINT8
+            and values.ndim == 2
+            and values.shape[1] > 8
+            and np.isin(values, (0, 1)).all()
+        ):
             packed = np.packbits(values, axis=1, bitorder="little")
             graph.initializer[index].CopyFrom(numpy_helper.from_array(packed, tensor.name))
             width = values.shape[1]
@@ -130,8 +134,9 @@ def _cast_back(lookup: onnx.NodeProto) -> onnx.NodeProto:
     """Rename the lookup's output and cast it back to int64 under the original name."""
     output = lookup.output[0]
     lookup.output[0] = f"{output}__narrow"
-    return helper.make_node("Cast", [lookup.output[0]], [output], name=f"{output}__cast",
-                            to=TensorProto.INT64)
+    return helper.make_node(
+        "Cast", [lookup.output[0]], [output], name=f"{output}__cast", to=TensorProto.INT64
+    )
 
 
 def _unpack_bits(graph: onnx.GraphProto, lookup: onnx.NodeProto, width: int) -> list[onnx.NodeProto]:
@@ -139,14 +144,27 @@ def _unpack_bits(graph: onnx.GraphProto, lookup: onnx.NodeProto, width: int) -> 
     output = name = lookup.output[0]  # output names are unique; node names need not be
     lookup.output[0] = f"{output}__packed"
     column = np.arange(width)
-    constants = {f"{name}__byte": column // 8, f"{name}__shift": (column % 8).astype(np.uint8),
-                 f"{name}__one": np.ones(1, np.uint8)}
+    constants = {
+        f"{name}__byte": column // 8,
+        f"{name}__shift": (column % 8).astype(np.uint8),
+        f"{name}__one": np.ones(1, np.uint8),
+    }
     graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items())
     return [
-        helper.make_node("Gather", [lookup.output[0], f"{name}__byte"], [f"{output}__bytes"],
-                         name=f"{name}__bytes", axis=-1),
-        helper.make_node("BitShift", [f"{output}__bytes", f"{name}__shift"], [f"{output}__shifted"],
-                         name=f"{name}__shift", direction="RIGHT"),
+        helper.make_node(
+            "Gather",
+            [lookup.output[0], f"{name}__byte"],
+            [f"{output}__bytes"],
+            name=f"{name}__bytes",
+            axis=-1,
+        ),
+        helper.make_node(
+            "BitShift",
+            [f"{output}__bytes", f"{name}__shift"],
+            [f"{output}__shifted"],
+            name=f"{name}__shift",
+            direction="RIGHT",
+        ),
         helper.make_node("BitwiseAnd", [f"{output}__shifted", f"{name}__one"], [output], name=f"{name}__bit"),
     ]
 
@@ -157,5 +175,6 @@ def _size(tensor: onnx.TensorProto) -> int:
 
 def _initializer_bytes(graph: onnx.GraphProto) -> int:
     """Bytes the initializers hold, from their shapes and types (no copy of the data)."""
-    return sum(_size(t) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
-               for t in graph.initializer)
+    return sum(
+        _size(t) * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize for t in graph.initializer
+    )

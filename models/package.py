@@ -56,9 +56,15 @@ def fold_tables(fold: Fold) -> dict[str, np.ndarray]:
     }
 
 
-def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torch.nn.Module,
-                ranker: torch.nn.Module, index_spec: IndexSpec,
-                dense_quant: DenseQuantizer | None = None) -> dict:
+def write_model(
+    writer: ArtifactWriter,
+    prefix: str,
+    fold: Fold,
+    two_tower: torch.nn.Module,
+    ranker: torch.nn.Module,
+    index_spec: IndexSpec,
+    dense_quant: DenseQuantizer | None = None,
+) -> dict:
     """Export one model under `prefix`; returns its config entry, with the ONNX parity measured.
 
     With `dense_quant` (an OnnxQuantConfig) the served graphs' dense layers are quantized by
@@ -69,8 +75,11 @@ def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torc
     role = "served" if prefix == SERVED_PREFIX else "offline"
     n = fold.space.history_len
     parity_max = {}
-    for kind, module in (("user_tower", two_tower.user_tower), ("item_tower", two_tower.item_tower),
-                         ("ranker", ranker)):
+    for kind, module in (
+        ("user_tower", two_tower.user_tower),
+        ("item_tower", two_tower.item_tower),
+        ("ranker", ranker),
+    ):
         path = export_onnx(module, kind, writer.path(f"{prefix}{kind}.onnx"), n)
         quantized = dense_quant is not None and kind != "item_tower"
         if quantized:
@@ -93,20 +102,27 @@ def write_model(writer: ArtifactWriter, prefix: str, fold: Fold, two_tower: torc
     weights = {**state_tensors("two_tower", two_tower), **state_tensors("ranker", ranker)}
     writer.write_tensors(f"{prefix}weights.safetensors", weights)
     writer.set_role(f"{prefix}weights.safetensors", "offline")
-    return {"fold": fold.name, "index": index_spec.to_dict(), "onnx_parity_max_abs": parity_max,
-            "embedding_dim": int(item_emb.shape[1]),
-            "dense_quantization": None if dense_quant is None else dense_quant.to_dict()}
+    return {
+        "fold": fold.name,
+        "index": index_spec.to_dict(),
+        "onnx_parity_max_abs": parity_max,
+        "embedding_dim": int(item_emb.shape[1]),
+        "dense_quantization": None if dense_quant is None else dense_quant.to_dict(),
+    }
 
 
 def write_catalogue(writer: ArtifactWriter, fold: Fold) -> None:
     """Raw ids and item metadata (titles, genres) for the API; shared by every prefix."""
     d = fold.dataset
-    writer.write_json("catalogue.json", {
-        "user_ids": list(d.users.raw_ids),
-        "item_ids": list(d.items.raw_ids),
-        "titles": list(d.items.title),
-        "genres": list(d.items.genres),
-    })
+    writer.write_json(
+        "catalogue.json",
+        {
+            "user_ids": list(d.users.raw_ids),
+            "item_ids": list(d.items.raw_ids),
+            "titles": list(d.items.title),
+            "genres": list(d.items.genres),
+        },
+    )
 
 
 def parameter_count(module: torch.nn.Module) -> int:
@@ -122,24 +138,37 @@ def model_entry(models, index_spec: IndexSpec) -> dict:
         "temperature": models.two_tower.config.temperature,
         "epochs": {"retrieval": models.retrieval.epochs, "ranker": models.ranking.epochs},
         "train_seconds": {"retrieval": models.retrieval.seconds, "ranker": models.ranking.seconds},
-        "parameters": {"two_tower": parameter_count(models.two_tower),
-                       "user_tower": parameter_count(models.two_tower.user_tower),
-                       "item_tower": parameter_count(models.two_tower.item_tower),
-                       "ranker": parameter_count(models.ranker)},
+        "parameters": {
+            "two_tower": parameter_count(models.two_tower),
+            "user_tower": parameter_count(models.two_tower.user_tower),
+            "item_tower": parameter_count(models.two_tower.item_tower),
+            "ranker": parameter_count(models.ranker),
+        },
         "index": index_spec.to_dict(),
     }
 
 
-def write_fitted_artifact(out, variant: str, selected, final, config: dict, data: dict,
-                          index_spec: IndexSpec, dense_quant: DenseQuantizer | None = None) -> ArtifactWriter:
+def write_fitted_artifact(
+    out,
+    variant: str,
+    selected,
+    final,
+    config: dict,
+    data: dict,
+    index_spec: IndexSpec,
+    dense_quant: DenseQuantizer | None = None,
+) -> ArtifactWriter:
     """Write both fitted models (selection and served) of a variant; returns the committed writer."""
     entries = {}
     writer = ArtifactWriter(out, variant, config={}, data=data)
     try:
         for prefix, models in ((SERVED_PREFIX, final), (SELECTION_PREFIX, selected)):
-            entries[prefix] = {**model_entry(models, index_spec),
-                               **write_model(writer, prefix, models.fold, models.two_tower,
-                                             models.ranker, index_spec, dense_quant)}
+            entries[prefix] = {
+                **model_entry(models, index_spec),
+                **write_model(
+                    writer, prefix, models.fold, models.two_tower, models.ranker, index_spec, dense_quant
+                ),
+            }
         write_catalogue(writer, final.fold)
         writer.set("config", {**config, "feature_space": final.fold.space.to_dict(), "models": entries})
         writer.commit()
@@ -152,7 +181,9 @@ def write_fitted_artifact(out, variant: str, selected, final, config: dict, data
 def read_state(artifact, prefix: str, module_prefix: str) -> dict[str, torch.Tensor]:
     tensors = artifact.read_tensors(f"{prefix}weights.safetensors")
     cut = len(module_prefix) + 1
-    return {k[cut:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith(module_prefix + ".")}
+    return {
+        k[cut:]: torch.from_numpy(v.copy()) for k, v in tensors.items() if k.startswith(module_prefix + ".")
+    }
 
 
 def read_teacher(artifact, prefix: str, fold: Fold):
@@ -168,7 +199,9 @@ def read_teacher(artifact, prefix: str, fold: Fold):
         try:
             module.load_state_dict(read_state(artifact, prefix, name), strict=True)
         except RuntimeError as exc:
-            raise ValueError(f"{artifact.file(prefix + 'weights.safetensors')}: {name} weights do not match "
-                             f"the manifest's config: {str(exc).splitlines()[0]}") from None
+            raise ValueError(
+                f"{artifact.file(prefix + 'weights.safetensors')}: {name} weights do not match "
+                f"the manifest's config: {str(exc).splitlines()[0]}"
+            ) from None
         module.eval()
     return config, two_tower, ranker

@@ -17,8 +17,13 @@ TRAIN_PRESETS: dict[str, dict] = {
     # 0.168/0.748, 0.178/0.747, 0.179/0.752, 0.186/0.757, 0.193/0.763 (seed 0; larger not tried).
     "teacher": {"two_tower": {"temperature": 0.1}, "retrieval_schedule": {"weight_decay": 4.0}},
     "tiny": {
-        "two_tower": {"id_dim": 16, "feature_dim": 4, "user_hidden": [32], "item_hidden": [32],
-                      "out_dim": 16},
+        "two_tower": {
+            "id_dim": 16,
+            "feature_dim": 4,
+            "user_hidden": [32],
+            "item_hidden": [32],
+            "out_dim": 16,
+        },
         "ranker": {"id_dim": 8, "feature_dim": 4, "n_cross": 1, "deep": [16]},
         "retrieval_schedule": {"max_epochs": 2, "batch_size": 1024, "lr": 5e-3, "patience": 1},
         "ranker_schedule": {"max_epochs": 1, "batch_size": 128, "lr": 2e-3, "patience": 1},

@@ -84,17 +84,21 @@ class Ranker(nn.Module):
         user = torch.cat([*feats, h_mean], dim=1)
 
         item = self.item_embedding(self.item_rows[candidates])  # [B, C, d]
-        item_side = torch.cat([
-            item,
-            self.genre_projection(self.item_genres[candidates].float()),
-            self.year_embedding(self.item_year[candidates]),
-        ], dim=2)
+        item_side = torch.cat(
+            [
+                item,
+                self.genre_projection(self.item_genres[candidates].float()),
+                self.year_embedding(self.item_year[candidates]),
+            ],
+            dim=2,
+        )
         # Target-aware attention over the history (DIN-style): which past items resemble this one.
         att = torch.einsum("bcd,bnd->bcn", item, h) / item.shape[-1] ** 0.5
         att = torch.softmax(att.masked_fill(~mask.unsqueeze(1), -1e9), dim=-1)
         h_target = torch.einsum("bcn,bnd->bcd", att, h) * mask.any(1).view(b, 1, 1).to(h.dtype)
-        x0 = torch.cat([user.unsqueeze(1).expand(b, c, -1), item_side, h_target,
-                        h_mean.unsqueeze(1) * item], dim=2)
+        x0 = torch.cat(
+            [user.unsqueeze(1).expand(b, c, -1), item_side, h_target, h_mean.unsqueeze(1) * item], dim=2
+        )
         x = x0
         for layer in self.cross:
             x = layer(x0, x)

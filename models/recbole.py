@@ -16,17 +16,22 @@ def load_atomic(path: Path) -> Dataset:
     ratings = _read_atomic(inter, {"user_id": str, "item_id": str, "rating": "float32", "timestamp": "int64"})
     users = items = None
     if (path / f"{name}.user").exists():
-        users = _read_atomic(path / f"{name}.user", {"user_id": str, "age": "int32", "gender": str,
-                                                     "occupation": str, "zip_code": str})
+        users = _read_atomic(
+            path / f"{name}.user",
+            {"user_id": str, "age": "int32", "gender": str, "occupation": str, "zip_code": str},
+        )
     if (path / f"{name}.item").exists():
-        raw = _read_atomic(path / f"{name}.item", {"item_id": str, "movie_title": str,
-                                                   "release_year": str, "class": str})
-        items = pd.DataFrame({
-            "item_id": raw["item_id"],
-            "title": raw["movie_title"],
-            "genres": raw["class"].str.split().str.join("|"),
-            "year": pd.to_numeric(raw["release_year"], errors="coerce").fillna(-1).astype("int32"),
-        })
+        raw = _read_atomic(
+            path / f"{name}.item", {"item_id": str, "movie_title": str, "release_year": str, "class": str}
+        )
+        items = pd.DataFrame(
+            {
+                "item_id": raw["item_id"],
+                "title": raw["movie_title"],
+                "genres": raw["class"].str.split().str.join("|"),
+                "year": pd.to_numeric(raw["release_year"], errors="coerce").fillna(-1).astype("int32"),
+            }
+        )
     return build_dataset(name, ratings, users, items)
 
 

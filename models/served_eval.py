@@ -28,9 +28,11 @@ PREFIX_FOLD = {SELECTION_PREFIX: ("valid", VALID), SERVED_PREFIX: ("test", TEST)
 def check_dataset(artifact: Artifact, dataset: Dataset) -> None:
     expected = artifact.manifest["data"].get("fingerprint")
     if expected and expected != dataset.fingerprint():
-        raise ValueError(f"{artifact.path}: trained on {artifact.manifest['data'].get('dataset')!r} "
-                         f"(fingerprint {expected[:12]}), but the data given has fingerprint "
-                         f"{dataset.fingerprint()[:12]}")
+        raise ValueError(
+            f"{artifact.path}: trained on {artifact.manifest['data'].get('dataset')!r} "
+            f"(fingerprint {expected[:12]}), but the data given has fingerprint "
+            f"{dataset.fingerprint()[:12]}"
+        )
 
 
 def relevant_sets(dataset: Dataset, fold: int, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -51,11 +53,14 @@ def item_vectors(model: ServedModel) -> np.ndarray:
 
     tower = session(sess, threads=0)
     codes = np.arange(1, model.n_items + 1, dtype=np.int64)
-    return np.concatenate([run_session(tower, item_code=codes[s : s + 65536]) for s in range(0, len(codes), 65536)])
+    return np.concatenate(
+        [run_session(tower, item_code=codes[s : s + 65536]) for s in range(0, len(codes), 65536)]
+    )
 
 
-def evaluate_model(model: ServedModel, dataset: Dataset, fold: int, n_candidates: int = 200,
-                   seed: int = 0) -> dict:
+def evaluate_model(
+    model: ServedModel, dataset: Dataset, fold: int, n_candidates: int = 200, seed: int = 0
+) -> dict:
     split = protocol_split(dataset)
     users = np.unique(split.user[split.fold == fold])
     relevant = relevant_sets(dataset, fold, users)
@@ -92,13 +97,23 @@ def ranker_classification(model: ServedModel, users, relevant, split, seed: int,
     logits = []
     for s in range(0, len(users), BATCH):
         batch = model.known_users(users[s : s + BATCH], exclude_seen=False)
-        logits.append(run_session(model.ranker, user_code=batch.codes, user_features=batch.features,
-                           history=batch.history, candidates=np.maximum(cands[s : s + BATCH], -1) + 1))
+        logits.append(
+            run_session(
+                model.ranker,
+                user_code=batch.codes,
+                user_features=batch.features,
+                history=batch.history,
+                candidates=np.maximum(cands[s : s + BATCH], -1) + 1,
+            )
+        )
     logits = np.concatenate(logits)
     keep = cands >= 0
     z = logits[keep].astype(np.float64)
-    return {"auc": auc(labels[keep], z), "log_loss": log_loss(labels[keep], 1 / (1 + np.exp(-z))),
-            "negatives": f"{n_negatives} per user, uniform over items the user never rated (seed {seed})"}
+    return {
+        "auc": auc(labels[keep], z),
+        "log_loss": log_loss(labels[keep], 1 / (1 + np.exp(-z))),
+        "negatives": f"{n_negatives} per user, uniform over items the user never rated (seed {seed})",
+    }
 
 
 def evaluate_artifact(artifact: Artifact, dataset: Dataset, threads: int = 0) -> dict:
@@ -111,8 +126,12 @@ def evaluate_artifact(artifact: Artifact, dataset: Dataset, threads: int = 0) ->
         result = evaluate_model(ServedModel(artifact, prefix, threads=threads), dataset, fold)
         for key in out:
             out[key][name] = result[key]
-    out["protocol"] = {"dataset": artifact.manifest["data"].get("dataset"), "split": "PROTOCOL.md",
-                       "variant": artifact.variant, "seed": artifact.config.get("train", {}).get("seed")}
+    out["protocol"] = {
+        "dataset": artifact.manifest["data"].get("dataset"),
+        "split": "PROTOCOL.md",
+        "variant": artifact.variant,
+        "seed": artifact.config.get("train", {}).get("seed"),
+    }
     return out
 
 
@@ -120,4 +139,3 @@ def _pad(items: np.ndarray, k: int) -> np.ndarray:
     if items.shape[1] >= k:
         return items
     return np.hstack([items, np.full((len(items), k - items.shape[1]), -1, items.dtype)])
-

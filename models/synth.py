@@ -24,12 +24,49 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-GENRES = ["Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
-          "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War",
-          "Western"]
-OCCUPATIONS = ["administrator", "artist", "doctor", "educator", "engineer", "entertainment", "executive",
-               "healthcare", "homemaker", "lawyer", "librarian", "marketing", "none", "other",
-               "programmer", "retired", "salesman", "scientist", "student", "technician", "writer"]
+GENRES = [
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+]
+OCCUPATIONS = [
+    "administrator",
+    "artist",
+    "doctor",
+    "educator",
+    "engineer",
+    "entertainment",
+    "executive",
+    "healthcare",
+    "homemaker",
+    "lawyer",
+    "librarian",
+    "marketing",
+    "none",
+    "other",
+    "programmer",
+    "retired",
+    "salesman",
+    "scientist",
+    "student",
+    "technician",
+    "writer",
+]
 MIN_PER_USER = 5
 POPULARITY_EXPONENT, POPULARITY_OFFSET = 0.9, 1.0  # Zipf over a random global item rank
 MAX_INTERESTS = 3
@@ -61,14 +98,17 @@ def default_clusters(n_items: int) -> int:
     return int(np.clip(round(np.sqrt(n_items) / 4), 4, 512))
 
 
-def simulate(n_items: int, n_users: int, n_interactions: int, seed: int = 0,
-             n_clusters: int | None = None) -> SyntheticWorld:
+def simulate(
+    n_items: int, n_users: int, n_interactions: int, seed: int = 0, n_clusters: int | None = None
+) -> SyntheticWorld:
     """Draw a world; the same arguments always give the same arrays."""
     n_clusters = min(n_clusters or default_clusters(n_items), n_items)
     cap = max(MIN_PER_USER, n_items // 2)  # room left for duplicate-free resampling
     if not MIN_PER_USER * n_users <= n_interactions <= cap * n_users:
-        raise ValueError(f"n_interactions must lie in [{MIN_PER_USER * n_users}, {cap * n_users}] "
-                         f"for {n_users} users and {n_items} items")
+        raise ValueError(
+            f"n_interactions must lie in [{MIN_PER_USER * n_users}, {cap * n_users}] "
+            f"for {n_users} users and {n_items} items"
+        )
     rng = np.random.default_rng(seed)
     item_cluster = _cluster_assignment(rng, n_items, n_clusters)
     popularity = 1.0 / (rng.permutation(n_items) + POPULARITY_OFFSET) ** POPULARITY_EXPONENT
@@ -100,7 +140,9 @@ def simulate(n_items: int, n_users: int, n_interactions: int, seed: int = 0,
 
     main = interests[np.arange(n_users), np.argmax(strength, axis=1)]
     return SyntheticWorld(
-        user=user, item=item, rating=rating,
+        user=user,
+        item=item,
+        rating=rating,
         timestamp=_timestamps(rng, counts, starts, user),
         item_cluster=item_cluster,
         **_item_features(rng, item_cluster, n_clusters),
@@ -254,27 +296,45 @@ def _user_features(rng, main_cluster: np.ndarray, n_clusters: int) -> dict:
 # --- tables and files --------------------------------------------------------------------
 
 
-def generate_synthetic(n_items: int, n_users: int, n_interactions: int, seed: int = 0,
-                       n_clusters: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def generate_synthetic(
+    n_items: int, n_users: int, n_interactions: int, seed: int = 0, n_clusters: int | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """(ratings, users, items) in `models.data`'s table formats; raw ids are "1", "2", ..."""
     world = simulate(n_items, n_users, n_interactions, seed, n_clusters)
-    ratings = pd.DataFrame({
-        "user_id": _ids(world.user), "item_id": _ids(world.item),
-        "rating": world.rating.astype(np.float32), "timestamp": world.timestamp,
-    })
+    ratings = pd.DataFrame(
+        {
+            "user_id": _ids(world.user),
+            "item_id": _ids(world.item),
+            "rating": world.rating.astype(np.float32),
+            "timestamp": world.timestamp,
+        }
+    )
     users, items = _metadata(world, genre_sep="|")
     return ratings, users, items
 
 
-def write_synthetic(out_dir: str | Path, n_items: int, n_users: int, n_interactions: int, seed: int = 0,
-                    n_clusters: int | None = None, name: str = "synth") -> Path:
+def write_synthetic(
+    out_dir: str | Path,
+    n_items: int,
+    n_users: int,
+    n_interactions: int,
+    seed: int = 0,
+    n_clusters: int | None = None,
+    name: str = "synth",
+) -> Path:
     """Write `<name>.inter/.user/.item` (RecBole atomic files) into `out_dir`; returns it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     world = simulate(n_items, n_users, n_interactions, seed, n_clusters)
     # Numbers go straight to text: no 10M-row column of Python strings.
-    ratings = pd.DataFrame({"user_id": world.user + 1, "item_id": world.item + 1,
-                            "rating": world.rating, "timestamp": world.timestamp})
+    ratings = pd.DataFrame(
+        {
+            "user_id": world.user + 1,
+            "item_id": world.item + 1,
+            "rating": world.rating,
+            "timestamp": world.timestamp,
+        }
+    )
     users, items = _metadata(world, genre_sep=" ")
     items = items.rename(columns={"title": "movie_title", "year": "release_year", "genres": "class"})
     items = items[["item_id", "movie_title", "release_year", "class"]]
@@ -290,24 +350,29 @@ def _ids(index: np.ndarray) -> pd.Series:
 
 def _metadata(world: SyntheticWorld, genre_sep: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     n_users, n_items = len(world.user_age), len(world.item_cluster)
-    users = pd.DataFrame({
-        "user_id": _ids(np.arange(n_users)),
-        "age": world.user_age,
-        "gender": world.user_gender.astype(object),
-        "occupation": np.asarray(OCCUPATIONS, dtype=object)[world.user_occupation],
-        "zip_code": pd.Series(world.user_zip).astype(str).str.zfill(5),
-    })
+    users = pd.DataFrame(
+        {
+            "user_id": _ids(np.arange(n_users)),
+            "age": world.user_age,
+            "gender": world.user_gender.astype(object),
+            "occupation": np.asarray(OCCUPATIONS, dtype=object)[world.user_occupation],
+            "zip_code": pd.Series(world.user_zip).astype(str).str.zfill(5),
+        }
+    )
     # Few distinct genre sets: spell each once, then index.
     masks, inverse = np.unique(world.item_genres, return_inverse=True)
-    spelled = np.array([genre_sep.join(g for b, g in enumerate(GENRES) if m >> b & 1) for m in masks],
-                       dtype=object)
+    spelled = np.array(
+        [genre_sep.join(g for b, g in enumerate(GENRES) if m >> b & 1) for m in masks], dtype=object
+    )
     item_ids = _ids(np.arange(n_items))
-    items = pd.DataFrame({
-        "item_id": item_ids,
-        "title": "Item " + item_ids,
-        "genres": spelled[inverse.reshape(-1)],
-        "year": world.item_year,
-    })
+    items = pd.DataFrame(
+        {
+            "item_id": item_ids,
+            "title": "Item " + item_ids,
+            "genres": spelled[inverse.reshape(-1)],
+            "year": world.item_year,
+        }
+    )
     return users, items
 
 

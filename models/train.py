@@ -63,9 +63,11 @@ class TrainConfig:
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     ranker: RankerConfig = field(default_factory=RankerConfig)
     retrieval_schedule: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=40, batch_size=1024, lr=2e-3, patience=4))
+        default_factory=lambda: StageSchedule(max_epochs=40, batch_size=1024, lr=2e-3, patience=4)
+    )
     ranker_schedule: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=8, batch_size=64, lr=1e-3, patience=2))
+        default_factory=lambda: StageSchedule(max_epochs=8, batch_size=64, lr=1e-3, patience=2)
+    )
     ranker_data: RankerData = field(default_factory=RankerData)
     retrieval_weights: tuple[float, ...] = (0.0, 0.4, 0.8, 1.6, 3.2, 6.4)
 
@@ -78,9 +80,11 @@ class TrainConfig:
         return cls(
             two_tower=TwoTowerConfig(**d.pop("two_tower", {})),
             ranker=RankerConfig(**d.pop("ranker", {})),
-            retrieval_schedule=StageSchedule(**d.pop("retrieval_schedule")) if "retrieval_schedule" in d
+            retrieval_schedule=StageSchedule(**d.pop("retrieval_schedule"))
+            if "retrieval_schedule" in d
             else TrainConfig().retrieval_schedule,
-            ranker_schedule=StageSchedule(**d.pop("ranker_schedule")) if "ranker_schedule" in d
+            ranker_schedule=StageSchedule(**d.pop("ranker_schedule"))
+            if "ranker_schedule" in d
             else TrainConfig().ranker_schedule,
             ranker_data=RankerData(**d.pop("ranker_data", {})),
             **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()},
@@ -121,9 +125,15 @@ def ranker_loss(model: Ranker, inputs: dict, labels: torch.Tensor, mask: torch.T
     return F.binary_cross_entropy_with_logits(logits[mask], labels[mask])
 
 
-def train_retrieval(fold: Fold, config: TrainConfig, epochs: int | None = None, model: TwoTower | None = None,
-                    schedule: StageSchedule | None = None, loss_fn: Callable = retrieval_loss,
-                    name: str = "retrieval") -> StageResult:
+def train_retrieval(
+    fold: Fold,
+    config: TrainConfig,
+    epochs: int | None = None,
+    model: TwoTower | None = None,
+    schedule: StageSchedule | None = None,
+    loss_fn: Callable = retrieval_loss,
+    name: str = "retrieval",
+) -> StageResult:
     """Fit a two-tower on the fold's rows, each predicting its item from the history before it.
 
     `model`, `schedule` and `loss_fn(model, inputs)` default to the teacher's; distillation
@@ -142,26 +152,44 @@ def train_retrieval(fold: Fold, config: TrainConfig, epochs: int | None = None, 
 
     def step(pos: np.ndarray) -> torch.Tensor:
         codes, features, history = fold.inputs_before(fold.split.user[pos], pos)  # the row itself left out
-        return loss_fn(model, {
-            "user_code": torch.from_numpy(codes),
-            "user_features": torch.from_numpy(features),
-            "history": torch.from_numpy(history),
-            "item_code": torch.from_numpy(fold.item_codes[pos]),
-            "log_q": log_q,
-            "rows": torch.from_numpy(pos),  # which examples these are, for losses that cache per example
-        })
+        return loss_fn(
+            model,
+            {
+                "user_code": torch.from_numpy(codes),
+                "user_features": torch.from_numpy(features),
+                "history": torch.from_numpy(history),
+                "item_code": torch.from_numpy(fold.item_codes[pos]),
+                "log_q": log_q,
+                "rows": torch.from_numpy(pos),  # which examples these are, for losses that cache per example
+            },
+        )
 
-    return run_epochs(name, model, schedule, batches, step, lambda m: evaluate_retrieval(m, fold),
-                      epochs, len(fold.fit_positions))
+    return run_epochs(
+        name,
+        model,
+        schedule,
+        batches,
+        step,
+        lambda m: evaluate_retrieval(m, fold),
+        epochs,
+        len(fold.fit_positions),
+    )
 
 
 # --- ranker ----------------------------------------------------------------------------------
 
 
-def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: int | None = None,
-                 retrieval_weights: tuple[float, ...] = (0.0,), model: Ranker | None = None,
-                 schedule: StageSchedule | None = None, loss_fn: Callable = ranker_loss,
-                 name: str = "ranker") -> StageResult:
+def train_ranker(
+    fold: Fold,
+    retrieval: TwoTower,
+    config: TrainConfig,
+    epochs: int | None = None,
+    retrieval_weights: tuple[float, ...] = (0.0,),
+    model: Ranker | None = None,
+    schedule: StageSchedule | None = None,
+    loss_fn: Callable = ranker_loss,
+    name: str = "ranker",
+) -> StageResult:
     """Fit a ranker on lists cut from the fold's sequences, candidates retrieved by `retrieval`.
 
     Validation scores the two-stage system for each retrieval weight of the blend and keeps
@@ -171,8 +199,9 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
     model = model or Ranker(config.ranker, fold.space, fold.tables)
     schedule, data = schedule or config.ranker_schedule, config.ranker_data
     item_emb = item_embeddings(retrieval, fold.dataset.n_items)
-    fitted = csr_from_pairs(fold.split.user[fold.fit_positions], fold.split.item[fold.fit_positions],
-                            fold.dataset.n_users)
+    fitted = csr_from_pairs(
+        fold.split.user[fold.fit_positions], fold.split.item[fold.fit_positions], fold.dataset.n_users
+    )
 
     def batches():
         lists = ranker_lists(fold, retrieval, item_emb, fitted, data, rng)
@@ -183,16 +212,22 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
     def step(batch) -> torch.Tensor:
         users, cut, cands, labels = batch
         codes, features, history = fold.inputs_before(users, cut)
-        inputs = {"user_code": torch.from_numpy(codes), "user_features": torch.from_numpy(features),
-                  "history": torch.from_numpy(history),
-                  "candidates": torch.from_numpy(np.maximum(cands, -1) + 1)}
+        inputs = {
+            "user_code": torch.from_numpy(codes),
+            "user_features": torch.from_numpy(features),
+            "history": torch.from_numpy(history),
+            "candidates": torch.from_numpy(np.maximum(cands, -1) + 1),
+        }
         return loss_fn(model, inputs, torch.from_numpy(labels), torch.from_numpy(cands >= 0))
 
     def validate(m):
         by_weight = evaluate_two_stage(retrieval, m, fold, data.candidates, retrieval_weights)
         weight = max(by_weight, key=lambda w: by_weight[w]["ndcg@10"])
-        return {**by_weight[weight], "retrieval_weight": weight,
-                "ndcg@10_by_weight": {str(w): r["ndcg@10"] for w, r in by_weight.items()}}
+        return {
+            **by_weight[weight],
+            "retrieval_weight": weight,
+            "ndcg@10_by_weight": {str(w): r["ndcg@10"] for w, r in by_weight.items()},
+        }
 
     n_lists = int(min((fold.fit_counts >= 2).sum(), data.max_users or np.inf)) * data.cut_points
     result = run_epochs(name, model, schedule, batches, step, validate, epochs, n_lists)
@@ -202,8 +237,9 @@ def train_ranker(fold: Fold, retrieval: TwoTower, config: TrainConfig, epochs: i
     return result
 
 
-def ranker_lists(fold: Fold, retrieval: TwoTower, item_emb: np.ndarray, fitted, data: RankerData,
-                 rng: np.random.Generator):
+def ranker_lists(
+    fold: Fold, retrieval: TwoTower, item_emb: np.ndarray, fitted, data: RankerData, rng: np.random.Generator
+):
     """One epoch of training lists: (users [L], cut [L], candidates [L, C], labels [L, C]).
 
     A cut point is a prediction time inside a user's fitted sequence; its positives are the
@@ -225,8 +261,9 @@ def ranker_lists(fold: Fold, retrieval: TwoTower, item_emb: np.ndarray, fitted, 
     codes, features, history = fold.inputs_before(users, cut)
     with torch.no_grad():
         retrieval.eval()
-        u_emb = retrieval.user_tower(torch.from_numpy(codes), torch.from_numpy(features),
-                                     torch.from_numpy(history)).numpy()
+        u_emb = retrieval.user_tower(
+            torch.from_numpy(codes), torch.from_numpy(features), torch.from_numpy(history)
+        ).numpy()
     exclude = gather_ranges(fold.split.item, start, cut)  # the items before the cut, as at serving time
     retrieved, _ = exact_top_k(u_emb, item_emb, data.candidates, exclude)
 
@@ -242,7 +279,8 @@ def ranker_lists(fold: Fold, retrieval: TwoTower, item_emb: np.ndarray, fitted, 
     never_rated = ~_member(users, retrieved, fitted, fold.dataset.n_items)
     hard = _sample_true(never_rated & (retrieved >= 0), data.hard_negatives, rng)
     cands[:, data.max_positives : data.max_positives + data.hard_negatives] = np.where(
-        hard >= 0, np.take_along_axis(retrieved, np.maximum(hard, 0), 1), -1)
+        hard >= 0, np.take_along_axis(retrieved, np.maximum(hard, 0), 1), -1
+    )
     randoms = rng.integers(0, fold.dataset.n_items, size=(len(users), data.random_negatives))
     randoms = np.where(_member(users, randoms, fitted, fold.dataset.n_items), -1, randoms)
     cands[:, -data.random_negatives :] = randoms
@@ -268,8 +306,16 @@ def _sample_true(ok: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray
 # --- the shared epoch loop ---------------------------------------------------------------------
 
 
-def run_epochs(name: str, model: torch.nn.Module, schedule: StageSchedule, batches: Callable,
-               step: Callable, validate: Callable, epochs: int | None, n_examples: int) -> StageResult:
+def run_epochs(
+    name: str,
+    model: torch.nn.Module,
+    schedule: StageSchedule,
+    batches: Callable,
+    step: Callable,
+    validate: Callable,
+    epochs: int | None,
+    n_examples: int,
+) -> StageResult:
     """AdamW over `batches()` each epoch; `step(batch)` returns the loss.
 
     epochs=None: validate after every epoch, stop after `patience` epochs without a better
@@ -277,8 +323,9 @@ def run_epochs(name: str, model: torch.nn.Module, schedule: StageSchedule, batch
     """
     # fused: one vectorised kernel per step; the default per-tensor loop takes seconds a step
     # over a million-row embedding table (dense gradients), the fused one a tenth of a second.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay,
-                                  fused=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay, fused=True
+    )
     fixed = epochs is not None
     total = epochs if fixed else schedule.max_epochs
     best, best_state, best_epoch, stale, history = -1.0, None, 0, 0, []
@@ -286,8 +333,14 @@ def run_epochs(name: str, model: torch.nn.Module, schedule: StageSchedule, batch
     for epoch in range(1, total + 1):
         model.train()
         t0, losses = time.perf_counter(), []
-        for batch in tqdm(batches(), desc=f"{name} epoch {epoch}/{total}", leave=False, file=sys.stderr,
-                          total=-(-n_examples // schedule.batch_size), disable=None):
+        for batch in tqdm(
+            batches(),
+            desc=f"{name} epoch {epoch}/{total}",
+            leave=False,
+            file=sys.stderr,
+            total=-(-n_examples // schedule.batch_size),
+            disable=None,
+        ):
             loss = step(batch)
             optimizer.zero_grad()
             loss.backward()
@@ -299,8 +352,10 @@ def run_epochs(name: str, model: torch.nn.Module, schedule: StageSchedule, batch
             row["valid"] = validate(model)
         history.append(row)
         score = row.get("valid", {}).get("ndcg@10")
-        log(f"{name} epoch {epoch}/{total}  loss {row['loss']:.4f}  {row['examples_per_s']:,.0f} ex/s"
-            + (f"  valid ndcg@10 {score:.4f} recall@200 {row['valid']['recall@200']:.4f}" if score else ""))
+        log(
+            f"{name} epoch {epoch}/{total}  loss {row['loss']:.4f}  {row['examples_per_s']:,.0f} ex/s"
+            + (f"  valid ndcg@10 {score:.4f} recall@200 {row['valid']['recall@200']:.4f}" if score else "")
+        )
         if fixed:
             continue
         if score > best:
@@ -317,7 +372,6 @@ def run_epochs(name: str, model: torch.nn.Module, schedule: StageSchedule, batch
     return StageResult(model, epochs if fixed else max(best_epoch, 1), history, time.perf_counter() - started)
 
 
-
 # --- the teacher: both folds ------------------------------------------------------------------
 
 
@@ -331,8 +385,9 @@ class FoldModels:
     ranking: StageResult
 
 
-def fit_fold(fold: Fold, config: TrainConfig, epochs: dict | None = None,
-             retrieval_weight: float | None = None) -> FoldModels:
+def fit_fold(
+    fold: Fold, config: TrainConfig, epochs: dict | None = None, retrieval_weight: float | None = None
+) -> FoldModels:
     """Fit retrieval then ranker on `fold`: early-stopped when `epochs` is None, else exactly that long."""
     epochs = epochs or {}
     log(f"== fitting on {fold.name} ({len(fold.fit_positions):,} interactions)")

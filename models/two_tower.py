@@ -7,6 +7,7 @@ Both outputs are L2-normalised, so a dot product is a cosine.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -44,7 +45,7 @@ class TwoTowerConfig:
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:
     """Linear-ReLU(-Dropout) stack; the last layer is linear only."""
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+    for i, (a, b) in enumerate(itertools.pairwise(sizes)):
         layers.append(nn.Linear(a, b))
         if i < len(sizes) - 2:
             layers.append(nn.ReLU())
@@ -75,8 +76,15 @@ class HistoryPooling(nn.Module):
 class UserTower(nn.Module):
     """(user_code [B], user_features [B, 4], history [B, N]) -> [B, out_dim], unit norm."""
 
-    def __init__(self, config: TwoTowerConfig, space: FeatureSpace, user_rows: torch.Tensor,
-                 item_rows: torch.Tensor, n_user_rows: int, n_item_rows: int):
+    def __init__(
+        self,
+        config: TwoTowerConfig,
+        space: FeatureSpace,
+        user_rows: torch.Tensor,
+        item_rows: torch.Tensor,
+        n_user_rows: int,
+        n_item_rows: int,
+    ):
         super().__init__()
         self.register_buffer("user_rows", user_rows.long())  # user code -> id-embedding row
         self.register_buffer("item_rows", item_rows.long())  # item code -> history-embedding row
@@ -102,8 +110,15 @@ class UserTower(nn.Module):
 class ItemTower(nn.Module):
     """(item_code [M]) -> [M, out_dim], unit norm; side features come from buffers."""
 
-    def __init__(self, config: TwoTowerConfig, space: FeatureSpace, item_rows: torch.Tensor,
-                 item_genres: torch.Tensor, item_year: torch.Tensor, n_item_rows: int):
+    def __init__(
+        self,
+        config: TwoTowerConfig,
+        space: FeatureSpace,
+        item_rows: torch.Tensor,
+        item_genres: torch.Tensor,
+        item_year: torch.Tensor,
+        n_item_rows: int,
+    ):
         super().__init__()
         self.register_buffer("item_rows", item_rows.long())
         self.register_buffer("item_genres", item_genres.to(torch.uint8))
@@ -119,11 +134,14 @@ class ItemTower(nn.Module):
         rows = self.item_rows[item_code]
         if self.training and self.id_dropout:
             rows = rows.masked_fill(torch.rand(rows.shape) < self.id_dropout, 0)
-        x = torch.cat([
-            self.item_embedding(rows),
-            self.genre_projection(self.item_genres[item_code].float()),
-            self.year_embedding(self.item_year[item_code]),
-        ], dim=1)
+        x = torch.cat(
+            [
+                self.item_embedding(rows),
+                self.genre_projection(self.item_genres[item_code].float()),
+                self.year_embedding(self.item_year[item_code]),
+            ],
+            dim=1,
+        )
         return F.normalize(self.mlp(x), dim=-1)
 
 
@@ -134,10 +152,12 @@ class TwoTower(nn.Module):
         self.config = config
         n_user_rows = int(tables["user_rows"].max()) + 1
         n_item_rows = int(tables["item_rows"].max()) + 1
-        self.user_tower = UserTower(config, space, tables["user_rows"], tables["item_rows"],
-                                    n_user_rows, n_item_rows)
-        self.item_tower = ItemTower(config, space, tables["item_rows"], tables["item_genres"],
-                                    tables["item_year"], n_item_rows)
+        self.user_tower = UserTower(
+            config, space, tables["user_rows"], tables["item_rows"], n_user_rows, n_item_rows
+        )
+        self.item_tower = ItemTower(
+            config, space, tables["item_rows"], tables["item_genres"], tables["item_year"], n_item_rows
+        )
 
     def in_batch_loss(self, user_code, user_features, history, item_code, log_q) -> torch.Tensor:
         """Sampled softmax over the batch's items, logQ-corrected; repeats of the positive are masked."""
@@ -152,6 +172,8 @@ class TwoTower(nn.Module):
     @torch.no_grad()
     def item_embeddings(self, n_items: int, batch_size: int = 65536) -> torch.Tensor:
         """[n_items, out_dim] for the whole catalogue (item index i has code i + 1), in batches."""
-        chunks = [self.item_tower(torch.arange(s + 1, min(s + batch_size, n_items) + 1))
-                  for s in range(0, n_items, batch_size)]
+        chunks = [
+            self.item_tower(torch.arange(s + 1, min(s + batch_size, n_items) + 1))
+            for s in range(0, n_items, batch_size)
+        ]
         return torch.cat(chunks)

@@ -30,8 +30,9 @@ async def reload_variant(name: str, body: ReloadRequest, service: ReadyServiceDe
         new, previous = await service.reload(name, body.path, force=body.force)
     except ReloadError as exc:
         raise HTTPException(exc.status, str(exc)) from exc
-    return ReloadResponse(variant=name, model_version=new.version, previous_version=previous.version,
-                          path=str(new.path))
+    return ReloadResponse(
+        variant=name, model_version=new.version, previous_version=previous.version, path=str(new.path)
+    )
 
 
 @router.put("/split", responses=error_responses(400, 401, 403, 413, 422, 503))

@@ -70,8 +70,11 @@ async def readyz(service: ServiceDep):
     return {"status": "ready", "variants": {n: s.variant.version for n, s in service.variants.items()}}
 
 
-@router.get("/metrics", response_class=PlainTextResponse,
-            responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}})
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+)
 async def metrics(m: MetricsDep) -> Response:
     """Prometheus text exposition."""
     return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -80,11 +83,16 @@ async def metrics(m: MetricsDep) -> Response:
 @router.get("/v1/variants", responses=error_responses(503))
 async def list_variants(service: ReadyServiceDep) -> VariantsResponse:
     """Loaded variants with their manifest summaries (sizes, metrics, promotable), and the split."""
-    infos = [VariantInfo(weight=service.split.get(name, 0.0), **served.variant.describe())
-             for name, served in service.variants.items()]
-    return VariantsResponse(variants=infos, split=service.split,
-                            overrides_allowed=service.settings.overrides_allowed,
-                            shadow_fraction=service.settings.shadow_fraction)
+    infos = [
+        VariantInfo(weight=service.split.get(name, 0.0), **served.variant.describe())
+        for name, served in service.variants.items()
+    ]
+    return VariantsResponse(
+        variants=infos,
+        split=service.split,
+        overrides_allowed=service.settings.overrides_allowed,
+        shadow_fraction=service.settings.shadow_fraction,
+    )
 
 
 # The two recommendation routes are the hot path. FastAPI documents them from the signatures
@@ -99,10 +107,12 @@ async def recommend(body: RecommendRequest) -> RecommendResponse:
 
 
 async def user_recommendations(
-        user_id: Annotated[str, Path(min_length=1, max_length=128)],
-        k: Annotated[int, Query(ge=1, le=MAX_K)] = 10, exclude_seen: bool = True,
-        include_genres: Annotated[list[str], Query()] = [],  # noqa: B006 (FastAPI copies defaults)
-        exclude_genres: Annotated[list[str], Query()] = []) -> RecommendResponse:  # noqa: B006
+    user_id: Annotated[str, Path(min_length=1, max_length=128)],
+    k: Annotated[int, Query(ge=1, le=MAX_K)] = 10,
+    exclude_seen: bool = True,
+    include_genres: Annotated[list[str], Query()] = [],  # noqa: B006 (FastAPI copies defaults)
+    exclude_genres: Annotated[list[str], Query()] = [],  # noqa: B006
+) -> RecommendResponse:
     """The same as POST /v1/recommend without a history (unknown users get the fallback)."""
     raise NotImplementedError("documents the route; requests go to answer_user_recommendations")
 
@@ -116,13 +126,20 @@ async def answer_user_recommendations(request: Request) -> Response:
 
 
 # (method, path, documented endpoint, handler); serving/app.py hands them to DirectDispatch too.
-DIRECT_ROUTES: list[tuple[str, str, Callable[..., Any], Handler]] = [("POST", "/v1/recommend", recommend, answer_recommend),
-                 ("GET", "/v1/users/{user_id}/recommendations", user_recommendations,
-                  answer_user_recommendations)]
+DIRECT_ROUTES: list[tuple[str, str, Callable[..., Any], Handler]] = [
+    ("POST", "/v1/recommend", recommend, answer_recommend),
+    ("GET", "/v1/users/{user_id}/recommendations", user_recommendations, answer_user_recommendations),
+]
 for method, path, documented, answer in DIRECT_ROUTES:
-    router.add_api_route(path, documented, methods=[method], response_model=RecommendResponse,
-                         responses=RECOMMEND_ERRORS, openapi_extra=VARIANT_HEADER_DOC,
-                         route_class_override=direct_route(answer))
+    router.add_api_route(
+        path,
+        documented,
+        methods=[method],
+        response_model=RecommendResponse,
+        responses=RECOMMEND_ERRORS,
+        openapi_extra=VARIANT_HEADER_DOC,
+        route_class_override=direct_route(answer),
+    )
 
 
 async def serve(body: RecommendRequest, request: Request) -> Response:
@@ -131,8 +148,11 @@ async def serve(body: RecommendRequest, request: Request) -> Response:
     service = ready_service(request.app.state.service)
     forced = check_forced_variant(service, request.headers.get(VARIANT_HEADER))
     if len(body.history) > service.settings.max_history:
-        raise HTTPException(422, f"history: {len(body.history)} items, at most "
-                                 f"{service.settings.max_history} allowed (send the most recent ones)")
+        raise HTTPException(
+            422,
+            f"history: {len(body.history)} items, at most "
+            f"{service.settings.max_history} allowed (send the most recent ones)",
+        )
     name = forced or assign_variant(body.user_id, service.split, service.settings.salt)
     request.state.variant = name
     try:
@@ -140,13 +160,19 @@ async def serve(body: RecommendRequest, request: Request) -> Response:
             served, query, answer = await answer_with_fallback(service, name, body)
     except TimeoutError:
         service.metrics.deadline.labels(name).inc()
-        raise HTTPException(504, f"no answer within the {service.settings.request_timeout_ms:.0f} ms "
-                                 "deadline (request_timeout_ms)") from None
+        raise HTTPException(
+            504,
+            f"no answer within the {service.settings.request_timeout_ms:.0f} ms "
+            "deadline (request_timeout_ms)",
+        ) from None
     request_id = _request_id(request)
     result = to_response(served.variant, body.user_id, answer, query.ignored_history, request_id, name)
     timings = {**answer.timings, "total": time.perf_counter() - started}
-    headers = {"Server-Timing": ", ".join(f"{s};dur={v * 1000:.3f}" for s, v in timings.items()),
-               VARIANT_HEADER: name, "X-Request-ID": request_id}
+    headers = {
+        "Server-Timing": ", ".join(f"{s};dur={v * 1000:.3f}" for s, v in timings.items()),
+        VARIANT_HEADER: name,
+        "X-Request-ID": request_id,
+    }
     service.metrics.record_answer(name, answer.timings, answer.fallback)
     if query.ignored_history:
         service.metrics.ignored_history.labels(name).inc(len(query.ignored_history))
@@ -155,14 +181,17 @@ async def serve(body: RecommendRequest, request: Request) -> Response:
     if answer.fallback is None and fraction > 0 and random.random() < fraction:
         partner = service.shadow_partner(name)
         if partner is not None:  # runs after the response is sent
-            background = BackgroundTask(shadow_compare, service, name, partner, body,
-                                        [item["item_id"] for item in result["items"]])
-    return Response(orjson.dumps(result), headers=headers, media_type="application/json",
-                    background=background)
+            background = BackgroundTask(
+                shadow_compare, service, name, partner, body, [item["item_id"] for item in result["items"]]
+            )
+    return Response(
+        orjson.dumps(result), headers=headers, media_type="application/json", background=background
+    )
 
 
-async def answer_with_fallback(service: Service, name: str,
-                               body: RecommendRequest) -> tuple[Served, ModelQuery, Answer]:
+async def answer_with_fallback(
+    service: Service, name: str, body: RecommendRequest
+) -> tuple[Served, ModelQuery, Answer]:
     """The variant's answer; if its model raises, another variant's, else its popularity list.
 
     Returns:
@@ -199,15 +228,24 @@ async def answer_with_fallback(service: Service, name: str,
 
 def _query(served: Served, body: RecommendRequest) -> ModelQuery:
     try:
-        return build_query(served.variant, body.user_id, body.k, body.exclude_seen, body.history,
-                           body.features(), body.include_genres, body.exclude_genres,
-                           reject_unknown_items=body.unknown_items == "reject")
+        return build_query(
+            served.variant,
+            body.user_id,
+            body.k,
+            body.exclude_seen,
+            body.history,
+            body.features(),
+            body.include_genres,
+            body.exclude_genres,
+            reject_unknown_items=body.unknown_items == "reject",
+        )
     except QueryError as exc:
         raise HTTPException(422, str(exc)) from exc
 
 
-async def _answer(service: Service, served: Served,
-                  body: RecommendRequest) -> tuple[Served, ModelQuery, Answer]:
+async def _answer(
+    service: Service, served: Served, body: RecommendRequest
+) -> tuple[Served, ModelQuery, Answer]:
     """(the Served that answered, query, answer); model errors propagate."""
     for attempt in range(2):
         query = _query(served, body)
@@ -222,22 +260,37 @@ async def _answer(service: Service, served: Served,
     raise AssertionError("unreachable")
 
 
-def to_response(variant: Variant, user_id: str, answer: Answer, ignored_history: list[str],
-                request_id: str, routed_to: str | None = None) -> dict:
+def to_response(
+    variant: Variant,
+    user_id: str,
+    answer: Answer,
+    ignored_history: list[str],
+    request_id: str,
+    routed_to: str | None = None,
+) -> dict:
     """The RecommendResponse (as its JSON dict): raw ids, titles and scores for the answer's item
     indices (`routed_to`: the A/B variant). Built as plain data: every field is already typed."""
     ids, titles = variant.item_ids, variant.titles
     # orjson writes NaN and infinity as null (JSON has neither), as pydantic would.
     scores = answer.scores.tolist() if answer.scores is not None else [None] * len(answer.items)
-    items = [{"item_id": ids[i], "score": s, "title": titles[i]}
-             for i, s in zip(answer.items.tolist(), scores, strict=True)]
-    return {"variant": routed_to or variant.name, "model_version": variant.version, "user_id": user_id,
-            "items": items, "fallback": answer.fallback, "ignored_history": ignored_history,
-            "request_id": request_id}
+    items = [
+        {"item_id": ids[i], "score": s, "title": titles[i]}
+        for i, s in zip(answer.items.tolist(), scores, strict=True)
+    ]
+    return {
+        "variant": routed_to or variant.name,
+        "model_version": variant.version,
+        "user_id": user_id,
+        "items": items,
+        "fallback": answer.fallback,
+        "ignored_history": ignored_history,
+        "request_id": request_id,
+    }
 
 
-async def shadow_compare(service: Service, primary: str, partner: str, body: RecommendRequest,
-                         primary_items: list[str]) -> None:
+async def shadow_compare(
+    service: Service, primary: str, partner: str, body: RecommendRequest, primary_items: list[str]
+) -> None:
     """Answer the same request with the partner variant and record top-k agreement."""
     served = service.variants.get(partner)
     outcome = service.metrics.shadow.labels(primary, partner, "compared")

@@ -65,9 +65,13 @@ def create_app(settings: Settings) -> FastAPI:
     # recommendation routes -> FastAPI's router, so 413s and overload 503s are counted, and a
     # refused request has had its (bounded) body read, which keeps its connection usable.
     app.add_middleware(DirectDispatch, routes=api.DIRECT_ROUTES)
-    app.add_middleware(AdmissionMiddleware, limit=settings.max_in_flight,
-                       timeout_s=settings.request_timeout_ms / 1000, retry_after_s=settings.retry_after_s,
-                       metrics=metrics)
+    app.add_middleware(
+        AdmissionMiddleware,
+        limit=settings.max_in_flight,
+        timeout_s=settings.request_timeout_ms / 1000,
+        retry_after_s=settings.retry_after_s,
+        metrics=metrics,
+    )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(InstrumentMiddleware, metrics=metrics)
     return app
@@ -105,11 +109,14 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     for error in errors:
         if error.get("type") == "json_invalid":
             reason = (error.get("ctx") or {}).get("error", "invalid JSON")
-            return JSONResponse({"detail": f"malformed JSON body: {reason} at character {error['loc'][-1]}"},
-                                status_code=400)
+            return JSONResponse(
+                {"detail": f"malformed JSON body: {reason} at character {error['loc'][-1]}"}, status_code=400
+            )
     if any(e.get("type") == "model_attributes_type" and tuple(e["loc"]) == ("body",) for e in errors):
-        return JSONResponse({"detail": "request body must be a JSON object sent with "
-                                       "Content-Type: application/json"}, status_code=422)
+        return JSONResponse(
+            {"detail": "request body must be a JSON object sent with Content-Type: application/json"},
+            status_code=422,
+        )
     parts = []
     for error in errors[:10]:
         where = ".".join(str(p) for p in error["loc"] if p not in ("body", "query", "path", "header"))
@@ -152,8 +159,11 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         if json_too_deep(b"".join(chunks)):
-            return await send_json_error(send, 422, "request body is JSON nested too deeply "
-                                                    "(requests nest 2 levels: object, list, string)")
+            return await send_json_error(
+                send,
+                422,
+                "request body is JSON nested too deeply (requests nest 2 levels: object, list, string)",
+            )
         replayed = False
 
         async def replay():
@@ -175,8 +185,9 @@ class BodyLimitMiddleware:
                         drained += len(message.get("body", b""))
                         if message["type"] != "http.request" or not message.get("more_body", False):
                             break
-        await send_json_error(send, 413, f"request body too large: at most {self.max_bytes} bytes",
-                              close=True)
+        await send_json_error(
+            send, 413, f"request body too large: at most {self.max_bytes} bytes", close=True
+        )
 
 
 def endpoint_label(path: str) -> str:

@@ -54,13 +54,22 @@ class Batcher(Generic[T, R]):
         [0, 2, 4]
     """
 
-    def __init__(self, run_batch: Callable[[list[T]], list[R]], executor: Executor,
-                 max_batch_size: int = 16, max_wait_s: float = 0.001,
-                 on_batch: Callable[[int], None] | None = None, name: str = "slimrec-batcher",
-                 threads: int = 1, thread_init: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], list[R]],
+        executor: Executor,
+        max_batch_size: int = 16,
+        max_wait_s: float = 0.001,
+        on_batch: Callable[[int], None] | None = None,
+        name: str = "slimrec-batcher",
+        threads: int = 1,
+        thread_init: Callable[[], None] | None = None,
+    ):
         if max_batch_size < 1 or max_wait_s < 0 or threads < 1:
-            raise ValueError(f"max_batch_size and threads must be >= 1 and max_wait_s >= 0, got "
-                             f"{max_batch_size}, {threads}, {max_wait_s}")
+            raise ValueError(
+                f"max_batch_size and threads must be >= 1 and max_wait_s >= 0, got "
+                f"{max_batch_size}, {threads}, {max_wait_s}"
+            )
         self.run_batch, self.executor, self.name, self.n_threads = run_batch, executor, name, threads
         self.max_batch_size, self.max_wait_s = max_batch_size, max_wait_s
         self.on_batch = on_batch or (lambda size: None)

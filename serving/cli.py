@@ -17,8 +17,12 @@ from pathlib import Path
 def register(subparsers) -> None:
     """Add the `serve` subcommand to slimrec's argparse subparsers."""
     serve = subparsers.add_parser("serve", help="serve variants over HTTP (A/B split, shadow, metrics)")
-    serve.add_argument("--variant", action="append", metavar="NAME=ARTIFACT_DIR",
-                       help="a variant to serve; repeat for A/B (e.g. full=artifacts/teacher)")
+    serve.add_argument(
+        "--variant",
+        action="append",
+        metavar="NAME=ARTIFACT_DIR",
+        help="a variant to serve; repeat for A/B (e.g. full=artifacts/teacher)",
+    )
     serve.add_argument("--split", metavar="NAME=WEIGHT,...", help="A/B weights (default: equal)")
     serve.add_argument("--config", type=Path, help="TOML file with any serve setting")
     serve.add_argument("--host", help="bind address (default 127.0.0.1)")
@@ -29,17 +33,33 @@ def register(subparsers) -> None:
     serve.add_argument("--batch-max-size", type=int, help="max queries per model call; 1 = no batching")
     serve.add_argument("--batch-max-wait-ms", type=float, help="max wait for a batch to fill")
     serve.add_argument("--batch-threads", type=int, help="batches each variant runs at once (default 1)")
-    serve.add_argument("--model-threads", type=int,
-                       help="threads running model calls when batching is off (default 2)")
-    serve.add_argument("--model-process", action=argparse.BooleanOptionalAction, default=None,
-                       help="run model calls in child processes, each with its own GIL (default: off; "
-                            "costs the model's memory once more per child)")
-    serve.add_argument("--shadow-fraction", type=float,
-                       help="fraction of requests also answered by another variant, for agreement metrics")
-    serve.add_argument("--allow-variant-override", action=argparse.BooleanOptionalAction, default=None,
-                       help="honour X-Slimrec-Variant (default: only when bound to loopback)")
-    serve.add_argument("--artifacts-root", action="append", type=Path,
-                       help="directory admin reloads may load from (repeatable)")
+    serve.add_argument(
+        "--model-threads", type=int, help="threads running model calls when batching is off (default 2)"
+    )
+    serve.add_argument(
+        "--model-process",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run model calls in child processes, each with its own GIL (default: off; "
+        "costs the model's memory once more per child)",
+    )
+    serve.add_argument(
+        "--shadow-fraction",
+        type=float,
+        help="fraction of requests also answered by another variant, for agreement metrics",
+    )
+    serve.add_argument(
+        "--allow-variant-override",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="honour X-Slimrec-Variant (default: only when bound to loopback)",
+    )
+    serve.add_argument(
+        "--artifacts-root",
+        action="append",
+        type=Path,
+        help="directory admin reloads may load from (repeatable)",
+    )
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(run=run_serve, command="serve")
 
@@ -49,11 +69,26 @@ def settings_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
     from slimrec.serving.settings import Settings, parse_pairs
 
-    overrides = {name: getattr(args, name) for name in (
-        "host", "port", "workers", "salt", "n_candidates", "batch_max_size", "batch_max_wait_ms",
-        "batch_threads", "model_threads", "model_process", "shadow_fraction", "allow_variant_override",
-        "log_level", "split")
-        if getattr(args, name) is not None}
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "host",
+            "port",
+            "workers",
+            "salt",
+            "n_candidates",
+            "batch_max_size",
+            "batch_max_wait_ms",
+            "batch_threads",
+            "model_threads",
+            "model_process",
+            "shadow_fraction",
+            "allow_variant_override",
+            "log_level",
+            "split",
+        )
+        if getattr(args, name) is not None
+    }
     if args.config is not None:
         overrides["config_file"] = args.config
     if args.artifacts_root:
@@ -97,12 +132,21 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.update(settings.to_env())  # workers (separate processes) rebuild the same Settings
     # Access lines are info records: above info uvicorn would still format each one's arguments
     # (client address, quoted path) only for the logger to drop it.
-    options = dict(host=settings.host, port=settings.port, log_level=settings.log_level,
-                   access_log=settings.log_level in ("info", "debug"), timeout_graceful_shutdown=30,
-                   server_header=False)
+    options = dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.log_level in ("info", "debug"),
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
     if settings.workers > 1:
-        uvicorn.run("slimrec.serving.app:create_app_from_env", factory=True, workers=settings.workers, **options)
+        uvicorn.run(
+            "slimrec.serving.app:create_app_from_env", factory=True, workers=settings.workers, **options
+        )
         return 0
-    server = GracefulServer(uvicorn.Config("slimrec.serving.app:create_app_from_env", factory=True, **options))
+    server = GracefulServer(
+        uvicorn.Config("slimrec.serving.app:create_app_from_env", factory=True, **options)
+    )
     server.run()
     return 0 if server.started else 3  # 3: startup failed (uvicorn's code), e.g. an artifact refused

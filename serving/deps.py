@@ -31,8 +31,11 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 def ready_service(service: Service) -> Service:
     """The service, or 503 while variants are loading or the server is draining."""
     if not service.ready:
-        raise HTTPException(503, "not ready: variants are loading or the server is shutting down",
-                            headers={"Retry-After": "1"})
+        raise HTTPException(
+            503,
+            "not ready: variants are loading or the server is shutting down",
+            headers={"Retry-After": "1"},
+        )
     return service
 
 
@@ -52,19 +55,30 @@ def check_forced_variant(service: Service, name: str | None) -> str | None:
     if name is None:
         return None
     if not service.settings.overrides_allowed:
-        raise HTTPException(403, f"{VARIANT_HEADER} is disabled on this server "
-                                 "(enable with SLIMREC_ALLOW_VARIANT_OVERRIDE=true)")
+        raise HTTPException(
+            403,
+            f"{VARIANT_HEADER} is disabled on this server (enable with SLIMREC_ALLOW_VARIANT_OVERRIDE=true)",
+        )
     if name not in service.variants:
-        raise HTTPException(400, f"{VARIANT_HEADER}: unknown variant {name!r}; "
-                                 f"loaded: {', '.join(sorted(service.variants))}")
+        raise HTTPException(
+            400, f"{VARIANT_HEADER}: unknown variant {name!r}; loaded: {', '.join(sorted(service.variants))}"
+        )
     return name
 
 
 # The recommendation routes read the header themselves (no per-request dependency); this
 # documents it in their OpenAPI operation.
-VARIANT_HEADER_DOC = {"parameters": [{
-    "name": VARIANT_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
-    "description": "serve this variant instead of the A/B choice (when overrides are allowed)"}]}
+VARIANT_HEADER_DOC = {
+    "parameters": [
+        {
+            "name": VARIANT_HEADER,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "serve this variant instead of the A/B choice (when overrides are allowed)",
+        }
+    ]
+}
 
 
 async def require_admin(service: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> None:
@@ -79,9 +93,13 @@ async def require_admin(service: ServiceDep, authorization: Annotated[str | None
     scheme, _, given = (authorization or "").partition(" ")
     # compare_digest on bytes: constant time in the token's content, and no error on non-ASCII input.
     if scheme.lower() != "bearer" or not secrets.compare_digest(
-            given.strip().encode(), token.get_secret_value().encode()):
-        raise HTTPException(401, "missing or wrong admin token (Authorization: Bearer <token>)",
-                            headers={"WWW-Authenticate": "Bearer"})
+        given.strip().encode(), token.get_secret_value().encode()
+    ):
+        raise HTTPException(
+            401,
+            "missing or wrong admin token (Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 AdminDep = Depends(require_admin)

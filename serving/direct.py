@@ -47,9 +47,15 @@ async def recommend_body(request: Request) -> RecommendRequest:
     if not raw:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
     if not _is_json(request.headers.get("content-type")):
-        raise RequestValidationError([{"type": "model_attributes_type", "loc": ("body",),
-                                       "msg": "Input should be a valid dictionary or object to extract "
-                                              "fields from"}])
+        raise RequestValidationError(
+            [
+                {
+                    "type": "model_attributes_type",
+                    "loc": ("body",),
+                    "msg": "Input should be a valid dictionary or object to extract fields from",
+                }
+            ]
+        )
     try:
         return RecommendRequest.model_validate_json(raw)
     except ValidationError as exc:
@@ -79,17 +85,21 @@ async def user_query(request: Request) -> RecommendRequest:
         RequestValidationError: loc starts with "path" (user_id) or "query" (the rest).
     """
     params = request.query_params
-    given = {"user_id": request.path_params["user_id"], "k": params.get("k"),
-             "exclude_seen": params.get("exclude_seen"), "include_genres": params.getlist("include_genres"),
-             "exclude_genres": params.getlist("exclude_genres")}
+    given = {
+        "user_id": request.path_params["user_id"],
+        "k": params.get("k"),
+        "exclude_seen": params.get("exclude_seen"),
+        "include_genres": params.getlist("include_genres"),
+        "exclude_genres": params.getlist("exclude_genres"),
+    }
     try:
         parsed = _UserQuery.model_validate({k: v for k, v in given.items() if v is not None})
         return RecommendRequest(**parsed.model_dump())
     except ValidationError as exc:  # e.g. ?k=500, or ?include_genres= (an empty genre name)
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
-        raise RequestValidationError([
-            {**e, "loc": ("path" if e["loc"][:1] == ("user_id",) else "query", *e["loc"])} for e in errors
-        ]) from None
+        raise RequestValidationError(
+            [{**e, "loc": ("path" if e["loc"][:1] == ("user_id",) else "query", *e["loc"])} for e in errors]
+        ) from None
 
 
 def _is_json(content_type: str | None) -> bool:

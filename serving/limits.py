@@ -20,8 +20,9 @@ LIMITED_PREFIXES = ("/v1/recommend", "/v1/users/")  # admin, health and metrics 
 MAX_JSON_DEPTH = 32  # bodies with more brackets than this are checked for excessive nesting
 
 
-async def send_json_error(send, status: int, detail: str, headers: dict[str, str] | None = None,
-                          close: bool = False) -> None:
+async def send_json_error(
+    send, status: int, detail: str, headers: dict[str, str] | None = None, close: bool = False
+) -> None:
     """A complete JSON `{"detail": ...}` response, sent straight to the ASGI `send`."""
     body = json.dumps({"detail": detail}).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
@@ -77,8 +78,11 @@ class AdmissionMiddleware:
         if self.in_flight >= self.limit:
             self.metrics.overload.inc()
             return await send_json_error(
-                send, 503, f"overloaded: {self.limit} requests in flight; retry after {self.retry_after} s",
-                {"Retry-After": self.retry_after})
+                send,
+                503,
+                f"overloaded: {self.limit} requests in flight; retry after {self.retry_after} s",
+                {"Retry-After": self.retry_after},
+            )
         self.in_flight += 1
         scope.setdefault("state", {})["deadline"] = asyncio.get_running_loop().time() + self.timeout_s
         try:

@@ -9,8 +9,23 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25,
-                   0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FRACTION_BUCKETS = tuple(i / 10 for i in range(11))
 NO_VARIANT = "none"  # requests refused before a variant was chosen (bad JSON, k out of range, ...)
@@ -23,62 +38,118 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._children: dict = {}
         r = self.registry
-        self.requests = Counter("slimrec_requests_total", "API requests by variant, endpoint and status",
-                                ["variant", "endpoint", "status"], registry=r)
-        self.errors = Counter("slimrec_request_errors_total", "API requests answered 4xx/5xx",
-                              ["variant", "endpoint", "status"], registry=r)
-        self.latency = Histogram("slimrec_request_latency_seconds", "End-to-end handler latency",
-                                 ["variant", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "slimrec_requests_total",
+            "API requests by variant, endpoint and status",
+            ["variant", "endpoint", "status"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "slimrec_request_errors_total",
+            "API requests answered 4xx/5xx",
+            ["variant", "endpoint", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "slimrec_request_latency_seconds",
+            "End-to-end handler latency",
+            ["variant", "endpoint"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.stage_latency = Histogram(
             "slimrec_stage_latency_seconds",
             "Per-request stage latency: queue (waiting for a batch), embed, retrieve, rank "
             "(a batched stage counts once for every request in the batch)",
-            ["variant", "stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("slimrec_batch_size", "Queries per model call", ["variant"],
-                                    buckets=BATCH_BUCKETS, registry=r)
-        self.fallbacks = Counter("slimrec_fallback_total", "Answers from the popularity fallback",
-                                 ["variant", "reason"], registry=r)
-        self.ignored_history = Counter("slimrec_ignored_history_items_total",
-                                       "History item ids unknown to the variant", ["variant"], registry=r)
-        self.shadow = Counter("slimrec_shadow_requests_total", "Shadow comparisons by outcome",
-                              ["primary", "shadow", "outcome"], registry=r)
-        self.shadow_overlap = Histogram("slimrec_shadow_overlap_at_k", "|top-k(primary) & top-k(shadow)| / k",
-                                        ["primary", "shadow"], buckets=FRACTION_BUCKETS, registry=r)
-        self.shadow_rbo = Histogram("slimrec_shadow_rbo",
-                                    "Rank-biased overlap (p=0.9, extrapolated) of the two top-k lists",
-                                    ["primary", "shadow"], buckets=FRACTION_BUCKETS, registry=r)
+            ["variant", "stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "slimrec_batch_size", "Queries per model call", ["variant"], buckets=BATCH_BUCKETS, registry=r
+        )
+        self.fallbacks = Counter(
+            "slimrec_fallback_total",
+            "Answers from the popularity fallback",
+            ["variant", "reason"],
+            registry=r,
+        )
+        self.ignored_history = Counter(
+            "slimrec_ignored_history_items_total",
+            "History item ids unknown to the variant",
+            ["variant"],
+            registry=r,
+        )
+        self.shadow = Counter(
+            "slimrec_shadow_requests_total",
+            "Shadow comparisons by outcome",
+            ["primary", "shadow", "outcome"],
+            registry=r,
+        )
+        self.shadow_overlap = Histogram(
+            "slimrec_shadow_overlap_at_k",
+            "|top-k(primary) & top-k(shadow)| / k",
+            ["primary", "shadow"],
+            buckets=FRACTION_BUCKETS,
+            registry=r,
+        )
+        self.shadow_rbo = Histogram(
+            "slimrec_shadow_rbo",
+            "Rank-biased overlap (p=0.9, extrapolated) of the two top-k lists",
+            ["primary", "shadow"],
+            buckets=FRACTION_BUCKETS,
+            registry=r,
+        )
         self.model_info = Info("slimrec_model", "Loaded artifact per variant", ["variant"], registry=r)
-        self.model_bytes = Gauge("slimrec_model_served_bytes", "Bytes of the files the server loads",
-                                 ["variant"], registry=r)
+        self.model_bytes = Gauge(
+            "slimrec_model_served_bytes", "Bytes of the files the server loads", ["variant"], registry=r
+        )
         self.split_weight = Gauge("slimrec_split_weight", "A/B weight per variant", ["variant"], registry=r)
-        self.reloads = Counter("slimrec_reloads_total",
-                               "Admin reloads by outcome: swapped, invalid_artifact, not_promotable, "
-                               "bad_path",
-                               ["variant", "outcome"], registry=r)
-        self.in_flight = Gauge("slimrec_in_flight_requests", "Recommendation requests being handled",
-                               registry=r)
-        self.overload = Counter("slimrec_overload_rejections_total",
-                                "Recommendation requests refused with 503 because max_in_flight were running",
-                                registry=r)
-        self.deadline = Counter("slimrec_deadline_exceeded_total",
-                                "Recommendation requests answered 504: past request_timeout_ms", ["variant"],
-                                registry=r)
-        self.model_errors = Counter("slimrec_model_errors_total",
-                                    "Model calls that raised at run time, by variant and exception type",
-                                    ["variant", "error"], registry=r)
+        self.reloads = Counter(
+            "slimrec_reloads_total",
+            "Admin reloads by outcome: swapped, invalid_artifact, not_promotable, bad_path",
+            ["variant", "outcome"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "slimrec_in_flight_requests", "Recommendation requests being handled", registry=r
+        )
+        self.overload = Counter(
+            "slimrec_overload_rejections_total",
+            "Recommendation requests refused with 503 because max_in_flight were running",
+            registry=r,
+        )
+        self.deadline = Counter(
+            "slimrec_deadline_exceeded_total",
+            "Recommendation requests answered 504: past request_timeout_ms",
+            ["variant"],
+            registry=r,
+        )
+        self.model_errors = Counter(
+            "slimrec_model_errors_total",
+            "Model calls that raised at run time, by variant and exception type",
+            ["variant", "error"],
+            registry=r,
+        )
         self.runtime_fallbacks = Counter(
             "slimrec_runtime_fallback_total",
             "Requests whose variant failed at run time, by what answered instead (variant:NAME or popular)",
-            ["variant", "to"], registry=r)
+            ["variant", "to"],
+            registry=r,
+        )
 
     def record_variant(self, variant) -> None:
         """Export a (re)loaded variant's version, path and size."""
         summary = variant.artifact.summary()
-        self.model_info.labels(variant.name).info({
-            "version": variant.version, "path": str(variant.path),
-            "artifact_variant": variant.artifact.variant,
-            "created_at": str(summary.get("created_at")), "promotable": str(summary.get("promotable")),
-        })
+        self.model_info.labels(variant.name).info(
+            {
+                "version": variant.version,
+                "path": str(variant.path),
+                "artifact_variant": variant.artifact.variant,
+                "created_at": str(summary.get("created_at")),
+                "promotable": str(summary.get("promotable")),
+            }
+        )
         self.model_bytes.labels(variant.name).set(summary["sizes"]["served_bytes"])
 
     def record_split(self, weights: dict[str, float]) -> None:

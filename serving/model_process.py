@@ -76,8 +76,9 @@ class _Child:
         self.stopped = False
         context = multiprocessing.get_context("spawn")  # never fork a process running threads
         self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=_child_main, args=(child_end, *args), daemon=True,
-                                       name=f"slimrec-model-{args[0]}")
+        self.process = context.Process(
+            target=_child_main, args=(child_end, *args), daemon=True, name=f"slimrec-model-{args[0]}"
+        )
         self.process.start()
         child_end.close()
         try:
@@ -88,14 +89,16 @@ class _Child:
 
     def _expect_ready(self) -> None:
         if not self.conn.poll(READY_TIMEOUT_S):
-            raise ModelProcessError(f"model process {self.process.pid}: not ready after "
-                                    f"{READY_TIMEOUT_S:.0f} s")
+            raise ModelProcessError(
+                f"model process {self.process.pid}: not ready after {READY_TIMEOUT_S:.0f} s"
+            )
         try:
             kind, detail = self.conn.recv()
         except (EOFError, OSError):
             self.process.join(STOP_TIMEOUT_S)
-            raise ModelProcessError(f"model process {self.process.pid} exited with "
-                                    f"{self.process.exitcode} while loading") from None
+            raise ModelProcessError(
+                f"model process {self.process.pid} exited with {self.process.exitcode} while loading"
+            ) from None
         if kind != "ready":
             raise ModelProcessError(f"model process could not load the variant: {detail}")
 
@@ -103,13 +106,15 @@ class _Child:
         try:
             self.conn.send((queries, n_candidates))
             if not self.conn.poll(CALL_TIMEOUT_S):
-                raise ModelProcessError(f"model process {self.process.pid}: no answer after "
-                                        f"{CALL_TIMEOUT_S:.0f} s")
+                raise ModelProcessError(
+                    f"model process {self.process.pid}: no answer after {CALL_TIMEOUT_S:.0f} s"
+                )
             kind, detail = self.conn.recv()
         except (EOFError, OSError):
             self.process.join(1.0)
-            raise ModelProcessError(f"model process {self.process.pid} exited "
-                                    f"(code {self.process.exitcode})") from None
+            raise ModelProcessError(
+                f"model process {self.process.pid} exited (code {self.process.exitcode})"
+            ) from None
         if kind != "ok":
             raise ModelProcessError(f"model process {self.process.pid}: {detail}", broken=False)
         return detail
@@ -187,8 +192,12 @@ class ModelProcesses:
             self._free.put(child)  # a stopped child is replaced when next taken
 
     def _replace(self, dead: _Child) -> _Child:
-        log.error("model process %s (variant %s) exited with %s; starting another",
-                  dead.process.pid, self._args[0], dead.process.exitcode)
+        log.error(
+            "model process %s (variant %s) exited with %s; starting another",
+            dead.process.pid,
+            self._args[0],
+            dead.process.exitcode,
+        )
         dead.stop()
         fresh = _Child(self._args)
         with self._lock:

@@ -71,10 +71,17 @@ class Answer:
     batch_size: int
 
 
-def build_query(variant: Variant, user_id: str, k: int, exclude_seen: bool = True,
-                history: list[str] | None = None, features: dict | None = None,
-                include_genres: list[str] | None = None, exclude_genres: list[str] | None = None,
-                reject_unknown_items: bool = False) -> Query:
+def build_query(
+    variant: Variant,
+    user_id: str,
+    k: int,
+    exclude_seen: bool = True,
+    history: list[str] | None = None,
+    features: dict | None = None,
+    include_genres: list[str] | None = None,
+    exclude_genres: list[str] | None = None,
+    reject_unknown_items: bool = False,
+) -> Query:
     """Model inputs for one request (see the module docstring for the policies).
 
     Raises:
@@ -82,12 +89,22 @@ def build_query(variant: Variant, user_id: str, k: int, exclude_seen: bool = Tru
     """
     extra, ignored = history_indices(variant, history or [])
     if ignored and reject_unknown_items:
-        raise QueryError(f"history has {len(ignored)} item id(s) this model does not know: "
-                         f"{', '.join(map(repr, ignored[:20]))}")
+        raise QueryError(
+            f"history has {len(ignored)} item id(s) this model does not know: "
+            f"{', '.join(map(repr, ignored[:20]))}"
+        )
     key, allowed = allowed_items(variant, include_genres or [], exclude_genres or [])
     user = variant.user_index.get(user_id)
-    return Query(k=k, user=user, extra=extra, features=features or {}, exclude_seen=exclude_seen,
-                 filter_key=key, allowed=allowed, ignored_history=ignored)
+    return Query(
+        k=k,
+        user=user,
+        extra=extra,
+        features=features or {},
+        exclude_seen=exclude_seen,
+        filter_key=key,
+        allowed=allowed,
+        ignored_history=ignored,
+    )
 
 
 def seen_items(variant: Variant, query: Query) -> np.ndarray | None:
@@ -114,8 +131,10 @@ def allowed_items(variant: Variant, include: list[str], exclude: list[str]):
         return None, None
     unknown = sorted(g for g in {*include, *exclude} if g not in variant.genre_masks)
     if unknown:
-        raise QueryError(f"unknown genre(s) {', '.join(map(repr, unknown))}; known genres: "
-                         f"{', '.join(sorted(variant.genre_masks))}")
+        raise QueryError(
+            f"unknown genre(s) {', '.join(map(repr, unknown))}; known genres: "
+            f"{', '.join(sorted(variant.genre_masks))}"
+        )
     masks = variant.genre_masks
     allowed = np.ones(variant.model.n_items, bool)
     if include:
@@ -127,7 +146,7 @@ def allowed_items(variant: Variant, include: list[str], exclude: list[str]):
 
 def stored_items(model, user: int) -> np.ndarray:
     """A known user's fitted items from the artifact, oldest first."""
-    return model.fitted_items[model.fitted_indptr[user]: model.fitted_indptr[user + 1]]
+    return model.fitted_items[model.fitted_indptr[user] : model.fitted_indptr[user + 1]]
 
 
 def sent_history_batch(model: ServedModel, queries: list[Query]) -> UserBatch:
@@ -138,8 +157,9 @@ def sent_history_batch(model: ServedModel, queries: list[Query]) -> UserBatch:
     side features. With exclude_seen a row excludes every item of its history (deduplicated).
     """
     users = np.array([-1 if q.user is None else q.user for q in queries], np.int64)  # -1: code 0
-    items = [q.extra if q.user is None else np.concatenate([stored_items(model, q.user), q.extra])
-             for q in queries]
+    items = [
+        q.extra if q.user is None else np.concatenate([stored_items(model, q.user), q.extra]) for q in queries
+    ]
     codes = user_codes(users)
     features = user_feature_rows(model.user_features, codes)
     unknown = np.flatnonzero(users < 0)
@@ -147,8 +167,9 @@ def sent_history_batch(model: ServedModel, queries: list[Query]) -> UserBatch:
         features[unknown] = sent_user_features(model.space, [queries[i].features for i in unknown])
     history = sent_history_window(items, model.space.history_len)
     nothing = np.zeros(0, np.int64)
-    exclude = lists_as_csr([np.unique(row) if q.exclude_seen else nothing
-                            for row, q in zip(items, queries, strict=True)])
+    exclude = lists_as_csr(
+        [np.unique(row) if q.exclude_seen else nothing for row, q in zip(items, queries, strict=True)]
+    )
     return UserBatch(codes, features, history, *exclude)
 
 
@@ -160,8 +181,11 @@ def user_batch(variant: Variant, queries: list[Query]) -> tuple[UserBatch, list[
     """
     parts, order = [], []
     for exclude_seen in (True, False):
-        plain = [i for i, q in enumerate(queries)
-                 if q.user is not None and not len(q.extra) and q.exclude_seen == exclude_seen]
+        plain = [
+            i
+            for i, q in enumerate(queries)
+            if q.user is not None and not len(q.extra) and q.exclude_seen == exclude_seen
+        ]
         if plain:
             users = np.array([queries[i].user for i in plain], np.int64)
             parts.append(variant.model.known_users(users, exclude_seen))
@@ -179,10 +203,13 @@ def concat_batches(batches: list[UserBatch]) -> UserBatch:
         return batches[0]
     offsets = np.cumsum([0] + [b.exclude_indptr[-1] for b in batches[:-1]])
     indptr = np.concatenate([[0]] + [b.exclude_indptr[1:] + o for b, o in zip(batches, offsets, strict=True)])
-    return UserBatch(np.concatenate([b.codes for b in batches]),
-                     np.concatenate([b.features for b in batches]),
-                     np.concatenate([b.history for b in batches]),
-                     indptr.astype(np.int64), np.concatenate([b.exclude_items for b in batches]))
+    return UserBatch(
+        np.concatenate([b.codes for b in batches]),
+        np.concatenate([b.features for b in batches]),
+        np.concatenate([b.history for b in batches]),
+        indptr.astype(np.int64),
+        np.concatenate([b.exclude_items for b in batches]),
+    )
 
 
 def run_queries(variant: Variant, queries: list[Query], n_candidates: int) -> list[Answer]:

@@ -23,10 +23,12 @@ class RecommendRequest(_Strict):
     user_id: RawId
     k: int = Field(10, ge=1, le=MAX_K)
     exclude_seen: bool = True
-    history: list[RawId] = Field(default_factory=list,
-                                 description="item ids; appended to a known user's stored history")
+    history: list[RawId] = Field(
+        default_factory=list, description="item ids; appended to a known user's stored history"
+    )
     unknown_items: Literal["ignore", "reject"] = Field(
-        "ignore", description="history ids the model does not know: drop and report, or 422")
+        "ignore", description="history ids the model does not know: drop and report, or 422"
+    )
     age: int | None = Field(None, ge=0, le=150)
     gender: str | None = Field(None, max_length=32)
     occupation: str | None = Field(None, max_length=64)
@@ -35,8 +37,12 @@ class RecommendRequest(_Strict):
     exclude_genres: list[Genre] = Field(default_factory=list, max_length=64)
 
     def features(self) -> dict:
-        return {"age": self.age, "gender": self.gender, "occupation": self.occupation,
-                "zip_code": self.zip_code}
+        return {
+            "age": self.age,
+            "gender": self.gender,
+            "occupation": self.occupation,
+            "zip_code": self.zip_code,
+        }
 
 
 class ScoredItem(BaseModel):
@@ -51,12 +57,15 @@ class RecommendResponse(BaseModel):
     user_id: str
     items: list[ScoredItem]
     fallback: str | None = Field(
-        None, pattern=r"^(popular|variant:.+)$",
-        description="null: the variant's model answered. \"popular\": the popularity list (unknown user "
-                    "without usable history, or the variant's model failed). \"variant:NAME\": the "
-                    "variant's model failed and variant NAME answered instead")
-    ignored_history: list[str] = Field(default_factory=list,
-                                       description="history ids unknown to this model, not used")
+        None,
+        pattern=r"^(popular|variant:.+)$",
+        description='null: the variant\'s model answered. "popular": the popularity list (unknown user '
+        'without usable history, or the variant\'s model failed). "variant:NAME": the '
+        "variant's model failed and variant NAME answered instead",
+    )
+    ignored_history: list[str] = Field(
+        default_factory=list, description="history ids unknown to this model, not used"
+    )
     request_id: str
 
 
@@ -119,12 +128,23 @@ _ERRORS = {
 }
 _HEADERS = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}, "required": True}},
-    503: {"Retry-After": {"schema": {"type": "string"}, "required": True,
-                          "description": "seconds to wait before retrying"}},
+    503: {
+        "Retry-After": {
+            "schema": {"type": "string"},
+            "required": True,
+            "description": "seconds to wait before retrying",
+        }
+    },
 }
 
 
 def error_responses(*codes: int) -> dict[int | str, dict]:
     """OpenAPI `responses=` entries for the error statuses an endpoint can answer."""
-    return {code: {"model": ErrorResponse, "description": _ERRORS[code],
-                   **({"headers": _HEADERS[code]} if code in _HEADERS else {})} for code in codes}
+    return {
+        code: {
+            "model": ErrorResponse,
+            "description": _ERRORS[code],
+            **({"headers": _HEADERS[code]} if code in _HEADERS else {}),
+        }
+        for code in codes
+    }

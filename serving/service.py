@@ -77,8 +77,9 @@ class Service:
         self.split: dict[str, float] = dict(settings.split)
         self.variants: dict[str, Served] = {}
         self.ready = False
-        self._executor = ThreadPoolExecutor(settings.model_threads, thread_name_prefix="slimrec-model",
-                                            initializer=self.init_model_thread)
+        self._executor = ThreadPoolExecutor(
+            settings.model_threads, thread_name_prefix="slimrec-model", initializer=self.init_model_thread
+        )
         self._reload_lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
         self._error_logged_at: dict[str, float] = {}  # variant -> last model-error log line
@@ -89,10 +90,14 @@ class Service:
         sys.setswitchinterval(self.settings.gil_switch_interval_ms / 1000)
         drop_interrupt_checks()
         if self.settings.inject_delay_ms:
-            log.warning("inject_delay_ms=%s: every model call sleeps first (a test hook)",
-                        self.settings.inject_delay_ms)
-        loaded = await asyncio.gather(*(asyncio.to_thread(self._load, name, self.settings.variants[name])
-                                        for name in names), return_exceptions=True)
+            log.warning(
+                "inject_delay_ms=%s: every model call sleeps first (a test hook)",
+                self.settings.inject_delay_ms,
+            )
+        loaded = await asyncio.gather(
+            *(asyncio.to_thread(self._load, name, self.settings.variants[name]) for name in names),
+            return_exceptions=True,
+        )
         failed = [outcome for outcome in loaded if isinstance(outcome, BaseException)]
         ready = [outcome for outcome in loaded if not isinstance(outcome, BaseException)]
         if failed:
@@ -111,8 +116,9 @@ class Service:
         """Refuse new work, answer everything queued or running, then stop the model processes
         (if any) and the thread pool."""
         self.ready = False
-        await asyncio.gather(*(served.retire() for served in self.variants.values()),
-                             *self._draining, return_exceptions=True)
+        await asyncio.gather(
+            *(served.retire() for served in self.variants.values()), *self._draining, return_exceptions=True
+        )
         self._executor.shutdown(wait=True)
 
     def init_model_thread(self) -> None:
@@ -143,10 +149,16 @@ class Service:
                 time.sleep(delay_s)  # test hook: slow requests for shutdown and overload tests
             return answer(queries, settings.n_candidates)
 
-        batcher = Batcher(run_batch, self._executor, settings.batch_max_size,
-                          settings.batch_max_wait_ms / 1000, on_batch=batch_sizes.observe,
-                          name=f"slimrec-batcher-{variant.name}", threads=settings.batch_threads,
-                          thread_init=self.init_model_thread)
+        batcher = Batcher(
+            run_batch,
+            self._executor,
+            settings.batch_max_size,
+            settings.batch_max_wait_ms / 1000,
+            on_batch=batch_sizes.observe,
+            name=f"slimrec-batcher-{variant.name}",
+            threads=settings.batch_threads,
+            thread_init=self.init_model_thread,
+        )
         served = Served(variant, batcher, processes)
         self.variants[variant.name] = served  # the atomic swap: one dict assignment on the loop
         self.metrics.record_variant(variant)
@@ -170,8 +182,13 @@ class Service:
         now = time.monotonic()
         if now - self._error_logged_at.get(name, -log_every_s) >= log_every_s:
             self._error_logged_at[name] = now
-            log.error("variant %s: model call failed, answering with a fallback (logged at most every "
-                      "%.0f s; see slimrec_model_errors_total)", name, log_every_s, exc_info=exc)
+            log.error(
+                "variant %s: model call failed, answering with a fallback (logged at most every "
+                "%.0f s; see slimrec_model_errors_total)",
+                name,
+                log_every_s,
+                exc_info=exc,
+            )
 
     def shadow_partner(self, name: str) -> str | None:
         """The variant that shadows `name`: the next one in name order (None with one variant)."""
@@ -203,8 +220,10 @@ class Service:
             try:
                 manifest = (await asyncio.to_thread(load_artifact, path, False)).manifest
                 if manifest.get("promotable") is False and not force:
-                    raise ReloadError(409, f"{path}: manifest says promotable: false; "
-                                           "send {\"force\": true} to load it anyway")
+                    raise ReloadError(
+                        409,
+                        f'{path}: manifest says promotable: false; send {{"force": true}} to load it anyway',
+                    )
                 variant, processes = await asyncio.to_thread(self._load, name, path)
             except ReloadError:
                 self.metrics.reloads.labels(name, "not_promotable").inc()
@@ -236,8 +255,11 @@ class Service:
         except (ValueError, OSError) as exc:
             raise ReloadError(400, f"invalid path {path_text!r}: {exc}") from exc
         if not any(path.is_relative_to(root) for root in roots):
-            raise ReloadError(403, f"{path_text!r} is outside the artifacts roots "
-                                   f"({', '.join(map(str, roots))}); set SLIMREC_ARTIFACTS_ROOTS to allow it")
+            raise ReloadError(
+                403,
+                f"{path_text!r} is outside the artifacts roots "
+                f"({', '.join(map(str, roots))}); set SLIMREC_ARTIFACTS_ROOTS to allow it",
+            )
         try:
             is_dir = path.is_dir()
         except OSError as exc:  # e.g. ENAMETOOLONG: is_dir() swallows only "does not exist" errors

@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     config_file: Path | None = Field(None, description="TOML file with any of these settings")
     variants: Annotated[dict[str, Path], NoDecode] = Field(default_factory=dict)
     split: Annotated[dict[str, float], NoDecode] = Field(
-        default_factory=dict, description="weights per variant; empty = equal weights")
+        default_factory=dict, description="weights per variant; empty = equal weights"
+    )
     salt: str = Field("slimrec-ab-1", min_length=1, description="A/B hash salt; change it to reshuffle users")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
@@ -88,8 +89,13 @@ class Settings(BaseSettings):
     # lone request pays nothing and batches grow with load. >0 trades latency for batch size.
     batch_max_wait_ms: float = Field(0.0, ge=0, le=1000)
     batch_threads: int = Field(1, ge=1, le=64, description="batches each variant runs at once")
-    model_threads: int = Field(2, ge=1, le=256, description="threads running model calls when batching "
-                               "is off (batch_max_size 1); batched, each variant has batch_threads")
+    model_threads: int = Field(
+        2,
+        ge=1,
+        le=256,
+        description="threads running model calls when batching "
+        "is off (batch_max_size 1); batched, each variant has batch_threads",
+    )
     ort_threads: int = Field(1, ge=0, le=256, description="ONNX Runtime intra-op threads per session")
     # FAISS parallelises one search over OpenMP threads that spin between calls; with the model
     # thread pool already running searches side by side, more than one per search oversubscribes
@@ -98,35 +104,49 @@ class Settings(BaseSettings):
     # The model threads drop the GIL inside ONNX Runtime and FAISS and need it back after every
     # call; with CPython's default 5 ms switch interval they wait behind the event loop's Python
     # that long each time (locust at saturation, compressed on ml-100k: 673 RPS at 5 ms, 829 at 0.1).
-    gil_switch_interval_ms: float = Field(0.1, gt=0, le=100,
-                                          description="sys.setswitchinterval of the server process")
+    gil_switch_interval_ms: float = Field(
+        0.1, gt=0, le=100, description="sys.setswitchinterval of the server process"
+    )
     # Model calls in child processes (serving/model_process.py): no GIL shared with the event
     # loop, at the price of the model's memory once more per child.
-    model_process: bool = Field(False, description="run each variant's model calls in child processes "
-                                "(one per batch thread; per model thread when batching is off), each "
-                                "with its own GIL")
+    model_process: bool = Field(
+        False,
+        description="run each variant's model calls in child processes "
+        "(one per batch thread; per model thread when batching is off), each "
+        "with its own GIL",
+    )
     shadow_fraction: float = Field(0.0, ge=0, le=1)
     allow_variant_override: bool | None = Field(
-        None, description="honour X-Slimrec-Variant; default: only when bound to loopback")
+        None, description="honour X-Slimrec-Variant; default: only when bound to loopback"
+    )
     admin_token: SecretStr | None = None
     artifacts_roots: Annotated[list[Path], NoDecode] | None = Field(
-        None, description="reload paths must lie under one of these; default: the variants' parents")
+        None, description="reload paths must lie under one of these; default: the variants' parents"
+    )
     max_body_bytes: int = Field(64 * 1024, ge=1024, le=16 * 1024 * 1024)
     max_history: int = Field(1000, ge=1, le=100_000)
     max_in_flight: int = Field(
-        64, ge=1, le=100_000,
-        description="recommendation requests handled at once; past it: 503 with Retry-After, no queueing")
+        64,
+        ge=1,
+        le=100_000,
+        description="recommendation requests handled at once; past it: 503 with Retry-After, no queueing",
+    )
     request_timeout_ms: float = Field(
-        2000.0, gt=0, le=600_000, description="per-request deadline for recommendations; past it: 504")
+        2000.0, gt=0, le=600_000, description="per-request deadline for recommendations; past it: 504"
+    )
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 answers")
     inject_delay_ms: float = Field(
-        0.0, ge=0, le=60_000,
+        0.0,
+        ge=0,
+        le=60_000,
         description="TESTS ONLY: sleep this long in every model call (slow-request tests); "
-                    "loopback binds only")
+        "loopback binds only",
+    )
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings,
-                                   file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The TOML file sits below env and kwargs; which file comes from a kwarg or the env.
         import os
 
@@ -172,8 +192,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.variants:
-            raise ValueError("no variants: give at least one NAME=ARTIFACT_DIR "
-                             "(--variant / SLIMREC_VARIANTS)")
+            raise ValueError(
+                "no variants: give at least one NAME=ARTIFACT_DIR (--variant / SLIMREC_VARIANTS)"
+            )
         for name, path in self.variants.items():
             if not VARIANT_NAME.match(name):
                 raise ValueError(f"variant name {name!r}: use letters, digits, '_', '.', '-' (max 64)")
@@ -217,8 +238,10 @@ def validate_split(weights: dict[str, float], variants) -> dict[str, float]:
     """
     unknown = sorted(set(weights) - set(variants))
     if unknown:
-        raise ValueError(f"split names unknown variant(s) {', '.join(map(repr, unknown))}; "
-                         f"variants are {', '.join(map(repr, variants))}")
+        raise ValueError(
+            f"split names unknown variant(s) {', '.join(map(repr, unknown))}; "
+            f"variants are {', '.join(map(repr, variants))}"
+        )
     for name, weight in weights.items():
         if not math.isfinite(weight) or weight < 0:
             raise ValueError(f"split: weight of {name!r} must be a finite number >= 0, got {weight}")

@@ -48,6 +48,6 @@ def rank_biased_overlap(a: list[str], b: list[str], p: float = 0.9) -> float:
     depth_counts = np.bincount(np.asarray(entered, np.int64), minlength=k)[:k]
     overlap = np.cumsum(depth_counts)  # X_d for d = 1..k
     d = np.arange(1, k + 1)
-    weights = p ** d
+    weights = p**d
     value = overlap[-1] / k * p**k + (1 - p) / p * float(np.sum(overlap / d * weights))
     return float(min(1.0, value))

@@ -42,10 +42,16 @@ class Variant:
 
     def describe(self) -> dict:
         """What `GET /v1/variants` says about this variant: version, path, manifest summary."""
-        return {"name": self.name, "path": str(self.path), "model_version": self.version,
-                "loaded_at": self.loaded_at, "n_users": len(self.user_index),
-                "n_items": len(self.item_ids), "genres": sorted(self.genre_masks),
-                "summary": self.artifact.summary()}
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "model_version": self.version,
+            "loaded_at": self.loaded_at,
+            "n_users": len(self.user_index),
+            "n_items": len(self.item_ids),
+            "genres": sorted(self.genre_masks),
+            "summary": self.artifact.summary(),
+        }
 
 
 def model_version(artifact: Artifact) -> str:
@@ -94,13 +100,20 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
     item_ids = [str(i) for i in catalogue["item_ids"]]
     user_ids = [str(u) for u in catalogue["user_ids"]]
     if len(item_ids) != model.n_items or len(user_ids) != model.n_users:
-        raise ArtifactError(f"{artifact.file(CATALOGUE)}: {len(user_ids)} users / {len(item_ids)} items, "
-                            f"the model has {model.n_users} / {model.n_items}")
+        raise ArtifactError(
+            f"{artifact.file(CATALOGUE)}: {len(user_ids)} users / {len(item_ids)} items, "
+            f"the model has {model.n_users} / {model.n_items}"
+        )
     variant = Variant(
-        name=name, path=path.resolve(), artifact=artifact, model=model, version=model_version(artifact),
+        name=name,
+        path=path.resolve(),
+        artifact=artifact,
+        model=model,
+        version=model_version(artifact),
         user_index={u: i for i, u in enumerate(user_ids)},
         item_index={it: i for i, it in enumerate(item_ids)},
-        item_ids=item_ids, titles=[str(t) for t in catalogue["titles"]],
+        item_ids=item_ids,
+        titles=[str(t) for t in catalogue["titles"]],
         genre_masks=genre_masks(catalogue["genres"]),
     )
     smoke_test(variant)
@@ -119,23 +132,44 @@ def check_signatures(model: ServedModel) -> None:
     """
     fixed = {"user_features": model.user_features.shape[1], "history": model.space.history_len}
     prefix = model.prefix
-    _check_graph(model.artifact.file(f"{prefix}user_tower.onnx"), model.user_tower, USER_TOWER_INPUTS,
-                 required=(), out_dim=model.index.dim, fixed=fixed,
-                 out_what=f"the index dimension ({model.index.dim}, items.faiss)")
-    _check_graph(model.artifact.file(f"{prefix}ranker.onnx"), model.ranker, RANKER_INPUTS,
-                 required=("candidates",), out_dim=None, fixed=fixed, out_what="")
+    _check_graph(
+        model.artifact.file(f"{prefix}user_tower.onnx"),
+        model.user_tower,
+        USER_TOWER_INPUTS,
+        required=(),
+        out_dim=model.index.dim,
+        fixed=fixed,
+        out_what=f"the index dimension ({model.index.dim}, items.faiss)",
+    )
+    _check_graph(
+        model.artifact.file(f"{prefix}ranker.onnx"),
+        model.ranker,
+        RANKER_INPUTS,
+        required=("candidates",),
+        out_dim=None,
+        fixed=fixed,
+        out_what="",
+    )
 
 
-def _check_graph(path: Path, session, expected: dict[str, int], required: tuple[str, ...],
-                 out_dim: int | None, fixed: dict[str, int], out_what: str) -> None:
+def _check_graph(
+    path: Path,
+    session,
+    expected: dict[str, int],
+    required: tuple[str, ...],
+    out_dim: int | None,
+    fixed: dict[str, int],
+    out_what: str,
+) -> None:
     def fail(problem: str) -> None:
         raise ArtifactError(f"{path}: {problem}")
 
     inputs = {i.name: i for i in session.get_inputs()}
     unknown = sorted(set(inputs) - set(expected))
     if unknown:
-        fail(f"input(s) {', '.join(map(repr, unknown))} are not ones serving provides "
-             f"({', '.join(expected)})")
+        fail(
+            f"input(s) {', '.join(map(repr, unknown))} are not ones serving provides ({', '.join(expected)})"
+        )
     missing = [name for name in required if name not in inputs]
     if missing or not inputs:
         fail(f"missing input(s) {', '.join(map(repr, missing or list(expected)))}")
@@ -164,8 +198,12 @@ def check_tables(model: ServedModel) -> None:
     problems = []
     if model.user_features.ndim != 2 or model.user_features.shape[0] != n_users + 1:
         problems.append(f"user_features has shape {model.user_features.shape}, expected [{n_users + 1}, F]")
-    if indptr.shape != (n_users + 1,) or indptr[0] != 0 or (np.diff(indptr) < 0).any() \
-            or indptr[-1] != len(items):
+    if (
+        indptr.shape != (n_users + 1,)
+        or indptr[0] != 0
+        or (np.diff(indptr) < 0).any()
+        or indptr[-1] != len(items)
+    ):
         problems.append(f"fitted_indptr is not a CSR row pointer for {n_users} users over {len(items)} items")
     if len(items) and (items.min() < 0 or items.max() >= n_items):
         problems.append(f"fitted_items holds indices outside [0, {n_items})")
@@ -191,15 +229,19 @@ def smoke_test(variant: Variant, k: int = 10) -> None:
     batch = model.known_users(np.array([0]))
     embedding = model.embed(batch)
     if embedding.shape != (1, model.index.dim):  # a symbolic output dimension is only known now
-        raise ArtifactError(f"{model.artifact.file(f'{model.prefix}user_tower.onnx')}: user embedding has "
-                            f"shape {list(embedding.shape)} for one user, the index (items.faiss) "
-                            f"expects [1, {model.index.dim}]")
+        raise ArtifactError(
+            f"{model.artifact.file(f'{model.prefix}user_tower.onnx')}: user embedding has "
+            f"shape {list(embedding.shape)} for one user, the index (items.faiss) "
+            f"expects [1, {model.index.dim}]"
+        )
     recs = model.recommend(batch, min(k, model.n_items))
     items, scores = recs.items[0], recs.scores[0]
     valid = items >= 0
     if not valid.any() or items.max() >= model.n_items or not np.isfinite(scores[valid]).all():
-        raise ArtifactError(f"{variant.path}: smoke query returned invalid items or scores "
-                            f"(items {items.tolist()}, scores {scores.tolist()})")
+        raise ArtifactError(
+            f"{variant.path}: smoke query returned invalid items or scores "
+            f"(items {items.tolist()}, scores {scores.tolist()})"
+        )
     popular = model.popular(k)
     if len(popular) == 0 or popular.max() >= model.n_items:
         raise ArtifactError(f"{variant.path}: popularity fallback table is empty or out of range")

@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="fetch or generate datasets").add_subparsers(dest="data_command")
     fetch = data.add_parser("fetch", help="download a MovieLens dataset")
     fetch.add_argument("name", choices=["ml-100k"])
-    fetch.add_argument("--dir", type=Path, default=None,
-                       help="parent directory (default: $SLIMREC_DATA_DIR or ./data)")
+    fetch.add_argument(
+        "--dir", type=Path, default=None, help="parent directory (default: $SLIMREC_DATA_DIR or ./data)"
+    )
     fetch.set_defaults(run=cmd_data_fetch, command="data fetch")
     synth = data.add_parser("synth", help="generate a synthetic dataset with learnable structure")
     synth.add_argument("--items", type=positive_int, required=True)
@@ -59,14 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(run=cmd_data_synth, command="data synth")
 
     train = sub.add_parser("train", help="train the teacher (full) models and write an artifact")
-    train.add_argument("--data", default="ml-100k",
-                       help="dataset name under $SLIMREC_DATA_DIR, or a directory")
+    train.add_argument(
+        "--data", default="ml-100k", help="dataset name under $SLIMREC_DATA_DIR, or a directory"
+    )
     train.add_argument("--out", type=Path, default=Path("artifacts/teacher"))
     train.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="teacher")
     train.add_argument("--config", type=Path, help="TOML file overriding the preset")
     train.add_argument("--seed", type=int, default=None)
-    train.add_argument("--threads", type=positive_int, default=None,
-                       help="torch threads (default: all cores)")
+    train.add_argument(
+        "--threads", type=positive_int, default=None, help="torch threads (default: all cores)"
+    )
     train.set_defaults(run=cmd_train, command="train")
 
     evaluate = sub.add_parser("evaluate", help="PROTOCOL.md metrics of an artifact; writes metrics.json")
@@ -80,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--preset", choices=sorted(COMPRESS_PRESETS), default="default")
     compress.add_argument("--config", type=Path, help="TOML file with PipelineConfig sections")
     compress.add_argument("--data", default=None, help="dataset (default: the one the teacher names)")
-    compress.add_argument("--threads", type=positive_int, default=None,
-                          help="torch threads (default: all cores)")
+    compress.add_argument(
+        "--threads", type=positive_int, default=None, help="torch threads (default: all cores)"
+    )
     compress.set_defaults(run=cmd_compress, command="compress")
 
     demo = sub.add_parser("demo", help="the main job: fetch ml-100k, train, compress, serve A/B, compare")
@@ -119,8 +123,9 @@ def cmd_data_fetch(args) -> None:
 def cmd_data_synth(args) -> None:
     from slimrec.models.synth import write_synthetic
 
-    out = write_synthetic(args.out, n_items=args.items, n_users=args.users,
-                          n_interactions=args.interactions, seed=args.seed)
+    out = write_synthetic(
+        args.out, n_items=args.items, n_users=args.users, n_interactions=args.interactions, seed=args.seed
+    )
     print(out)
 
 
@@ -143,13 +148,22 @@ def cmd_train(args) -> None:
     dataset = load_dataset(args.data)
     split = protocol_split(dataset)
     space = build_feature_space(dataset, config.history_len)
-    log(f"{dataset.name}: {dataset.n_users:,} users, {dataset.n_items:,} items, "
-        f"{len(dataset.interactions):,} interactions")
-    selected, final = fit_teacher(Fold.create(FIT_TRAIN, dataset, split, space),
-                                  Fold.create(FIT_TRAIN_VALID, dataset, split, space), config)
+    log(
+        f"{dataset.name}: {dataset.n_users:,} users, {dataset.n_items:,} items, "
+        f"{len(dataset.interactions):,} interactions"
+    )
+    selected, final = fit_teacher(
+        Fold.create(FIT_TRAIN, dataset, split, space),
+        Fold.create(FIT_TRAIN_VALID, dataset, split, space),
+        config,
+    )
     train_seconds = time.perf_counter() - started
-    data = {"dataset": dataset.name, "source": str(args.data), "fingerprint": dataset.fingerprint(),
-            "split_fingerprint": split.fingerprint()}
+    data = {
+        "dataset": dataset.name,
+        "source": str(args.data),
+        "fingerprint": dataset.fingerprint(),
+        "split_fingerprint": split.fingerprint(),
+    }
     meta = {"train": config.to_dict(), "preset": args.preset, "train_seconds": train_seconds}
     write_fitted_artifact(args.out, "full", selected, final, meta, data, IndexSpec("flat"))
     log(f"trained in {train_seconds:.0f} s; evaluating {args.out}")
@@ -183,8 +197,12 @@ def cmd_compress(args) -> int:
     report = compress(args.teacher, args.out, dataset, config)
     print(render_markdown(report))
     if not report["gate"]["promotable"]:
-        print("slimrec compress: quality gate failed; the artifact is marked promotable: false",
-              *report["gate"]["failures"], sep="\n  ", file=sys.stderr)
+        print(
+            "slimrec compress: quality gate failed; the artifact is marked promotable: false",
+            *report["gate"]["failures"],
+            sep="\n  ",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -200,8 +218,20 @@ def cmd_demo(args) -> int:
     steps = [
         ["train", "--data", str(data), "--out", str(teacher), "--preset", args.preset],
         ["compress", "--teacher", str(teacher), "--out", str(compressed), "--preset", args.compress_preset],
-        ["loadtest", "--start", f"full={teacher},compressed={compressed}", "--mode", "per-variant",
-         "--users", "16", "--duration", args.load_duration, "--ceiling", "--out", str(args.out / "loadtest")],
+        [
+            "loadtest",
+            "--start",
+            f"full={teacher},compressed={compressed}",
+            "--mode",
+            "per-variant",
+            "--users",
+            "16",
+            "--duration",
+            args.load_duration,
+            "--ceiling",
+            "--out",
+            str(args.out / "loadtest"),
+        ],
     ]
     for step in steps:
         print(f"\n$ slimrec {' '.join(step)}", flush=True)
