@@ -141,16 +141,19 @@ def teacher_top_codes(
     so a million-item catalogue never needs a [batch, n_items] score matrix."""
     if m == 0:
         return torch.zeros(0, dtype=torch.long)
-    best_scores, best_idx = None, None
+    best_scores: torch.Tensor | None = None
+    best_idx: torch.Tensor | None = None  # set together with best_scores
     for s in range(0, len(item_emb), chunk):
         scores = user_emb @ item_emb[s : s + chunk].T
         top = scores.topk(min(m, scores.shape[1]), dim=1)
         idx = top.indices + s
-        if best_scores is not None:
+        if best_scores is not None and best_idx is not None:
             merged = torch.cat([best_scores, top.values], 1).topk(m, dim=1)
             idx = torch.cat([best_idx, idx], 1).gather(1, merged.indices)
             top = merged
         best_scores, best_idx = top.values, idx
+    if best_idx is None:
+        raise ValueError("teacher_top_codes: item_emb has no rows to rank")
     return best_idx.flatten() + 1
 
 

@@ -244,7 +244,7 @@ def _sync_configs(model: nn.Module) -> None:
                     stacklevel=3,
                 )
         elif isinstance(m, Ranker):
-            ranks = {(cross_rank(c) if is_low_rank(c) else None) for c in m.cross}
+            ranks = {(cross_rank(c) if is_low_rank(c) else None) for c in _cross_layers(m)}
             deep = tuple(lin.out_features for lin in m.deep if isinstance(lin, nn.Linear))
             m.config = replace(m.config, deep=deep)
             if len(ranks) == 1:
@@ -255,6 +255,16 @@ def _sync_configs(model: nn.Module) -> None:
                     "describe them, so Ranker(config, ...) cannot rebuild this model",
                     stacklevel=3,
                 )
+
+
+def _cross_layers(ranker: Ranker) -> list[CrossLayer]:
+    """`ranker.cross` (an nn.ModuleList, so typed Module), checked to hold CrossLayers."""
+    layers = []
+    for c in ranker.cross:
+        if not isinstance(c, CrossLayer):
+            raise TypeError(f"Ranker.cross must hold CrossLayer modules, got {type(c).__name__}")
+        layers.append(c)
+    return layers
 
 
 def _n_keep(n: int, fraction: float, minimum: int) -> int:

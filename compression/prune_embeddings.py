@@ -7,7 +7,7 @@ buffers to a constructor, so a row-pruned model rebuilds from its config.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn
 
 def id_tables(model: nn.Module) -> list[tuple[str, nn.Module, str, str, str]]:
     """(name, owner, embedding path, rows buffer, "user"|"item") for every id embedding table."""
-    tables = []
+    tables: list[tuple[str, nn.Module, str, str, str]] = []
     for prefix, m in model.named_modules():
         if isinstance(m, UserTower):
             tables += [
@@ -60,6 +60,11 @@ def share_rare_rows_(
         embedding = owner.get_submodule(path)
         if counts[kind] is None or not selected(filter_fn, embedding, name):
             continue
+        if not isinstance(embedding, nn.Embedding):
+            raise TypeError(
+                f"{name}: row pruning rebuilds an nn.Embedding, got {type(embedding).__name__} "
+                "(prune rows before quantizing the tables)"
+            )
         rows = getattr(owner, rows_name)
         count = torch.as_tensor(np.asarray(counts[kind]))
         if count.shape != (len(rows) - 1,):
@@ -78,7 +83,11 @@ def share_rare_rows_(
 
 def embedding_rows(model: nn.Module) -> dict[str, int]:
     """Rows per id embedding table, by name."""
-    return {name: owner.get_submodule(path).num_embeddings for name, owner, path, _, _ in id_tables(model)}
+    return {
+        # an int on nn.Embedding and on QuantizedEmbedding alike
+        name: cast(int, owner.get_submodule(path).num_embeddings)
+        for name, owner, path, _, _ in id_tables(model)
+    }
 
 
 def model_tables(model: TwoTower | Ranker) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any
+from typing import Any, cast
 
 import torch
 from slimrec.compression.module_surgery import join_name, linear_from, named_modules_of, replace_module
@@ -44,14 +44,20 @@ def hidden_unit_pairs(model: nn.Module) -> list[HiddenUnitPair]:
         ):
             continue  # low-rank cross factors are a Sequential too, with no ReLU between them
         layers = list(seq)
-        linear = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
-        for i, j in pairwise(linear):
+        linear = [(i, m) for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+        for (i, layer_in), (j, layer_out) in pairwise(linear):
             if any(isinstance(m, nn.ReLU) for m in layers[i + 1 : j]):
-                pairs.append(HiddenUnitPair(join_name(prefix, str(i)), layers[i], layers[j]))
+                pairs.append(HiddenUnitPair(join_name(prefix, str(i)), layer_in, layer_out))
     for prefix, ranker in named_modules_of(model, Ranker):
         if len(ranker.deep):
             last = len(ranker.deep) - 1
-            pairs.append(HiddenUnitPair(join_name(prefix, f"deep.{last}"), ranker.deep[last], ranker.head))
+            layer_in = ranker.deep[last]
+            if not isinstance(layer_in, nn.Linear):
+                raise TypeError(
+                    f"{join_name(prefix, f'deep.{last}')}: a Ranker's last deep layer must be an nn.Linear, "
+                    f"got {type(layer_in).__name__}"
+                )
+            pairs.append(HiddenUnitPair(join_name(prefix, f"deep.{last}"), layer_in, ranker.head))
     return pairs
 
 
@@ -146,14 +152,21 @@ def is_low_rank(layer: CrossLayer) -> bool:
     return isinstance(layer.w, nn.Sequential)
 
 
+def _down(w: nn.Sequential) -> nn.Linear:
+    """The first factor, Linear(dim, r), of a low-rank W (CrossLayer and reduce_cross_rank_ build it so)."""
+    return cast(nn.Linear, w[0])
+
+
 def cross_rank(layer: CrossLayer) -> int:
     """Rank of the cross layer's W: dim for the full-rank form, r for U V^T."""
-    return layer.w[0].out_features if is_low_rank(layer) else layer.w.in_features
+    w = layer.w
+    return _down(w).out_features if isinstance(w, nn.Sequential) else w.in_features
 
 
 def cross_dim(layer: CrossLayer) -> int:
     """Width of the cross layer's input (= output)."""
-    return layer.w[0].in_features if is_low_rank(layer) else layer.w.in_features
+    w = layer.w
+    return _down(w).in_features if isinstance(w, nn.Sequential) else w.in_features
 
 
 def reduce_cross_rank_(layer: CrossLayer, rank: int) -> CrossLayer:
@@ -173,10 +186,10 @@ def reduce_cross_rank_(layer: CrossLayer, rank: int) -> CrossLayer:
     current = cross_rank(layer)
     if not 1 <= rank <= current:
         raise ValueError(f"rank must be in [1, {current}] for this cross layer, got {rank}")
-    if is_low_rank(layer):
+    if isinstance(layer.w, nn.Sequential):  # low rank
         if rank == current:
             return layer
-        down, up = layer.w
+        down, up = (cast(nn.Linear, m) for m in layer.w)  # Linear(dim, r), Linear(r, dim): see _down
         w, bias = up.weight.detach() @ down.weight.detach(), up.bias
         like = up
     else:

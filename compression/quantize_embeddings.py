@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,12 @@ class QuantizedEmbedding(nn.Module):
         table(torch.tensor([[1, 2, 0]]))  # [1, 3, 64] float32, row 0 all zero
     """
 
+    # buffers, declared for type checkers (nn.Module.__getattr__ types them Tensor | Module)
+    weight_q: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None  # asymmetric only
+    _nibble_weights: torch.Tensor | None  # 4-bit only
+
     def __init__(
         self,
         num_embeddings: int,
@@ -169,8 +176,8 @@ class QuantizedEmbedding(nn.Module):
             codes = codes[:, 0::2] | (codes[:, 1::2] << 4)
         out.weight_q.copy_(codes.to(out.weight_q.dtype))
         out.scale.copy_(scale)
-        if offset is not None:
-            out.offset.copy_(offset)
+        if offset is not None:  # asymmetric: __init__ registered the offset buffer
+            cast(torch.Tensor, out.offset).copy_(offset)
         return out.to(embedding.weight.device)
 
     def _codes(self, idx: torch.Tensor) -> torch.Tensor:
@@ -178,7 +185,8 @@ class QuantizedEmbedding(nn.Module):
         q = F.embedding(idx, self.weight_q)
         if self.bits == 8:
             return q.float()
-        nibbles = torch.stack([q & 0x0F, q & 0xF0], dim=-1).float() * self._nibble_weights
+        nibble_weights = cast(torch.Tensor, self._nibble_weights)  # registered for bits == 4
+        nibbles = torch.stack([q & 0x0F, q & 0xF0], dim=-1).float() * nibble_weights
         codes = nibbles.flatten(-2)
         codes = codes[..., : self.embedding_dim] if self.embedding_dim % 2 else codes
         return codes - self._code_bias if self._code_bias else codes

@@ -187,6 +187,11 @@ def quantize_onnx_dense(
                 "entropy": CalibrationMethod.Entropy,
                 "percentile": CalibrationMethod.Percentile,
             }
+            if config.calibration is None:  # __post_init__ checked it, but fields can be reassigned
+                raise ValueError(
+                    "OnnxQuantConfig(mode='static') needs calibration: a non-empty list of "
+                    "feed dicts (input name -> array)"
+                )
             reader = _FeedReader(prepared, config.calibration)
             quantize_static(
                 prepared,

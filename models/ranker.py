@@ -39,6 +39,8 @@ class CrossLayer(nn.Module):
 
     def __init__(self, dim: int, rank: int | None):
         super().__init__()
+        # low-rank: Sequential(Linear(dim, r, bias=False), Linear(r, dim))
+        self.w: nn.Linear | nn.Sequential
         if rank is None:
             self.w = nn.Linear(dim, dim)
         else:
@@ -56,6 +58,11 @@ class Ranker(nn.Module):
     on the whole sequence would memorise the very items a list asks it to predict.
     `user_code` stays an input so every served model has the same signature.
     """
+
+    # buffers, declared for type checkers (nn.Module.__getattr__ types them Tensor | Module)
+    item_rows: torch.Tensor
+    item_genres: torch.Tensor
+    item_year: torch.Tensor
 
     def __init__(self, config: RankerConfig, space: FeatureSpace, tables: dict[str, torch.Tensor]):
         super().__init__()

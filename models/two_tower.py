@@ -76,6 +76,10 @@ class HistoryPooling(nn.Module):
 class UserTower(nn.Module):
     """(user_code [B], user_features [B, 4], history [B, N]) -> [B, out_dim], unit norm."""
 
+    # buffers, declared for type checkers (nn.Module.__getattr__ types them Tensor | Module)
+    user_rows: torch.Tensor
+    item_rows: torch.Tensor
+
     def __init__(
         self,
         config: TwoTowerConfig,
@@ -109,6 +113,11 @@ class UserTower(nn.Module):
 
 class ItemTower(nn.Module):
     """(item_code [M]) -> [M, out_dim], unit norm; side features come from buffers."""
+
+    # buffers, declared for type checkers (nn.Module.__getattr__ types them Tensor | Module)
+    item_rows: torch.Tensor
+    item_genres: torch.Tensor
+    item_year: torch.Tensor
 
     def __init__(
         self,
