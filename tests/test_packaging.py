@@ -1,7 +1,7 @@
 """The wheel installs one namespace, `slimrec`, and its bare install serves without torch.
 
-A wheel is built from the checkout and installed, with its base dependencies only (no extras,
-pinned by constraints.txt), into a fresh venv; everything that venv runs starts in a temporary
+A wheel is built from the checkout and installed as `slimrec[serve]` (the serving extra, which is
+the base dependencies; pinned by constraints.txt) into a fresh venv; everything that venv runs starts in a temporary
 directory, outside the checkout. Its `slimrec serve` must answer from the golden artifact with
 torch not even installed. The dev venv has torch installed, so serving from it is the stronger
 check: neither the server nor its model processes (--model-process) may import torch, pandas,
@@ -130,7 +130,7 @@ def wheel(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def serve_venv(wheel, tmp_path_factory) -> Path:
-    """A fresh venv with the wheel and its base dependencies only; returns its bin/ directory."""
+    """A fresh venv with the wheel and its serving extra only; returns its bin/ directory."""
     work = tmp_path_factory.mktemp("serve-venv")
     venv = work / "venv"
     run([sys.executable, "-m", "venv", str(venv)], cwd=work, timeout=120)
@@ -143,7 +143,7 @@ def serve_venv(wheel, tmp_path_factory) -> Path:
             "--quiet",
             "-c",
             str(REPO / "constraints.txt"),
-            str(wheel),
+            f"{wheel}[serve]",
         ],
         cwd=work,
         timeout=PIP_TIMEOUT_S,
