@@ -35,6 +35,14 @@ class DataFormatError(ValueError):
         super().__init__(f"{where}: {problem}")
         self.path, self.line, self.problem = str(path), line, problem
 
+    @classmethod
+    def at_row(cls, path: str | Path, first_line: int | None, row: int, problem: str) -> DataFormatError:
+        """The error for data row `row` (0-based): at its line when rows have lines (`first_line`:
+        the line of row 0), else naming the row (Parquet)."""
+        if first_line is None:
+            return cls(path, None, f"row {row + 1}: {problem}")
+        return cls(path, first_line + row, problem)
+
 
 @dataclass(frozen=True)
 class Interactions:

@@ -5,11 +5,14 @@ Formats, detected from the files in a directory:
   - GroupLens 100K: `u.data`, `u.user`, `u.item`
   - GroupLens 1M / 10M: `ratings.dat`, `users.dat` (1M only), `movies.dat`
   - GroupLens 20M / 25M / latest: `ratings.csv`, `movies.csv`
+  - Plain tables: `interactions.csv` or `.parquet` (user_id, item_id, timestamp[, rating]),
+    optional `users.*` / `items.*` feature tables
 
 `load_dataset("ml-100k")` looks the name up under `data_root()`; a path loads that directory.
 
-The readers live beside this module, one per family of formats: `grouplens` and `recbole`
-(both on the checked line readers of `delimited`).
+The readers live beside this module, one per family of formats: `grouplens`, `recbole` and
+`tabular` (the text formats on the checked line readers of `delimited`). Feature columns of
+RecBole and plain tables meet the model's feature slots in `side_features`.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 from slimrec.models.data import DataFormatError, Dataset
 from slimrec.models.grouplens import load_grouplens_100k, load_grouplens_csv, load_grouplens_dat
 from slimrec.models.recbole import load_atomic
+from slimrec.models.tabular import find_table, load_tables
 
 DATA_DIR_ENV = "SLIMREC_DATA_DIR"
 
@@ -58,7 +62,14 @@ def detect_format(path: Path) -> str:
         return "grouplens-dat"
     if (path / "ratings.csv").exists():
         return "grouplens-csv"
-    raise DataFormatError(path, None, "no known ratings file (*.inter, u.data, ratings.dat or ratings.csv)")
+    if find_table(path, "interactions") is not None:
+        return "table"
+    raise DataFormatError(
+        path,
+        None,
+        "no known ratings file (*.inter, u.data, ratings.dat, ratings.csv, "
+        "interactions.csv or interactions.parquet)",
+    )
 
 
 LOADERS = {
@@ -66,4 +77,5 @@ LOADERS = {
     "grouplens-100k": load_grouplens_100k,
     "grouplens-dat": load_grouplens_dat,
     "grouplens-csv": load_grouplens_csv,
+    "table": load_tables,
 }
