@@ -4,20 +4,24 @@ For each model in the artifact ("selection/" scored on validation, the served
 one on test):
   - retrieval: exact top-K over the whole catalogue (item vectors from item_tower.onnx),
   - two_stage: the request path of `ServedModel.recommend` (index top-200 -> ranker -> top-K),
+  - history_only: two_stage for the same users sent as new users (their history, no id, no features),
   - ranker: AUC and log loss on held-out positives against sampled negatives.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from slimrec.artifact import Artifact
 from slimrec.artifact.ort import run_session
-from slimrec.artifact.runtime import ServedModel
+from slimrec.artifact.runtime import ServedModel, UserBatch
+from slimrec.artifact.user_state import sent_user_features
 from slimrec.models.classification_metrics import auc, log_loss
 from slimrec.models.data import Dataset
 from slimrec.models.evaluate import RETRIEVAL_KS
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX
-from slimrec.models.ranking_metrics import ranking_metrics
+from slimrec.models.ranking_metrics import per_user_ndcg_at_10, ranking_metrics
 from slimrec.models.split import TEST, VALID, protocol_split
 from slimrec.models.top_k import top_k_excluding
 
@@ -64,20 +68,53 @@ def evaluate_model(
     split = protocol_split(dataset)
     users = np.unique(split.user[split.fold == fold])
     relevant = relevant_sets(dataset, fold, users)
+    retrieved, served = served_lists(model, users, n_candidates)
+    _, history_only = served_lists(model, users, n_candidates, as_new_users=True)
+    return {
+        "users": int(len(users)),
+        "retrieval": ranking_metrics(retrieved, *relevant, ks=RETRIEVAL_KS),
+        "two_stage": ranking_metrics(served, *relevant, ks=RETRIEVAL_KS),
+        "history_only": ranking_metrics(history_only, *relevant, ks=RETRIEVAL_KS),
+        "ranker": ranker_classification(model, users, relevant, split, seed),
+    }
+
+
+def served_lists(
+    model: ServedModel, users: np.ndarray, n_candidates: int = 200, as_new_users: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(exact retrieval top-200, the served two-stage top-200) of `users`, int [B, 200], -1 padded.
+
+    as_new_users: each user is sent as the server sees a new user, by the history alone (user
+    code 0, no side features) with the same window of their fitted items; seen items are still
+    excluded, so the figures compare with the known-user ones.
+    """
     vectors = item_vectors(model)
     k = max(RETRIEVAL_KS)
     retrieved, served = [], []
     for s in range(0, len(users), BATCH):
         batch = model.known_users(users[s : s + BATCH])
+        if as_new_users:
+            batch = anonymous(model, batch)
         emb = model.embed(batch)
         retrieved.append(top_k_excluding(emb @ vectors.T, k, batch.exclude_indptr, batch.exclude_items))
         served.append(_pad(model.recommend(batch, k, n_candidates).items, k))
-    return {
-        "users": int(len(users)),
-        "retrieval": ranking_metrics(np.concatenate(retrieved), *relevant, ks=RETRIEVAL_KS),
-        "two_stage": ranking_metrics(np.concatenate(served), *relevant, ks=RETRIEVAL_KS),
-        "ranker": ranker_classification(model, users, relevant, split, seed),
-    }
+    return np.concatenate(retrieved), np.concatenate(served)
+
+
+def anonymous(model: ServedModel, batch: UserBatch) -> UserBatch:
+    """The batch with who the users are removed: user code 0 and unknown side features."""
+    unknown = sent_user_features(model.space, [{}] * len(batch.codes))
+    return replace(batch, codes=np.zeros_like(batch.codes), features=unknown)
+
+
+def per_user_ndcg(
+    model: ServedModel, dataset: Dataset, fold: int, as_new_users: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """(users of `fold`, each one's two-stage NDCG@10 on it): the unit of a paired comparison."""
+    split = protocol_split(dataset)
+    users = np.unique(split.user[split.fold == fold])
+    _, served = served_lists(model, users, as_new_users=as_new_users)
+    return users, per_user_ndcg_at_10(served, *relevant_sets(dataset, fold, users))
 
 
 def ranker_classification(model: ServedModel, users, relevant, split, seed: int, n_negatives: int = 50):
@@ -119,7 +156,7 @@ def ranker_classification(model: ServedModel, users, relevant, split, seed: int,
 def evaluate_artifact(artifact: Artifact, dataset: Dataset, threads: int = 0) -> dict:
     """Metrics keyed as PROTOCOL.md asks: {"retrieval": {"valid": .., "test": ..}, "two_stage": ..}."""
     check_dataset(artifact, dataset)
-    out: dict = {"retrieval": {}, "two_stage": {}, "ranker": {}}
+    out: dict = {"retrieval": {}, "two_stage": {}, "history_only": {}, "ranker": {}}
     for prefix, (name, fold) in PREFIX_FOLD.items():
         if prefix not in artifact.config["models"]:
             continue

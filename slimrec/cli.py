@@ -252,12 +252,12 @@ def artifact_dataset(artifact, name: str | None):
 
 def print_metrics(metrics: dict) -> None:
     names = ["recall@10", "recall@50", "recall@200", "ndcg@10", "hr@10", "mrr@10"]
-    print(f"{'stage':<10} {'fold':<6} " + " ".join(f"{n:>10}" for n in names))
-    for stage in ("retrieval", "two_stage"):
-        for fold, values in metrics[stage].items():
-            print(f"{stage:<10} {fold:<6} " + " ".join(f"{values[n]:>10.4f}" for n in names))
+    print(f"{'stage':<12} {'fold':<6} " + " ".join(f"{n:>10}" for n in names))
+    for stage in ("retrieval", "two_stage", "history_only"):
+        for fold, values in metrics.get(stage, {}).items():
+            print(f"{stage:<12} {fold:<6} " + " ".join(f"{values[n]:>10.4f}" for n in names))
     for fold, values in metrics.get("ranker", {}).items():
-        print(f"ranker     {fold:<6} auc {values['auc']:.4f}  log_loss {values['log_loss']:.4f}")
+        print(f"ranker       {fold:<6} auc {values['auc']:.4f}  log_loss {values['log_loss']:.4f}")
     print(json.dumps(metrics.get("protocol", {})))
 
 

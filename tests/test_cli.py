@@ -241,5 +241,5 @@ def test_evaluate_reproduces_metrics_json(teacher_copy, capsys):
     assert_same_numbers(before, after)
     load_artifact(teacher_copy)  # the rewritten metrics.json is checksummed in the manifest again
     # The printed table: one row per stage and fold, ndcg@10 as in metrics.json.
-    row = next(line for line in out.splitlines() if line.startswith("two_stage  test"))
+    row = next(line for line in out.splitlines() if line.split()[:2] == ["two_stage", "test"])
     assert f"{after['two_stage']['test']['ndcg@10']:.4f}" in row

@@ -1,11 +1,11 @@
 """The wheel installs one namespace, `slimrec`, and its bare install serves without torch.
 
 A wheel is built from the checkout and installed as `slimrec[serve]` (the serving extra, which is
-the base dependencies; pinned by constraints.txt) into a fresh venv; everything that venv runs starts in a temporary
-directory, outside the checkout. Its `slimrec serve` must answer from the golden artifact with
-torch not even installed. The dev venv has torch installed, so serving from it is the stronger
-check: neither the server nor its model processes (--model-process) may import torch, pandas,
-onnx, locust or matplotlib.
+the base dependencies; pinned by constraints.txt) into a fresh venv; everything that venv runs
+starts in a temporary directory, outside the checkout. Its `slimrec serve` must answer from the
+golden artifact with torch not even installed. The dev venv has torch installed, so serving from
+it is the stronger check: neither the server nor its model processes (--model-process) may import
+torch, pandas, onnx, locust or matplotlib.
 
 Two independent records of what each served process imports (spawned children inherit both):
   - a sitecustomize.py on PYTHONPATH puts a finder in front of sys.meta_path that writes, per pid,

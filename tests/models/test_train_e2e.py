@@ -102,7 +102,7 @@ def test_artifact_loads_and_verifies(teacher, ml100k):
 @pytest.mark.slow
 def test_metrics_json_has_the_protocol_metrics(teacher):
     metrics = teacher.read_json("metrics.json")
-    for stage in ("retrieval", "two_stage"):
+    for stage in ("retrieval", "two_stage", "history_only"):
         assert set(metrics[stage]) == {"valid", "test"}
         for fold in ("valid", "test"):
             values = metrics[stage][fold]
