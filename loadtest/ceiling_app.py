@@ -56,7 +56,7 @@ async def recommend(request: CeilingRequest) -> CeilingResponse:
     return answer(request.user_id)
 
 
-@app.get("/v1/users/{user_id}/recommendations")
+@app.get("/v1/users/{user_id:path}/recommendations")  # ids may hold "/", as on the real server
 async def user_recommendations(user_id: str, k: int = 10) -> CeilingResponse:
     return answer(user_id)
 

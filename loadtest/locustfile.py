@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 from pathlib import Path
+from urllib.parse import quote
 
 import gevent
 from locust import FastHttpUser, events, task
@@ -109,7 +110,7 @@ class RecommendUser(FastHttpUser):
         user = self.traffic.users.sample(self.rng)
         k = self.rng.choices(self.traffic.mix.ks, self.traffic.mix.k_weights)[0]
         with self.client.get(
-            f"/v1/users/{user}/recommendations?k={k}",
+            f"/v1/users/{quote(user, safe='')}/recommendations?k={k}",  # ids may hold "/", "?", "%", spaces
             headers=self.headers,
             name="user recs",
             catch_response=True,

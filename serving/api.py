@@ -126,9 +126,11 @@ async def answer_user_recommendations(request: Request) -> Response:
 
 
 # (method, path, documented endpoint, handler); serving/app.py hands them to DirectDispatch too.
+# `{user_id:path}`: the server sees the path percent-decoded, so an id holding "/" ("%2F" on the
+# wire) spans segments; the match runs up to the last "/recommendations" (OpenAPI shows {user_id}).
 DIRECT_ROUTES: list[tuple[str, str, Callable[..., Any], Handler]] = [
     ("POST", "/v1/recommend", recommend, answer_recommend),
-    ("GET", "/v1/users/{user_id}/recommendations", user_recommendations, answer_user_recommendations),
+    ("GET", "/v1/users/{user_id:path}/recommendations", user_recommendations, answer_user_recommendations),
 ]
 for method, path, documented, answer in DIRECT_ROUTES:
     router.add_api_route(

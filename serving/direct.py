@@ -11,6 +11,7 @@ app's handlers answer them exactly as before: 400 for malformed JSON, 422 naming
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
@@ -127,7 +128,11 @@ class DirectDispatch:
 
     def __init__(self, app, routes: list[tuple[str, str, Callable, Handler]]):
         self.app = app
-        self.routes = [(method, compile_path(path)[0], handler) for method, path, _, handler in routes]
+        # DOTALL: a `{user_id:path}` match is ".*", and a user id may hold a line break ("%0A").
+        self.routes = [
+            (method, re.compile(compile_path(path)[0].pattern, re.DOTALL), handler)
+            for method, path, _, handler in routes
+        ]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
