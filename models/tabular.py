@@ -60,8 +60,11 @@ def read_table(path: Path) -> tuple[pd.DataFrame, int | None]:
 def read_csv(path: Path) -> pd.DataFrame:
     """Every field as text ("" where empty or missing); bad quoting or field counts by line."""
     try:
-        frame = pd.read_csv(
+        # header=None: the header line fixes the field count, so a longer first data row is an
+        # error too (with a header, pandas would quietly drop its surplus fields).
+        raw = pd.read_csv(
             path,
+            header=None,
             dtype=str,
             keep_default_na=False,
             na_filter=False,
@@ -72,14 +75,22 @@ def read_csv(path: Path) -> pd.DataFrame:
         )
     except UnicodeDecodeError:
         raise DataFormatError(path, *locate_decode_error(path, "utf-8")) from None
+    except pd.errors.EmptyDataError:  # blank lines only
+        raise DataFormatError(path, 1, "no header line") from None
     except pd.errors.ParserError as exc:
         match = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(exc))
         if match is None:
             raise DataFormatError(path, None, f"not readable as CSV: {exc}") from None
         expected, line, found = (int(g) for g in match.groups())
         raise DataFormatError(path, line, f"expected {expected} fields, found {found}") from None
-    if len(frame) == 0:
+    header = [str(name) for name in raw.iloc[0]]
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DataFormatError(path, 1, f"header repeats column(s) {repeated}")
+    if len(raw) < 2:
         raise DataFormatError(path, None, "no data rows")
+    frame = raw.iloc[1:].reset_index(drop=True)
+    frame.columns = header
     return frame
 
 
@@ -131,10 +142,10 @@ def timestamps(path: Path, column: pd.Series, first_line: int | None) -> np.ndar
             else f"timestamp mixes numbers and dates: {column.iloc[row]!r}"
         )
         raise DataFormatError.at_row(path, first_line, row, problem)
-    fractional = values != np.round(values)
-    if fractional.any():
-        row = int(np.flatnonzero(fractional)[0])
-        problem = f"timestamp is not a whole number: {column.iloc[row]!r}"
+    bad = (values != np.round(values)) | (np.abs(values) >= 2.0**63)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        problem = f"timestamp is not a whole number in the int64 range: {column.iloc[row]!r}"
         raise DataFormatError.at_row(path, first_line, row, problem)
     return values.astype(np.int64)
 

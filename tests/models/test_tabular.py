@@ -9,6 +9,7 @@ import pytest
 from slimrec.models.data import DataFormatError
 from slimrec.models.movielens import detect_format, load_dataset
 from slimrec.models.side_features import IgnoredColumnsWarning
+from slimrec.models.synth import generate_synthetic, write_synthetic
 
 U1, U2 = "user/1 Zoë", "100% ü"
 I1, I2, I3 = "Toy Story (1995)", "American President, The (1995)", 'Say "Hi"/b'
@@ -121,3 +122,21 @@ def test_csv_and_parquet_side_by_side_is_ambiguous(tmp_path):
     )
     with pytest.raises(DataFormatError, match="both interactions.csv and interactions.parquet"):
         load_dataset(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_table_and_atomic_files_of_the_same_data_load_alike(tmp_path, suffix):
+    atomic = load_dataset(write_synthetic(tmp_path / "atomic", n_items=50, n_users=30, n_interactions=400))
+    ratings, users, items = generate_synthetic(n_items=50, n_users=30, n_interactions=400)
+    directory = tmp_path / "synth"
+    directory.mkdir()
+    for name, frame in (("interactions", ratings), ("users", users), ("items", items)):
+        if suffix == ".csv":
+            frame.to_csv(directory / f"{name}.csv", index=False)
+        else:
+            frame.to_parquet(directory / f"{name}.parquet")
+    table = load_dataset(directory)
+    assert table.fingerprint() == atomic.fingerprint()
+    for part in ("users", "items"):
+        for field, values in vars(getattr(atomic, part)).items():
+            assert list(getattr(getattr(table, part), field)) == list(values), (part, field)
