@@ -1,8 +1,10 @@
 """Interaction datasets: one in-memory form for every source format.
 
-Every loader (RecBole atomic files, GroupLens' own MovieLens formats, the
-synthetic generator) produces three pandas tables with the columns below and
-hands them to `build_dataset`, which assigns dense indices and validates.
+Every loader (RecBole atomic files, GroupLens' own MovieLens formats, plain
+CSV/Parquet tables, the synthetic generator) produces three pandas tables with
+the columns below and hands them to `build_dataset`, which assigns dense
+indices and validates. Other feature columns reach these through
+`models.side_features`.
 
     ratings: user_id (str), item_id (str), rating (float32), timestamp (int64)
     users:   user_id (str), age (int, -1 unknown), gender (str), occupation (str), zip_code (str)
