@@ -27,6 +27,7 @@ from slimrec.models.evaluate import (
 )
 from slimrec.models.fold import Fold
 from slimrec.models.ranker import Ranker, RankerConfig
+from slimrec.models.sequence_tower import window_rows
 from slimrec.models.two_tower import TwoTower, TwoTowerConfig
 from tqdm import tqdm
 
@@ -115,8 +116,8 @@ MODEL_INPUTS = ("user_code", "user_features", "history", "item_code", "log_q")
 
 
 def retrieval_loss(model: TwoTower, inputs: dict) -> torch.Tensor:
-    """Ground truth only: in-batch softmax with logQ correction."""
-    return model.in_batch_loss(**{k: inputs[k] for k in MODEL_INPUTS})
+    """Ground truth only: the model's configured loss (in-batch softmax with logQ correction, or full)."""
+    return model.retrieval_loss(**{k: inputs[k] for k in MODEL_INPUTS})
 
 
 def ranker_loss(model: Ranker, inputs: dict, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -144,9 +145,12 @@ def train_retrieval(
     schedule = schedule or config.retrieval_schedule
     popularity = np.bincount(fold.item_codes[fold.fit_positions], minlength=fold.dataset.n_items + 1)
     log_q = torch.from_numpy(np.log(np.maximum(popularity, 1) / popularity.sum()).astype(np.float32))
+    fit_rows = fold.fit_positions
+    if model.trains_all_positions:  # SASRec: one row per window, each of its positions a target
+        fit_rows = fit_rows[window_rows(fold.split.user[fit_rows], fold.space.history_len)]
 
     def batches():
-        positions = rng.permutation(fold.fit_positions)
+        positions = rng.permutation(fit_rows)
         for s in range(0, len(positions), schedule.batch_size):
             yield positions[s : s + schedule.batch_size]
 
@@ -172,7 +176,7 @@ def train_retrieval(
         step,
         lambda m: evaluate_retrieval(m, fold),
         epochs,
-        len(fold.fit_positions),
+        len(fit_rows),
     )
 
 

@@ -2,7 +2,9 @@
 
 The user tower embeds (user code, side features, recent history); the item tower
 embeds an item code through buffers holding the catalogue's side features.
-Both outputs are L2-normalised, so a dot product is a cosine.
+Both outputs are L2-normalised, so a dot product is a cosine. The history is pooled
+(`HistoryPooling`) or encoded by causal self-attention (`models.sequence_tower`, SASRec);
+the loss is the in-batch softmax or, for catalogues small enough, a full softmax.
 """
 
 from __future__ import annotations
@@ -13,7 +15,14 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from slimrec.artifact.features import FeatureSpace
+from slimrec.models.sequence_tower import SequenceEncoder, next_item_loss, next_item_targets
 from torch import nn
+
+HISTORY_ENCODERS = ("pooled", "attention")
+LOSSES = ("in_batch", "full", "auto")
+# "auto" takes the full softmax up to this many items: a [batch, items] logit matrix and the
+# item tower over the whole catalogue each step (ML-1M's 3,706 items: a few ms a step).
+FULL_SOFTMAX_MAX_ITEMS = 20_000
 
 
 @dataclass
@@ -27,6 +36,15 @@ class TwoTowerConfig:
     logq_weight: float = 1.0  # 1: full sampling-bias correction; lower keeps some popularity signal
     id_dropout: float = 0.2  # hide the id this often in training, so id-less users/items still embed
     dropout: float = 0.1
+    history_encoder: str = "pooled"  # HISTORY_ENCODERS: mean/attention/last pooling, or SASRec's encoder
+    encoder_layers: int = 2  # "attention" only: transformer blocks, heads per block, their dropout
+    encoder_heads: int = 2
+    encoder_dropout: float = 0.2
+    loss: str = "in_batch"  # LOSSES: sampled in-batch softmax (logQ), full softmax, or full when it fits
+    # "attention" only: train as SASRec does, one row per window of history_len items, every
+    # position predicting the next item (models.sequence_tower.window_rows): the same targets
+    # as one row per item, at about 1 / history_len of the encoder's cost per epoch.
+    all_positions: bool = True
 
     def __post_init__(self):
         self.user_hidden, self.item_hidden = tuple(self.user_hidden), tuple(self.item_hidden)
@@ -37,6 +55,18 @@ class TwoTowerConfig:
             raise ValueError(f"TwoTowerConfig.temperature must be in (0, 1], got {self.temperature}")
         if not 0 <= self.id_dropout < 1 or not 0 <= self.dropout < 1:
             raise ValueError("TwoTowerConfig dropouts must be in [0, 1)")
+        if self.history_encoder not in HISTORY_ENCODERS:
+            got = self.history_encoder
+            raise ValueError(f"TwoTowerConfig.history_encoder must be one of {HISTORY_ENCODERS}, got {got!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TwoTowerConfig.loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.encoder_layers < 1 or self.encoder_heads < 1 or self.id_dim % self.encoder_heads:
+            raise ValueError(
+                "TwoTowerConfig.encoder_layers and encoder_heads must be >= 1 and encoder_heads must "
+                f"divide id_dim, got {self.encoder_layers}, {self.encoder_heads} (id_dim {self.id_dim})"
+            )
+        if not 0 <= self.encoder_dropout < 1:
+            raise ValueError(f"TwoTowerConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -97,17 +127,42 @@ class UserTower(nn.Module):
         self.feature_embeddings = nn.ModuleList(
             nn.Embedding(n, config.feature_dim) for n in space.user_vocab_sizes
         )
-        self.history = HistoryPooling(n_item_rows, config.id_dim, space.history_len)
+        self.history: HistoryPooling | SequenceEncoder = (
+            HistoryPooling(n_item_rows, config.id_dim, space.history_len)
+            if config.history_encoder == "pooled"
+            else SequenceEncoder(
+                n_item_rows,
+                config.id_dim,
+                space.history_len,
+                config.encoder_layers,
+                config.encoder_heads,
+                config.encoder_dropout,
+            )
+        )
         d_in = config.id_dim + 4 * config.feature_dim + self.history.out_dim
         self.mlp = mlp([d_in, *config.user_hidden, config.out_dim], config.dropout)
 
-    def forward(self, user_code: torch.Tensor, user_features: torch.Tensor, history: torch.Tensor):
+    def user_parts(self, user_code: torch.Tensor, user_features: torch.Tensor) -> torch.Tensor:
+        """[B, id_dim + 4 * feature_dim]: the id (hidden at random in training) and side features."""
         rows = self.user_rows[user_code]
         if self.training and self.id_dropout:
             rows = rows.masked_fill(torch.rand(rows.shape) < self.id_dropout, 0)
         feats = [emb(user_features[:, j]) for j, emb in enumerate(self.feature_embeddings)]
+        return torch.cat([self.user_embedding(rows), *feats], dim=1)
+
+    def forward(self, user_code: torch.Tensor, user_features: torch.Tensor, history: torch.Tensor):
         pooled = self.history(self.item_rows[history], history > 0)
-        x = torch.cat([self.user_embedding(rows), *feats, pooled], dim=1)
+        x = torch.cat([self.user_parts(user_code, user_features), pooled], dim=1)
+        return F.normalize(self.mlp(x), dim=-1)
+
+    def position_embeddings(self, user_code, user_features, history, keep: torch.Tensor) -> torch.Tensor:
+        """[T, out_dim]: the embedding at each position where `keep` [B, N] is True, each position
+        reading the history up to itself ("attention" encoder only)."""
+        assert isinstance(self.history, SequenceEncoder), "position_embeddings needs the attention encoder"
+        seq = self.history.sequence(self.item_rows[history], history > 0)  # [B, N, d]
+        parts = self.user_parts(user_code, user_features)  # [B, p]
+        row = torch.arange(len(history)).unsqueeze(1).expand_as(keep)[keep]
+        x = torch.cat([parts[row], seq[keep]], dim=1)
         return F.normalize(self.mlp(x), dim=-1)
 
 
@@ -167,6 +222,30 @@ class TwoTower(nn.Module):
         self.item_tower = ItemTower(
             config, space, tables["item_rows"], tables["item_genres"], tables["item_year"], n_item_rows
         )
+
+    def retrieval_loss(self, user_code, user_features, history, item_code, log_q) -> torch.Tensor:
+        """The configured loss (`TwoTowerConfig.loss`) on one batch of (user inputs, positive item)."""
+        n_items = len(self.item_tower.item_rows) - 1
+        loss = self.config.loss
+        full = loss == "full" or (loss == "auto" and n_items <= FULL_SOFTMAX_MAX_ITEMS)
+        if self.trains_all_positions:
+            keep, targets = next_item_targets(history, item_code)
+            u = self.user_tower.position_embeddings(user_code, user_features, history, keep)
+            return next_item_loss(u, targets, self.item_tower, self.config, None if full else log_q)
+        if full:
+            return self.full_softmax_loss(user_code, user_features, history, item_code)
+        return self.in_batch_loss(user_code, user_features, history, item_code, log_q)
+
+    @property
+    def trains_all_positions(self) -> bool:
+        """Whether training rows are windows whose every position predicts its next item."""
+        return self.config.history_encoder == "attention" and self.config.all_positions
+
+    def full_softmax_loss(self, user_code, user_features, history, item_code) -> torch.Tensor:
+        """Softmax over the whole catalogue (every item a negative, so no sampling bias to correct)."""
+        u = self.user_tower(user_code, user_features, history)
+        v = self.item_tower(torch.arange(1, len(self.item_tower.item_rows)))  # codes 1..n_items
+        return F.cross_entropy(u @ v.T / self.config.temperature, item_code - 1)
 
     def in_batch_loss(self, user_code, user_features, history, item_code, log_q) -> torch.Tensor:
         """Sampled softmax over the batch's items, logQ-corrected; repeats of the positive are masked."""

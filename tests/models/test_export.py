@@ -139,3 +139,39 @@ def test_ranker_padding_candidates_through_onnx(exported):
     short = sess.run(None, {n: feeds[n] for n in declared})[0]
     long = sess.run(None, {n: padded[n] for n in declared})[0]
     np.testing.assert_allclose(long[:, :3], short, atol=1e-6)
+
+
+# --- the attention history encoder (models.sequence_tower) ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attention_tower(tmp_path_factory):
+    """(user tower with the causal self-attention encoder, its ONNX path)."""
+    torch.manual_seed(0)
+    config = TwoTowerConfig(
+        id_dim=8, feature_dim=4, user_hidden=(16,), item_hidden=(16,), out_dim=8, history_encoder="attention"
+    )
+    tower = TwoTower(config, SPACE, TABLES).user_tower.eval()
+    return tower, export_onnx(tower, "user_tower", tmp_path_factory.mktemp("onnx") / "user.onnx", HISTORY_LEN)
+
+
+def test_attention_user_tower_parity(attention_tower):
+    module, path = attention_tower
+    assert parity(module, "user_tower", path, HISTORY_LEN) < PARITY_LIMIT
+    for batch in (1, 7):
+        got, expected = run_both(module, path, random_inputs("user_tower", batch, 1, seed=batch))
+        assert got.shape == (batch, 8)
+        np.testing.assert_allclose(got, expected, atol=PARITY_LIMIT)
+
+
+def test_attention_user_tower_serves_users_with_no_history(attention_tower):
+    # What the server sends for a new user with nothing yet: code 0, no features, all padding.
+    module, path = attention_tower
+    feeds = random_inputs("user_tower", 3, 1, seed=5)
+    feeds["user_code"][:] = 0
+    feeds["history"][:] = 0
+    feeds["history"][2, -1] = 4  # and one with a single item, beside them
+    got, expected = run_both(module, path, feeds)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, expected, atol=PARITY_LIMIT)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
