@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from slimrec.models.checkpoint import StageCheckpoint
 from slimrec.models.fold import Fold
 from slimrec.models.ranker import Ranker, RankerConfig
 from slimrec.models.train import (
@@ -183,6 +184,7 @@ def distill_two_tower(
     student: TwoTower | None = None,
     schedule: StageSchedule | None = None,
     name: str = "student retrieval",
+    checkpoint: StageCheckpoint | None = None,
 ) -> StageResult:
     """Train (or, given `student`, fine-tune) a student two-tower; early-stopped when epochs is None."""
     student = student or TwoTower(config.student_two_tower, fold.space, fold.tables)
@@ -194,6 +196,7 @@ def distill_two_tower(
         schedule=schedule or config.retrieval_schedule,
         loss_fn=retrieval_kd_loss(teacher, config),
         name=name,
+        checkpoint=checkpoint,
     )
 
 
@@ -208,6 +211,7 @@ def distill_ranker(
     student: Ranker | None = None,
     schedule: StageSchedule | None = None,
     name: str = "student ranker",
+    checkpoint: StageCheckpoint | None = None,
 ) -> StageResult:
     """Train (or fine-tune) a student ranker on lists retrieved by the student `retrieval` model."""
     student = student or Ranker(config.student_ranker, fold.space, fold.tables)
@@ -221,4 +225,5 @@ def distill_ranker(
         schedule=schedule or config.ranker_schedule,
         loss_fn=ranker_kd_loss(teacher, config),
         name=name,
+        checkpoint=checkpoint,
     )

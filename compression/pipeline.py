@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import cast
 
@@ -23,95 +23,31 @@ from slimrec.artifact import load_artifact, update_metrics
 from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.index import IndexSpec
 from slimrec.compression.distill import DistillConfig, distill_ranker, distill_two_tower
-from slimrec.compression.gate import GateConfig
+from slimrec.compression.pipeline_config import PipelineConfig
 from slimrec.compression.prune import PruneConfig, prune_
 from slimrec.compression.quantize_embeddings import EmbeddingQuantConfig, quantize_embeddings_
-from slimrec.compression.quantize_onnx import OnnxQuantConfig
 from slimrec.compression.report import measure_latency, stage_sizes, write_report
-from slimrec.compression.tune_index import IndexTuning, tune_index
+from slimrec.compression.tune_index import tune_index
+from slimrec.models.checkpoint import Checkpoints, StageCheckpoint
 from slimrec.models.data import Dataset
 from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX, read_teacher, write_fitted_artifact
 from slimrec.models.ranker import Ranker
 from slimrec.models.served_eval import evaluate_artifact
 from slimrec.models.split import protocol_split
-from slimrec.models.train import FoldModels, StageSchedule, TrainConfig, log
+from slimrec.models.stage_times import StageTimes
+from slimrec.models.train import FoldModels, TrainConfig, log
 from slimrec.models.two_tower import TwoTower
-
-
-@dataclass
-class PipelineConfig:
-    version: int = 1
-    seed: int = 0
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    finetune: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=6, batch_size=1024, lr=1e-3, patience=2)
-    )
-    finetune_ranker: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=3, batch_size=64, lr=5e-4, patience=1)
-    )
-    embeddings: EmbeddingQuantConfig = field(default_factory=EmbeddingQuantConfig)
-    dense: OnnxQuantConfig = field(default_factory=OnnxQuantConfig)
-    index: IndexTuning = field(default_factory=IndexTuning)
-    gate: GateConfig = field(default_factory=GateConfig)
-
-    SECTIONS = {
-        "distill": DistillConfig,
-        "prune": PruneConfig,
-        "finetune": StageSchedule,
-        "finetune_ranker": StageSchedule,
-        "embeddings": EmbeddingQuantConfig,
-        "dense": OnnxQuantConfig,
-        "index": IndexTuning,
-        "gate": GateConfig,
-    }
-
-    def __post_init__(self):
-        if self.version != 1:
-            raise ValueError(f"PipelineConfig.version {self.version} is not supported (expected 1)")
-
-    def to_dict(self) -> dict:
-        out = {"type": "PipelineConfig", "version": self.version, "seed": self.seed}
-        for name, cls in self.SECTIONS.items():
-            section = getattr(self, name)
-            values = section.to_dict() if hasattr(section, "to_dict") else asdict(section)
-            out[name] = {"type": cls.__name__, **{k: v for k, v in values.items() if not callable(v)}}
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict) -> PipelineConfig:
-        """Inverse of to_dict; unknown sections, keys or type tags are errors, not ignored."""
-        d = dict(d)
-        if d.pop("type", "PipelineConfig") != "PipelineConfig":
-            raise ValueError("compress config: top-level type must be PipelineConfig")
-        unknown = set(d) - set(cls.SECTIONS) - {"version", "seed"}
-        if unknown:
-            raise ValueError(
-                f"compress config: unknown section(s) {sorted(unknown)}; expected {sorted(cls.SECTIONS)}"
-            )
-        kwargs = {k: d[k] for k in ("version", "seed") if k in d}
-        for name, section_cls in cls.SECTIONS.items():
-            if name not in d:
-                continue
-            values = dict(d[name])
-            values.pop("calibration_feeds", None)  # a count written by OnnxQuantConfig.to_dict, not an input
-            tag = values.pop("type", section_cls.__name__)
-            if tag != section_cls.__name__:
-                raise ValueError(
-                    f"compress config: [{name}] has type {tag!r}, expected {section_cls.__name__!r}"
-                )
-            try:
-                kwargs[name] = section_cls(**values)
-            except TypeError as exc:
-                raise ValueError(f"compress config: [{name}]: {exc}") from None
-        return cls(**kwargs)
-
 
 # --- the stages, each callable alone (the scale benchmark runs some of them) ---------------------
 
 Teacher = tuple[TwoTower, Ranker]
 Epochs = tuple[int | None, int | None]  # (retrieval, ranker); None: early stopping on validation
+CheckpointFor = Callable[[str], StageCheckpoint | None]  # a stage's name -> its checkpoint, if any
+
+
+def no_checkpoint(name: str) -> StageCheckpoint | None:
+    return None
 
 
 def distill_stage(
@@ -123,6 +59,7 @@ def distill_stage(
     weights: tuple[float, ...] = (0.0,),
     retrieval_fold: Fold | None = None,
     lap: Callable[[str], object] | None = None,
+    checkpoint: CheckpointFor = no_checkpoint,
 ) -> FoldModels:
     """A student two-tower and ranker distilled from `teacher` on `fold`.
 
@@ -130,13 +67,30 @@ def distill_stage(
         weights: retrieval weights of the ranking blend, one chosen on validation (one given: that one).
         retrieval_fold: the rows the student two-tower fits (default `fold`; the scale bench samples them).
         lap: called with "student_retrieval", then "student_ranker", as each model is trained.
+        checkpoint: each model's per-epoch checkpoint, by stage name (resume; see run_epochs).
     """
     teacher_two_tower, teacher_ranker = teacher
-    retrieval = distill_two_tower(teacher_two_tower, retrieval_fold or fold, train_config, config, epochs[0])
+    retrieval = distill_two_tower(
+        teacher_two_tower,
+        retrieval_fold or fold,
+        train_config,
+        config,
+        epochs[0],
+        checkpoint=checkpoint("student-retrieval"),
+    )
     if lap:
         lap("student_retrieval")
     two_tower = cast(TwoTower, retrieval.model)  # a StageResult holds its model as an nn.Module
-    ranking = distill_ranker(teacher_ranker, two_tower, fold, train_config, config, epochs[1], weights)
+    ranking = distill_ranker(
+        teacher_ranker,
+        two_tower,
+        fold,
+        train_config,
+        config,
+        epochs[1],
+        weights,
+        checkpoint=checkpoint("student-ranker"),
+    )
     if lap:
         lap("student_ranker")
     weight = ranking.history[-1]["retrieval_weight"]
@@ -157,6 +111,7 @@ def finetune_stage(
     train_config: TrainConfig,
     config: PipelineConfig,
     epochs: Epochs = (None, None),
+    checkpoint: CheckpointFor = no_checkpoint,
 ) -> FoldModels:
     """Fine-tune pruned models against the teacher (the distillation losses, the short schedules)."""
     teacher_two_tower, teacher_ranker = teacher
@@ -170,6 +125,7 @@ def finetune_stage(
         student=pruned.two_tower,
         schedule=config.finetune,
         name="fine-tune retrieval",
+        checkpoint=checkpoint("finetune-retrieval"),
     )
     two_tower = cast(TwoTower, retrieval.model)
     ranking = distill_ranker(
@@ -183,6 +139,7 @@ def finetune_stage(
         student=pruned.ranker,
         schedule=config.finetune_ranker,
         name="fine-tune ranker",
+        checkpoint=checkpoint("finetune-ranker"),
     )
     return FoldModels(fold, two_tower, cast(Ranker, ranking.model), weight, retrieval, ranking)
 
@@ -211,12 +168,24 @@ def copy_models(models: FoldModels) -> FoldModels:
 
 
 def run_stages(
-    fold: Fold, teacher: Teacher, train_config: TrainConfig, config: PipelineConfig, fixed: dict | None
+    fold: Fold,
+    teacher: Teacher,
+    train_config: TrainConfig,
+    config: PipelineConfig,
+    fixed: dict | None,
+    times: StageTimes | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> dict[str, FoldModels]:
     """Distil, prune + fine-tune, quantize on one fold. `fixed` carries epochs and blend weights
-    chosen on the selection fold; None means choose them here (early stopping on validation)."""
+    chosen on the selection fold; None means choose them here (early stopping on validation).
+    `times` gets each stage's seconds; `checkpoints`, each training stage's per-epoch state."""
     fixed = fixed or {}
+    times = times or StageTimes()
     weights = (fixed["weight"],) if "weight" in fixed else train_config.retrieval_weights
+
+    def checkpoint(stage: str) -> StageCheckpoint | None:
+        return checkpoints.stage(f"{fold.name}-{stage}") if checkpoints else None
+
     student = distill_stage(
         teacher,
         fold,
@@ -224,12 +193,23 @@ def run_stages(
         config.distill,
         (fixed.get("student_retrieval"), fixed.get("student_ranker")),
         weights,
+        checkpoint=checkpoint,
     )
-    pruned = prune_stage_(copy_models(student), config.prune)
+    with times.stage(f"{fold.name}/prune"):
+        pruned = prune_stage_(copy_models(student), config.prune)
     tuned = finetune_stage(
-        teacher, pruned, train_config, config, (fixed.get("pruned_retrieval"), fixed.get("pruned_ranker"))
+        teacher,
+        pruned,
+        train_config,
+        config,
+        (fixed.get("pruned_retrieval"), fixed.get("pruned_ranker")),
+        checkpoint=checkpoint,
     )
-    int8 = quantize_stage_(copy_models(tuned), config.embeddings)
+    with times.stage(f"{fold.name}/quantize"):
+        int8 = quantize_stage_(copy_models(tuned), config.embeddings)
+    for name, models in (("student", student), ("fine-tune", tuned)):
+        times.merge(f"{fold.name} {name} retrieval", models.retrieval.times)
+        times.merge(f"{fold.name} {name} ranker", models.ranking.times)
     return {"student": student, "pruned": tuned, "int8": int8}
 
 
@@ -247,24 +227,50 @@ def chosen(models: dict[str, FoldModels]) -> dict:
 # --- the whole pipeline -------------------------------------------------------------------------
 
 
-def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineConfig) -> dict:
-    """Run every stage on both folds, write one artifact per stage, evaluate, gate, report."""
+def compress(
+    teacher_path: Path, out: Path, dataset: Dataset, config: PipelineConfig, resume: bool = False
+) -> dict:
+    """Run every stage on both folds, write one artifact per stage, evaluate, gate, report.
+
+    Training stages checkpoint each epoch in `<out>.checkpoints/`; `resume` continues from there.
+    """
     torch.manual_seed(config.seed)
-    teacher_artifact = load_artifact(teacher_path)
-    train_config = TrainConfig.from_dict(teacher_artifact.config["train"])
-    train_config.seed = config.seed
-    space = FeatureSpace.from_dict(teacher_artifact.config["feature_space"])
-    split = protocol_split(dataset)
-    folds = {
-        p: Fold.create(name, dataset, split, space)
-        for p, name in ((SELECTION_PREFIX, FIT_TRAIN), (SERVED_PREFIX, FIT_TRAIN_VALID))
-    }
-    teachers = {p: read_teacher(teacher_artifact, p, folds[p])[1:] for p in folds}
+    times = StageTimes()
+    with times.stage("load_data"):
+        teacher_artifact = load_artifact(teacher_path)
+        train_config = TrainConfig.from_dict(teacher_artifact.config["train"])
+        train_config.seed = config.seed
+        space = FeatureSpace.from_dict(teacher_artifact.config["feature_space"])
+        split = protocol_split(dataset)
+        folds = {
+            p: Fold.create(name, dataset, split, space)
+            for p, name in ((SELECTION_PREFIX, FIT_TRAIN), (SERVED_PREFIX, FIT_TRAIN_VALID))
+        }
+        teachers = {p: read_teacher(teacher_artifact, p, folds[p])[1:] for p in folds}
+    checkpoints = Checkpoints(
+        out.with_name(out.name + ".checkpoints"),
+        {
+            "pipeline": config.to_dict(),
+            "teacher": teacher_artifact.manifest["files"],
+            "data": dataset.fingerprint(),
+        },
+        resume,
+    )
 
     log("== compress: stages on the selection fold (fit on train, choose on valid)")
-    selected = run_stages(folds[SELECTION_PREFIX], teachers[SELECTION_PREFIX], train_config, config, None)
+    selected = run_stages(
+        folds[SELECTION_PREFIX], teachers[SELECTION_PREFIX], train_config, config, None, times, checkpoints
+    )
     log("== compress: stages on the final fold (fit on train + valid, choices fixed)")
-    final = run_stages(folds[SERVED_PREFIX], teachers[SERVED_PREFIX], train_config, config, chosen(selected))
+    final = run_stages(
+        folds[SERVED_PREFIX],
+        teachers[SERVED_PREFIX],
+        train_config,
+        config,
+        chosen(selected),
+        times,
+        checkpoints,
+    )
 
     stages_dir = out.with_name(out.name + ".stages")
     data = dict(teacher_artifact.manifest["data"])
@@ -273,7 +279,8 @@ def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineCo
         "pipeline": config.to_dict(),
         "teacher": {"path": str(teacher_path), "created_at": teacher_artifact.manifest["created_at"]},
     }
-    index_spec = tune_index(selected["int8"], config.index).spec
+    with times.stage("index/tune"):
+        index_spec = tune_index(selected["int8"], config.index).spec
     plan = [
         ("student", IndexSpec("flat"), None),
         ("pruned", IndexSpec("flat"), None),
@@ -285,20 +292,25 @@ def compress(teacher_path: Path, out: Path, dataset: Dataset, config: PipelineCo
         source = "int8" if stage == "compressed" else stage
         path = out if stage == "compressed" else stages_dir / stage
         log(f"== compress: writing and evaluating stage {stage} -> {path}")
-        write_fitted_artifact(
-            path,
-            "compressed" if stage == "compressed" else stage,
-            selected[source],
-            final[source],
-            {**base_config, "stage": stage},
-            data,
-            spec,
-            dense_quant=dense,
-        )
-        update_metrics(path, evaluate_artifact(load_artifact(path), dataset))
+        with times.stage(f"{stage}/export"):
+            write_fitted_artifact(
+                path,
+                "compressed" if stage == "compressed" else stage,
+                selected[source],
+                final[source],
+                {**base_config, "stage": stage},
+                data,
+                spec,
+                dense_quant=dense,
+            )
+        with times.stage(f"{stage}/evaluate"):
+            update_metrics(path, evaluate_artifact(load_artifact(path), dataset))
         paths[stage] = path
+    checkpoints.remove()
 
-    artifacts = {stage: load_artifact(p) for stage, p in paths.items()}
-    latency = measure_latency(artifacts, dataset)
-    report = write_report(out, artifacts, stage_sizes(artifacts), latency, config.gate)
-    return report
+    with times.stage("report/latency"):
+        artifacts = {stage: load_artifact(p) for stage, p in paths.items()}
+        latency = measure_latency(artifacts, dataset)
+    log("time and peak RSS by stage (the report's own writing not included):\n" + times.summary())
+    timing = {"stages": times.to_dict(), "by_part": times.by_part()}
+    return write_report(out, artifacts, stage_sizes(artifacts), latency, config.gate, timing)

@@ -35,7 +35,7 @@ COMPRESS_PRESETS: dict[str, dict] = {
 
 def compress_config(preset: str, toml_path: Path | None = None):
     """The compression preset, overridden by a TOML file's sections; unknown keys are errors."""
-    from slimrec.compression.pipeline import PipelineConfig  # torch: only `slimrec compress` pays for it
+    from slimrec.compression.pipeline_config import PipelineConfig  # torch: only `slimrec compress` pays
 
     if preset not in COMPRESS_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(COMPRESS_PRESETS)}")

@@ -124,7 +124,9 @@ def build_rows(artifacts, sizes, latency, dataset) -> list[dict]:
     return rows
 
 
-def write_report(out, artifacts: dict[str, Artifact], sizes, latency, gate_config: GateConfig) -> dict:
+def write_report(
+    out, artifacts: dict[str, Artifact], sizes, latency, gate_config: GateConfig, timing: dict | None = None
+) -> dict:
     """report.md / report.json / report.png into the compressed artifact; records `promotable`."""
     dataset_name = artifacts["teacher"].manifest["data"].get("dataset")
     dataset = load_dataset(artifacts["teacher"].manifest["data"].get("source") or dataset_name)
@@ -154,6 +156,7 @@ def write_report(out, artifacts: dict[str, Artifact], sizes, latency, gate_confi
             "failures": failures,
             "promotable": not failures,
         },
+        "timing": timing or {},  # wall, CPU seconds and peak RSS per stage of `slimrec compress`
     }
     amend_artifact(
         out,

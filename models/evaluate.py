@@ -100,23 +100,29 @@ def top_k_of_candidates(candidates: np.ndarray, final_scores: np.ndarray, k: int
     return np.take_along_axis(candidates, order, 1)
 
 
-def evaluate_two_stage(
-    model: TwoTower,
-    ranker: Ranker,
-    fold: Fold,
-    n_candidates: int = 200,
-    retrieval_weights: tuple[float, ...] = (0.0,),
-) -> dict[float, dict[str, float]]:
-    """Two-stage metrics (exact retrieval of n_candidates, ranked, top 10) per retrieval weight."""
-    users = fold.eval_users
+def retrieve_candidates(
+    model: TwoTower, fold: Fold, n_candidates: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
+    """The first stage for the fold's scored users: (items [U, C] -1 padded, scores / temperature [U, C])."""
     cands, cand_scores = exact_top_k(
-        user_embeddings(model, fold, users),
+        user_embeddings(model, fold, fold.eval_users),
         item_embeddings(model, fold.dataset.n_items),
         n_candidates,
         fold.eval_exclude,
     )
-    logits = ranker_logits(ranker, fold, users, cands)
-    scaled = cand_scores / model.config.temperature
+    return cands, cand_scores / model.config.temperature
+
+
+def evaluate_ranked(
+    ranker: Ranker,
+    fold: Fold,
+    candidates: tuple[np.ndarray, np.ndarray],
+    retrieval_weights: tuple[float, ...] = (0.0,),
+) -> dict[float, dict[str, float]]:
+    """Two-stage metrics per retrieval weight, the first stage given (`retrieve_candidates`): a
+    ranker trained on one retrieval model re-ranks the same candidates every epoch."""
+    cands, scaled = candidates
+    logits = ranker_logits(ranker, fold, fold.eval_users, cands)
     return {
         w: ranking_metrics(
             top_k_of_candidates(cands, blend(logits, scaled, w), max(RETRIEVAL_KS)),

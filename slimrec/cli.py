@@ -68,7 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", type=Path, help="TOML file overriding the preset")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument(
-        "--threads", type=positive_int, default=None, help="torch threads (default: all cores)"
+        "--threads", type=positive_int, default=None, help="torch threads (default: the cores it may use)"
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its per-epoch checkpoints in <out>.checkpoints/",
     )
     train.set_defaults(run=cmd_train, command="train")
 
@@ -85,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--data", default=None, help="dataset (default: the one the teacher names)")
     compress.add_argument("--seed", type=int, default=None, help="overrides the preset's seed")
     compress.add_argument(
-        "--threads", type=positive_int, default=None, help="torch threads (default: all cores)"
+        "--threads", type=positive_int, default=None, help="torch threads (default: the cores it may use)"
+    )
+    compress.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from its per-epoch checkpoints in <out>.checkpoints/",
     )
     compress.set_defaults(run=cmd_compress, command="compress")
 
@@ -132,46 +142,73 @@ def cmd_data_synth(args) -> None:
 
 
 def cmd_train(args) -> None:
-    import torch
-
     from slimrec.artifact import load_artifact, update_metrics
     from slimrec.artifact.index import IndexSpec
+    from slimrec.models.checkpoint import Checkpoints
     from slimrec.models.features import build_feature_space
     from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
     from slimrec.models.movielens import load_dataset
     from slimrec.models.package import write_fitted_artifact
     from slimrec.models.served_eval import evaluate_artifact
     from slimrec.models.split import protocol_split
+    from slimrec.models.stage_times import StageTimes
     from slimrec.models.train import fit_teacher, log
 
     config = train_config(args.preset, args.config, seed=args.seed)
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    set_threads(args.threads)
+    times = StageTimes()
     started = time.perf_counter()
-    dataset = load_dataset(args.data)
-    split = protocol_split(dataset)
-    space = build_feature_space(dataset, config.history_len)
+    with times.stage("load_data"):
+        dataset = load_dataset(args.data)
+        split = protocol_split(dataset)
+        space = build_feature_space(dataset, config.history_len)
     log(
         f"{dataset.name}: {dataset.n_users:,} users, {dataset.n_items:,} items, "
         f"{len(dataset.interactions):,} interactions"
     )
-    selected, final = fit_teacher(
-        Fold.create(FIT_TRAIN, dataset, split, space),
-        Fold.create(FIT_TRAIN_VALID, dataset, split, space),
-        config,
-    )
-    train_seconds = time.perf_counter() - started
     data = {
         "dataset": dataset.name,
         "source": str(args.data),
         "fingerprint": dataset.fingerprint(),
         "split_fingerprint": split.fingerprint(),
     }
+    checkpoints = Checkpoints(
+        args.out.with_name(args.out.name + ".checkpoints"),
+        {"train": config.to_dict(), "preset": args.preset, "data": data},
+        resume=args.resume,
+    )
+    selected, final = fit_teacher(
+        Fold.create(FIT_TRAIN, dataset, split, space),
+        Fold.create(FIT_TRAIN_VALID, dataset, split, space),
+        config,
+        checkpoints,
+    )
+    for models in (selected, final):
+        times.merge(f"{models.fold.name} retrieval", models.retrieval.times)
+        times.merge(f"{models.fold.name} ranker", models.ranking.times)
+    train_seconds = time.perf_counter() - started
     meta = {"train": config.to_dict(), "preset": args.preset, "train_seconds": train_seconds}
-    write_fitted_artifact(args.out, "full", selected, final, meta, data, IndexSpec("flat"))
+    with times.stage("export"):
+        write_fitted_artifact(args.out, "full", selected, final, meta, data, IndexSpec("flat"))
+    checkpoints.remove()
     log(f"trained in {train_seconds:.0f} s; evaluating {args.out}")
-    metrics = evaluate_artifact(load_artifact(args.out), dataset)
+    with times.stage("evaluate"):
+        metrics = evaluate_artifact(load_artifact(args.out), dataset)
+    metrics["timing"] = {"stages": times.to_dict(), "by_part": times.by_part()}
     update_metrics(args.out, metrics)
+    log("time and peak RSS by stage:\n" + times.summary())
     print_metrics(metrics)
+
+
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op threads: as asked, else one per core this process may run on (its CPU
+    affinity, which taskset and container limits narrow), never more: oversubscribed threads
+    on a shared machine slow each step several-fold."""
+    import torch
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(threads or available or 1)
+    return torch.get_num_threads()
 
 
 def cmd_evaluate(args) -> None:
@@ -186,8 +223,6 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_compress(args) -> int:
-    import torch
-
     from slimrec.artifact import load_artifact
     from slimrec.compression.pipeline import compress
     from slimrec.compression.report_render import render_markdown
@@ -195,10 +230,10 @@ def cmd_compress(args) -> int:
     config = compress_config(args.preset, args.config)
     if args.seed is not None:
         config.seed = args.seed
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    set_threads(args.threads)
     teacher = load_artifact(args.teacher)
     dataset = artifact_dataset(teacher, args.data)
-    report = compress(args.teacher, args.out, dataset, config)
+    report = compress(args.teacher, args.out, dataset, config, resume=args.resume)
     print(render_markdown(report))
     if not report["gate"]["promotable"]:
         print(
