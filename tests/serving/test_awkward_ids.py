@@ -131,10 +131,10 @@ def test_post_body_with_awkward_user_and_history_ids(server, catalogue):
 
 
 def test_load_test_against_awkward_ids_has_no_failures(server, tmp_path):
-    # --genre-share 0: in 120 items a user may have seen every item of a rare genre, and an empty
-    # answer (correct there) counts as a failure in the locustfile.
+    # Genre-filtered requests included: in 120 items a user may have seen every item of a rare
+    # genre, and the empty answer there is right, not a failure.
     args = ["loadtest", "--host", server.url, "--duration", "3s", "--users", "2", "--spawn-rate", "2"]
-    assert main([*args, "--genre-share", "0", "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert main([*args, "--genre-share", "0.5", "--warmup", "0", "--out", str(tmp_path)]) == 0
     report = json.loads((tmp_path / "loadtest-report.json").read_text())
     row = report["variants"]["full"]
     assert row["requests"] > 0 and row["failures"] == 0, row
