@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from slimrec.artifact.features import FeatureSpace
-from slimrec.models.two_tower import mlp
+from slimrec.models.two_tower import masked_mean, mlp
 from torch import nn
 
 
@@ -85,8 +85,7 @@ class Ranker(nn.Module):
         b, c = candidates.shape
         mask = history > 0
         h = self.item_embedding(self.item_rows[history])  # shares the item table: [B, N, d]
-        m = mask.unsqueeze(-1).to(h.dtype)
-        h_mean = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        h_mean = masked_mean(h, mask)
         feats = [emb(user_features[:, j]) for j, emb in enumerate(self.feature_embeddings)]
         user = torch.cat([*feats, h_mean], dim=1)
 
