@@ -17,7 +17,7 @@ from slimrec import __version__
 from slimrec.bench.argtypes import positive_int
 from slimrec.compression.presets import COMPRESS_PRESETS, compress_config
 from slimrec.loadtest.units import parse_duration
-from slimrec.models.presets import TRAIN_PRESETS, train_config
+from slimrec.models.presets import TRAIN_PRESETS, default_preset, train_config
 
 
 class UsageError(Exception):
@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", default="ml-100k", help="dataset name under $SLIMREC_DATA_DIR, or a directory"
     )
     train.add_argument("--out", type=Path, default=Path("artifacts/teacher"))
-    train.add_argument("--preset", choices=sorted(TRAIN_PRESETS), default="teacher")
+    train.add_argument(
+        "--preset",
+        choices=sorted(TRAIN_PRESETS),
+        default=None,
+        help="default: the teacher validation chose for the dataset (models.presets.TEACHER_BY_DATASET)",
+    )
     train.add_argument("--config", type=Path, help="TOML file overriding the preset")
     train.add_argument("--seed", type=int, default=None)
     train.add_argument(
@@ -154,6 +159,7 @@ def cmd_train(args) -> None:
     from slimrec.models.stage_times import StageTimes
     from slimrec.models.train import fit_teacher, log
 
+    args.preset = args.preset or default_preset(args.data)
     config = train_config(args.preset, args.config, seed=args.seed)
     set_threads(args.threads)
     times = StageTimes()
