@@ -16,6 +16,8 @@ Writes quality.json and quality.md under --out and prints the table.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,24 +54,25 @@ def run_quality(args) -> int:
 
 
 def build_seed(args, seed: int) -> dict[str, Path]:
-    """The seed's teacher and compressed artifacts, trained and compressed unless already there."""
-    from slimrec.cli import main
+    """The seed's teacher and compressed artifacts, trained and compressed unless already there.
 
+    Each step is its own `slimrec` process: one seed's models leave no memory behind for the next.
+    """
     paths = {name: args.out / f"seed-{seed}" / name for name in VARIANTS}
-    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+    common = ["--seed", str(seed)] + ([] if args.threads is None else ["--threads", str(args.threads)])
     steps = {
-        "teacher": ["train", "--data", str(args.data), "--preset", args.preset, "--seed", str(seed)],
-        "compressed": ["compress", "--teacher", str(paths["teacher"]), "--preset", args.compress_preset]
-        + ["--seed", str(seed)],
+        "teacher": ["train", "--data", str(args.data), "--preset", args.preset],
+        "compressed": ["compress", "--teacher", str(paths["teacher"]), "--preset", args.compress_preset],
     }
     for name in VARIANTS:
         if reusable(paths[name], seed, args):
             print(f"seed {seed}: reusing {paths[name]}", flush=True)
             continue
-        print(f"\n$ slimrec {' '.join(steps[name] + ['--out', str(paths[name])] + threads)}", flush=True)
-        code = main(steps[name] + ["--out", str(paths[name])] + threads)
+        step = [*steps[name], "--out", str(paths[name]), *common]
+        print(f"\n$ slimrec {' '.join(step)}", flush=True)
+        code = subprocess.run([sys.executable, "-m", "slimrec.cli", *step]).returncode
         if code not in (0, 1):  # 1: the gate said no; the figures are still what we came for
-            raise RuntimeError(f"seed {seed}: slimrec {steps[name][0]} exited with {code}")
+            raise RuntimeError(f"seed {seed}: slimrec {step[0]} exited with {code}")
     return paths
 
 
