@@ -52,10 +52,11 @@ TRAIN_PRESETS: dict[str, dict] = {
 # The teacher preset validation chose per dataset (PROTOCOL.md validation, seed 0); a dataset
 # not listed gets "teacher": train both and compare their validation figures to choose.
 # ml-100k, validation NDCG@10 of the kept retrieval epoch: pooled 0.193, attention 0.174 (epoch
-# 13 of 17); the attention teacher's two-stage 0.185 at its best ranker epoch (4).
-# ml-1m (provisional, see the commit): pooled 0.186 retrieval alone (issue 13), SASRec with a
-# full softmax 0.216; this attention teacher 0.096, 0.130 after epochs 1, 2 and still rising
-# (a shared 2-core machine allowed no converged run).
+# 13 of 17); the attention teacher's two-stage 0.185 at its best ranker epoch (4), test 0.154
+# (the pooled teacher's test: 0.164).
+# ml-1m, retrieval alone: pooled 0.186 (issue 13; SASRec with a full softmax 0.216); this
+# attention teacher 0.096, 0.130, 0.156, 0.172, 0.189 after epochs 1-5 (batch 128), still rising
+# when stopped: no converged ML-1M run yet, and no two-stage figure.
 TEACHER_BY_DATASET = {"ml-100k": "teacher", "ml-1m": "teacher-sequence"}
 
 
