@@ -223,7 +223,9 @@ def cmd_evaluate(args) -> None:
 
     artifact = load_artifact(args.artifact)
     dataset = artifact_dataset(artifact, args.data)
-    metrics = evaluate_artifact(artifact, dataset)
+    # What evaluation does not measure (training's stage timing) stays in metrics.json.
+    recorded = artifact.read_json("metrics.json") if "metrics.json" in artifact.manifest["files"] else {}
+    metrics = {**recorded, **evaluate_artifact(artifact, dataset)}
     update_metrics(args.artifact, metrics)
     print_metrics(metrics)
 
