@@ -52,7 +52,7 @@ def resident_bytes(path) -> int:
     """RSS growth of a fresh process when it loads the served model (ONNX sessions, index, tables)."""
     code = (
         "import gc, psutil, sys\n"
-        "from slimrec.artifact.manifest import load_artifact\n"
+        "from slimrec.artifact import load_artifact\n"
         "from slimrec.artifact.runtime import ServedModel\n"
         "art = load_artifact(sys.argv[1]); gc.collect(); p = psutil.Process(); before = p.memory_info().rss\n"
         "m = ServedModel(art); gc.collect(); print(p.memory_info().rss - before)\n"
@@ -60,7 +60,9 @@ def resident_bytes(path) -> int:
     result = subprocess.run(
         [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300
     )
-    return int(result.stdout.strip()) if result.returncode == 0 else -1
+    if result.returncode != 0:  # a broken probe must not pass for "no memory"
+        raise RuntimeError(f"measuring the resident memory of {path} failed: {result.stderr.strip()[-500:]}")
+    return int(result.stdout.strip())
 
 
 def measure_latency(
