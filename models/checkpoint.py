@@ -78,7 +78,7 @@ class StageCheckpoint:
             "scalars": state.scalars,
         }
         # Own copies: buffers shared between modules (item_rows) would make safetensors refuse.
-        contiguous = {k: v.detach().clone().contiguous() for k, v in tensors.items()}
+        contiguous = {k: v.detach().cpu().clone().contiguous() for k, v in tensors.items()}
         atomic_write_bytes(self.path, save(contiguous, metadata={"state": json.dumps(meta)}))
 
     def load(self) -> EpochState | None:

@@ -23,6 +23,8 @@ from slimrec.models.checkpoint import (
     optimizer_tensors,
     restore_numpy_state,
 )
+from slimrec.models.device import to_device, training_device
+from slimrec.models.distributed import broadcast_score, data_parallel, is_main
 from slimrec.models.stage_times import StageTimes
 from tqdm import tqdm
 
@@ -52,7 +54,9 @@ class StageResult:
 
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    """Progress on stderr; under DDP from rank 0 only, which speaks for all."""
+    if is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -90,8 +94,14 @@ def run_epochs(
     NDCG@10 and restore the best state. A number: train exactly that long, never validate.
     `checkpoint`: saved after every epoch and loaded first (a finished stage is not rerun);
     `rng`, the NumPy generator `batches` draws from, is saved and restored with it.
-    `autocast_dtype` (torch.bfloat16): `step` runs under CPU autocast; backward follows its dtypes.
+    `autocast_dtype` (torch.bfloat16): `step` runs under autocast; backward follows its dtypes.
+    The epochs run on `training_device()` (batches moved there); the model comes back on the CPU.
+    Under DDP (`slimrec.models.distributed`) `batches()` yields this process's part of each
+    global batch; only rank 0 validates (its score decides for all) and checkpoints.
     """
+    device = training_device()
+    model.to(device)
+    train_step = data_parallel(model, step)
     # fused: one vectorised kernel per step; the default per-tensor loop takes seconds a step
     # over a million-row embedding table (dense gradients), the fused one a tenth of a second.
     optimizer = torch.optim.AdamW(
@@ -110,7 +120,7 @@ def run_epochs(
         times.stages = s["times"]
         if saved.done:
             log(f"{name}: finished in the checkpoint ({s['result_epochs']} epochs), not rerun")
-            model.eval()
+            model.to("cpu").eval()
             return StageResult(model, s["result_epochs"], s["history"], s["seconds"], times.to_dict())
         load_optimizer_tensors(optimizer, saved.optimizer)
         best, best_epoch, stale, history = s["best"], s["best_epoch"], s["stale"], s["history"]
@@ -151,28 +161,35 @@ def run_epochs(
             leave=False,
             file=sys.stderr,
             total=-(-n_examples // schedule.batch_size),
-            disable=None,
+            disable=None if is_main() else True,
         ):
             with times.stage(STEP):
+                batch = to_device(batch, device)
                 with torch.autocast(
-                    "cpu", dtype=autocast_dtype or torch.bfloat16, enabled=bool(autocast_dtype)
+                    device.type, dtype=autocast_dtype or torch.bfloat16, enabled=bool(autocast_dtype)
                 ):
-                    loss = step(batch)
+                    loss = train_step(batch)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 losses.append(loss.item())
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "examples_per_s": n_examples / seconds}
+        score = float("nan")
         if not fixed:
             with times.stage(VALID):
-                row["valid"] = validate(model)
+                if is_main():
+                    row["valid"] = validate(model)
+                score = broadcast_score(row["valid"]["ndcg@10"] if "valid" in row else None)
         row["seconds"] = {p: round(r["wall_s"] - before.get(p, 0.0), 3) for p, r in times.stages.items()}
         history.append(row)
-        score = row.get("valid", {}).get("ndcg@10")
         log(
             f"{name} epoch {epoch}/{total}  loss {row['loss']:.4f}  {row['examples_per_s']:,.0f} ex/s"
-            + (f"  valid ndcg@10 {score:.4f} recall@200 {row['valid']['recall@200']:.4f}" if score else "")
+            + (
+                f"  valid ndcg@10 {score:.4f} recall@200 {row['valid']['recall@200']:.4f}"
+                if "valid" in row
+                else ""
+            )
             + "  ("
             + ", ".join(f"{part} {s:.1f} s" for part, s in row["seconds"].items())
             + ")"
@@ -185,15 +202,15 @@ def run_epochs(
                 stale += 1
                 if stale >= schedule.patience:
                     log(f"{name}: stopping, best valid ndcg@10 {best:.4f} at epoch {best_epoch}")
-        if checkpoint:
+        if checkpoint and is_main():
             with times.stage(CHECKPOINT):
                 checkpoint.save(state(epoch, done=False))
         if not fixed and stale >= schedule.patience:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.eval()
-    if checkpoint:
+    model.to("cpu").eval()
+    if checkpoint and is_main():
         checkpoint.save(state(total, done=True))
     kept = epochs if fixed else max(best_epoch, 1)
     return StageResult(model, kept, history, time.perf_counter() - started, times.to_dict())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from slimrec.models.device import module_device
 from slimrec.models.fold import Fold
 from slimrec.models.ranker import Ranker
 from slimrec.models.ranking_metrics import ranking_metrics
@@ -22,21 +23,17 @@ USER_BATCH = 1024
 @torch.no_grad()
 def user_embeddings(model: TwoTower, fold: Fold, users: np.ndarray) -> np.ndarray:
     model.eval()
-    out = []
+    device, out = module_device(model), []
     for s in range(0, len(users), USER_BATCH):
-        codes, feats, history = fold.user_state(users[s : s + USER_BATCH])
-        out.append(
-            model.user_tower(
-                torch.from_numpy(codes), torch.from_numpy(feats), torch.from_numpy(history)
-            ).numpy()
-        )
+        inputs = [torch.from_numpy(a).to(device) for a in fold.user_state(users[s : s + USER_BATCH])]
+        out.append(model.user_tower(*inputs).cpu().numpy())
     return np.concatenate(out)
 
 
 @torch.no_grad()
 def item_embeddings(model: TwoTower, n_items: int) -> np.ndarray:
     model.eval()
-    return model.item_embeddings(n_items).numpy()
+    return model.item_embeddings(n_items).cpu().numpy()
 
 
 def exact_top_k(
@@ -75,16 +72,11 @@ def ranker_logits(
 ) -> np.ndarray:
     """Ranker logits [U, C] for candidate item indices [U, C] (-1 padding gets -inf)."""
     ranker.eval()
-    out = []
+    device, out = module_device(ranker), []
     for s in range(0, len(users), batch_users):
-        codes, feats, history = fold.user_state(users[s : s + batch_users])
         cand = candidates[s : s + batch_users]
-        logits = ranker(
-            torch.from_numpy(codes),
-            torch.from_numpy(feats),
-            torch.from_numpy(history),
-            torch.from_numpy(np.maximum(cand, -1) + 1),
-        ).numpy()
+        inputs = [*fold.user_state(users[s : s + batch_users]), np.maximum(cand, -1) + 1]
+        logits = ranker(*(torch.from_numpy(a).to(device) for a in inputs)).cpu().numpy()
         out.append(np.where(cand >= 0, logits, -np.inf))
     return np.concatenate(out).astype(np.float32)
 

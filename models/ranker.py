@@ -93,7 +93,7 @@ class Ranker(nn.Module):
         item_side = torch.cat(
             [
                 item,
-                self.genre_projection(self.item_genres[candidates].float()),
+                self.genre_projection(self.item_genres[candidates].to(self.genre_projection.weight.dtype)),
                 self.year_embedding(self.item_year[candidates]),
             ],
             dim=2,

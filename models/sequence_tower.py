@@ -139,7 +139,8 @@ def next_item_loss(
     if not len(targets):
         return u.sum() * 0.0  # a batch of first items only: nothing to predict, no NaN
     if log_q is None:
-        logits = u @ item_tower(torch.arange(1, len(item_tower.item_rows))).T / config.temperature
+        every_item = torch.arange(1, len(item_tower.item_rows), device=u.device)
+        logits = u @ item_tower(every_item).T / config.temperature
         return F.cross_entropy(logits, targets - 1)
     codes, column = torch.unique(targets, return_inverse=True)
     logits = u @ item_tower(codes).T / config.temperature - config.logq_weight * log_q[codes].unsqueeze(0)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from slimrec.models.checkpoint import Checkpoints, StageCheckpoint
 from slimrec.models.csr import csr_from_pairs
+from slimrec.models.distributed import global_mean, local_slice
 from slimrec.models.epochs import StageResult, StageSchedule, log, run_epochs, seed_everything
 from slimrec.models.evaluate import evaluate_ranked, evaluate_retrieval, item_embeddings, retrieve_candidates
 from slimrec.models.fold import Fold
@@ -93,7 +94,8 @@ def retrieval_loss(model: TwoTower, inputs: dict) -> torch.Tensor:
 def ranker_loss(model: Ranker, inputs: dict, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy of the ranker's logits against the list labels."""
     logits = model(**inputs)
-    return F.binary_cross_entropy_with_logits(logits[mask], labels[mask])
+    loss = F.binary_cross_entropy_with_logits(logits[mask], labels[mask].to(logits.dtype))
+    return global_mean(loss, int(mask.sum()))
 
 
 def train_retrieval(
@@ -124,6 +126,7 @@ def train_retrieval(
         positions = rng.permutation(fit_rows)
         for s in range(0, len(positions), schedule.batch_size):
             pos = positions[s : s + schedule.batch_size]
+            pos = pos[local_slice(len(pos))]  # under DDP, this process's part of the global batch
             codes, features, history = fold.inputs_before(fold.split.user[pos], pos)  # the row left out
             yield {
                 "user_code": torch.from_numpy(codes),
@@ -185,6 +188,7 @@ def train_ranker(
         order = rng.permutation(len(users))
         for s in range(0, len(order), schedule.batch_size):
             take = order[s : s + schedule.batch_size]
+            take = take[local_slice(len(take))]  # under DDP, this process's part of the global batch
             codes, features, history = fold.inputs_before(users[take], cut[take])
             inputs = {
                 "user_code": torch.from_numpy(codes),

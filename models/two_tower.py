@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from slimrec.artifact.features import FeatureSpace
+from slimrec.models.distributed import gather_rows, global_mean, world_size
 from slimrec.models.sequence_tower import SequenceEncoder, next_item_loss, next_item_targets
 from torch import nn
 
@@ -166,7 +167,7 @@ class UserTower(nn.Module):
         """[B, id_dim + 4 * feature_dim]: the id (hidden at random in training) and side features."""
         rows = self.user_rows[user_code]
         if self.training and self.id_dropout:
-            rows = rows.masked_fill(torch.rand(rows.shape) < self.id_dropout, 0)
+            rows = rows.masked_fill(torch.rand(rows.shape, device=rows.device) < self.id_dropout, 0)
         feats = [emb(user_features[:, j]) for j, emb in enumerate(self.feature_embeddings)]
         return torch.cat([self.user_embedding(rows), *feats], dim=1)
 
@@ -181,7 +182,7 @@ class UserTower(nn.Module):
         assert isinstance(self.history, SequenceEncoder), "position_embeddings needs the attention encoder"
         seq = self.history.sequence(self.item_rows[history], history > 0)  # [B, N, d]
         parts = self.user_parts(user_code, user_features)  # [B, p]
-        row = torch.arange(len(history)).unsqueeze(1).expand_as(keep)[keep]
+        row = torch.arange(len(history), device=history.device).unsqueeze(1).expand_as(keep)[keep]
         x = torch.cat([parts[row], seq[keep]], dim=1)
         return F.normalize(self.mlp(x), dim=-1)
 
@@ -217,11 +218,11 @@ class ItemTower(nn.Module):
     def forward(self, item_code: torch.Tensor) -> torch.Tensor:
         rows = self.item_rows[item_code]
         if self.training and self.id_dropout:
-            rows = rows.masked_fill(torch.rand(rows.shape) < self.id_dropout, 0)
+            rows = rows.masked_fill(torch.rand(rows.shape, device=rows.device) < self.id_dropout, 0)
         x = torch.cat(
             [
                 self.item_embedding(rows),
-                self.genre_projection(self.item_genres[item_code].float()),
+                self.genre_projection(self.item_genres[item_code].to(self.genre_projection.weight.dtype)),
                 self.year_embedding(self.item_year[item_code]),
             ],
             dim=1,
@@ -246,15 +247,23 @@ class TwoTower(nn.Module):
     def retrieval_loss(self, user_code, user_features, history, item_code, log_q) -> torch.Tensor:
         """The configured loss (`TwoTowerConfig.loss`) on one batch of (user inputs, positive item)."""
         n_items = len(self.item_tower.item_rows) - 1
-        loss = self.config.loss
-        full = loss == "full" or (loss == "auto" and n_items <= FULL_SOFTMAX_MAX_ITEMS)
+        kind = self.config.loss
+        full = kind == "full" or (kind == "auto" and n_items <= FULL_SOFTMAX_MAX_ITEMS)
         if self.trains_all_positions:
+            if not full and world_size() > 1:
+                raise ValueError(
+                    "distributed training of the attention encoder needs the full softmax "
+                    f"(TwoTowerConfig.loss 'full', or 'auto' with <= {FULL_SOFTMAX_MAX_ITEMS:,} items)"
+                )
             keep, targets = next_item_targets(history, item_code)
             u = self.user_tower.position_embeddings(user_code, user_features, history, keep)
-            return next_item_loss(u, targets, self.item_tower, self.config, None if full else log_q)
+            loss = next_item_loss(u, targets, self.item_tower, self.config, None if full else log_q)
+            return global_mean(loss, len(targets))
         if full:
-            return self.full_softmax_loss(user_code, user_features, history, item_code)
-        return self.in_batch_loss(user_code, user_features, history, item_code, log_q)
+            loss = self.full_softmax_loss(user_code, user_features, history, item_code)
+        else:
+            loss = self.in_batch_loss(user_code, user_features, history, item_code, log_q)
+        return global_mean(loss, len(item_code))
 
     @property
     def trains_all_positions(self) -> bool:
@@ -264,24 +273,27 @@ class TwoTower(nn.Module):
     def full_softmax_loss(self, user_code, user_features, history, item_code) -> torch.Tensor:
         """Softmax over the whole catalogue (every item a negative, so no sampling bias to correct)."""
         u = self.user_tower(user_code, user_features, history)
-        v = self.item_tower(torch.arange(1, len(self.item_tower.item_rows)))  # codes 1..n_items
+        v = self.item_tower(torch.arange(1, len(self.item_tower.item_rows), device=item_code.device))
         return F.cross_entropy(u @ v.T / self.config.temperature, item_code - 1)
 
     def in_batch_loss(self, user_code, user_features, history, item_code, log_q) -> torch.Tensor:
-        """Sampled softmax over the batch's items, logQ-corrected; repeats of the positive are masked."""
+        """Sampled softmax over the (global) batch's items, logQ-corrected; repeats of the positive
+        are masked. Under DDP the columns are every process's items (`gather_rows`)."""
         u = self.user_tower(user_code, user_features, history)
-        v = self.item_tower(item_code)
-        logits = u @ v.T / self.config.temperature - self.config.logq_weight * log_q[item_code].unsqueeze(0)
-        same_item = item_code.unsqueeze(0) == item_code.unsqueeze(1)
-        eye = torch.eye(len(item_code), dtype=torch.bool)
-        logits = logits.masked_fill(same_item & ~eye, -1e9)
-        return F.cross_entropy(logits, torch.arange(len(item_code)))
+        v, offset = gather_rows(self.item_tower(item_code))
+        codes, _ = gather_rows(item_code)
+        logits = u @ v.T / self.config.temperature - self.config.logq_weight * log_q[codes].unsqueeze(0)
+        own = torch.arange(len(item_code), device=item_code.device) + offset  # each row's positive column
+        same_item = item_code.unsqueeze(1) == codes.unsqueeze(0)
+        same_item[torch.arange(len(item_code), device=item_code.device), own] = False
+        return F.cross_entropy(logits.masked_fill(same_item, -1e9), own)
 
     @torch.no_grad()
     def item_embeddings(self, n_items: int, batch_size: int = 65536) -> torch.Tensor:
         """[n_items, out_dim] for the whole catalogue (item index i has code i + 1), in batches."""
+        device = self.item_tower.item_rows.device
         chunks = [
-            self.item_tower(torch.arange(s + 1, min(s + batch_size, n_items) + 1))
+            self.item_tower(torch.arange(s + 1, min(s + batch_size, n_items) + 1, device=device))
             for s in range(0, n_items, batch_size)
         ]
         return torch.cat(chunks)

@@ -27,6 +27,7 @@ class UsageError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what torchrun runs again in each process
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
@@ -80,6 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted run from its per-epoch checkpoints in <out>.checkpoints/",
     )
+    add_device_argument(train)
+    several = train.add_argument_group("several processes or machines (PyTorch DDP under torchrun)")
+    several.add_argument("--nproc", type=positive_int, default=1, help="training processes on this machine")
+    several.add_argument("--nnodes", type=positive_int, default=1, help="machines taking part")
+    several.add_argument("--node-rank", type=int, default=0, help="this machine's index, 0..nnodes-1")
+    several.add_argument(
+        "--rdzv-endpoint", default=None, help="host:port where the machines meet (the same on every machine)"
+    )
     train.set_defaults(run=cmd_train, command="train")
 
     evaluate = sub.add_parser("evaluate", help="PROTOCOL.md metrics of an artifact; writes metrics.json")
@@ -115,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto, cpu or cuda: where training runs (auto: CUDA when torch sees a GPU, else the CPU)",
+    )
+
+
 def subcommand_registrars():
     """Commands whose argparse part lives beside the package that runs them."""
     from slimrec.bench.cli import register as register_bench
@@ -146,10 +163,41 @@ def cmd_data_synth(args) -> None:
     print(out)
 
 
-def cmd_train(args) -> None:
+def cmd_train(args) -> int:
+    from slimrec.models import distributed
+
+    several = args.nproc > 1 or args.nnodes > 1
+    if several and not distributed.launched_by_torchrun():
+        return launch_torchrun(args)
+    try:
+        train_and_write(args)
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def launch_torchrun(args) -> int:
+    """Run this same `slimrec train` command as args.nproc processes under torchrun; wait for them."""
+    import subprocess
+
+    from slimrec.models.distributed import torchrun_command
+
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UsageError(f"--node-rank {args.node_rank}: in 0..{args.nnodes - 1} for --nnodes {args.nnodes}")
+    command = torchrun_command(args.argv, args.nproc, args.nnodes, args.node_rank, args.rdzv_endpoint)
+    # gloo picks the interface of the host name unless told; one machine keeps it on loopback.
+    env = None if args.nnodes > 1 else {"GLOO_SOCKET_IFNAME": "lo", **os.environ}
+    print("slimrec train: " + " ".join(command), file=sys.stderr, flush=True)
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+def train_and_write(args) -> None:
+    """Train the teacher, then (rank 0) write, evaluate and time its artifact."""
     from slimrec.artifact import load_artifact, update_metrics
     from slimrec.artifact.index import IndexSpec
-    from slimrec.models.checkpoint import Checkpoints
+    from slimrec.models import distributed
+    from slimrec.models.device import describe as describe_device
+    from slimrec.models.device import select_device
     from slimrec.models.features import build_feature_space
     from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
     from slimrec.models.movielens import load_dataset
@@ -162,6 +210,8 @@ def cmd_train(args) -> None:
     args.preset = args.preset or default_preset(args.data)
     config = train_config(args.preset, args.config, seed=args.seed)
     set_threads(args.threads)
+    device = select_device(args.device)
+    distributed.init_from_env(device)
     times = StageTimes()
     started = time.perf_counter()
     with times.stage("load_data"):
@@ -178,10 +228,10 @@ def cmd_train(args) -> None:
         "fingerprint": dataset.fingerprint(),
         "split_fingerprint": split.fingerprint(),
     }
-    checkpoints = Checkpoints(
+    checkpoints = run_checkpoints(
         args.out.with_name(args.out.name + ".checkpoints"),
         {"train": config.to_dict(), "preset": args.preset, "data": data},
-        resume=args.resume,
+        args.resume,
     )
     selected, final = fit_teacher(
         Fold.create(FIT_TRAIN, dataset, split, space),
@@ -193,7 +243,15 @@ def cmd_train(args) -> None:
         times.merge(f"{models.fold.name} retrieval", models.retrieval.times)
         times.merge(f"{models.fold.name} ranker", models.ranking.times)
     train_seconds = time.perf_counter() - started
-    meta = {"train": config.to_dict(), "preset": args.preset, "train_seconds": train_seconds}
+    if not distributed.is_main():
+        return  # rank 0 writes and evaluates the artifact
+    meta = {
+        "train": config.to_dict(),
+        "preset": args.preset,
+        "train_seconds": train_seconds,
+        "device": describe_device(device),
+        "processes": distributed.world_size(),
+    }
     with times.stage("export"):
         write_fitted_artifact(args.out, "full", selected, final, meta, data, IndexSpec("flat"))
     checkpoints.remove()
@@ -206,6 +264,20 @@ def cmd_train(args) -> None:
     print_metrics(metrics)
 
 
+def run_checkpoints(directory: Path, identity: dict, resume: bool):
+    """The run's checkpoint directory; under DDP rank 0 prepares it (or clears it) first,
+    and the other processes open it to resume from rank 0's files."""
+    from slimrec.models import distributed
+    from slimrec.models.checkpoint import Checkpoints
+
+    if distributed.is_main():
+        checkpoints = Checkpoints(directory, identity, resume=resume)
+    distributed.barrier()
+    if not distributed.is_main():
+        checkpoints = Checkpoints(directory, identity, resume=True)
+    return checkpoints
+
+
 def set_threads(threads: int | None) -> int:
     """torch's intra-op threads: as asked, else one per core this process may run on (its CPU
     affinity, which taskset and container limits narrow), never more: oversubscribed threads
@@ -213,7 +285,8 @@ def set_threads(threads: int | None) -> int:
     import torch
 
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(threads or available or 1)
+    per_process = (available or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's siblings
+    torch.set_num_threads(threads or max(1, per_process))
     return torch.get_num_threads()
 
 
