@@ -16,9 +16,44 @@ TRAIN_PRESETS: dict[str, dict] = {
     # tau 0.1 over 0.05: higher validation recall@200 at every epoch (0.749 vs 0.743 at the kept
     # epoch), the ceiling of the two-stage system; validation NDCG@10 within one standard error.
     # Decoupled weight decay 4 on the two-tower: without it the big id tables overfit by epoch 5.
-    # Retrieval alone, kept epoch, validation NDCG@10 / recall@200 over weight decay 0, 0.5, 1, 2, 4:
+    # Retrieval alone at the earlier size (below), kept epoch, validation NDCG@10 / recall@200 over
+    # weight decay 0, 0.5, 1, 2, 4:
     # 0.168/0.748, 0.178/0.747, 0.179/0.752, 0.186/0.757, 0.193/0.763 (seed 0; larger not tried).
-    "teacher": {"two_tower": {"temperature": 0.1}, "retrieval_schedule": {"weight_decay": 4.0}},
+    #
+    # Sized for issue 13's bar (ml-100k end to end in <= 120 s on 2 cores; it took ~680 s with
+    # id_dim 128, towers (1024, 512) / (512, 256), history 50, the default ranker, fp32). The
+    # validation plateau is the same at a fraction of the cost; selection-fold figures, seed 0,
+    # one thread (CPU s of that fold), valid NDCG@10 retrieval / two-stage:
+    #   id_dim 64, out_dim 64, towers (256,) / (256,), student-sized ranker: 103 s, 0.190 / 0.202;
+    #   history_len 20 as well: retrieval 43 s (10 epochs) instead of ~60, 0.196, recall@200 0.774;
+    #   bf16 as well: retrieval 24 s (8 epochs, patience 2), 0.196, recall@200 0.765. bf16 vs fp32
+    #   over seeds 0-2, two-stage: 0.198 vs 0.199 mean (fp32 costs ~1.4x): bf16 kept.
+    # Retrieval alone at this size (seed 0): weight decay 2 / 4 / 8: 0.193 / 0.196 / 0.183;
+    # lr 1e-3 (wd 4 or 8) or batch 2048: no higher plateau (0.185-0.193), more epochs;
+    # logq_weight 0.5 / 0: 0.167 / 0.087. id_dim 128 at history 20: 0.184.
+    # Ranker over one retrieval model (seed 1), valid two-stage NDCG@10: the student size
+    # (id 32, 2 low-rank crosses, deep (256, 64)) 0.1934 at 10 CPU s; (512, 128) 0.1935 at 40 s;
+    # the default (1024, 512, 256) 0.1936 at 106 s: size buys nothing. More lists per epoch
+    # (cut_points 8, hard_negatives 50): 0.1971 at 32 s, still rising at epoch 5: kept.
+    # lr 3e-3 with 5 epochs: 0.2046 vs 0.2038 for lr 1e-3 over 8 (seed 0).
+    # `slimrec train --data ml-100k --threads 1`, seeds 0/1/2: valid two-stage 0.204 / 0.197 /
+    # 0.196, test two-stage 0.167 / 0.162 / 0.154 (mean 0.161; the old teacher: 0.160, seed 0),
+    # test recall@200 0.715 / 0.715 / 0.724; 92-127 CPU s in all (export 8-9 s, evaluate ~9 s).
+    "teacher": {
+        "history_len": 20,
+        "precision": "bf16",
+        "two_tower": {
+            "temperature": 0.1,
+            "id_dim": 64,
+            "out_dim": 64,
+            "user_hidden": [256],
+            "item_hidden": [256],
+        },
+        "retrieval_schedule": {"weight_decay": 4.0, "patience": 2},
+        "ranker": {"id_dim": 32, "feature_dim": 8, "n_cross": 2, "cross_rank": 32, "deep": [256, 64]},
+        "ranker_schedule": {"lr": 3e-3, "max_epochs": 5},
+        "ranker_data": {"cut_points": 8, "hard_negatives": 50},
+    },
     # One row per window of history_len items per user, each position predicting the next
     # (SASRec), over the whole catalogue ("auto": full softmax up to 20,000 items). Rows are
     # ~1/40 as many as the pooled teacher's, so smaller batches keep the steps per epoch up.
@@ -53,7 +88,8 @@ TRAIN_PRESETS: dict[str, dict] = {
 # not listed gets "teacher": train both and compare their validation figures to choose.
 # ml-100k, validation NDCG@10 of the kept retrieval epoch: pooled 0.193, attention 0.174 (epoch
 # 13 of 17); the attention teacher's two-stage 0.185 at its best ranker epoch (4), test 0.154
-# (the pooled teacher's test: 0.164).
+# (the pooled teacher's test: 0.164). Pooled figures from before issue 13's resize; the resized
+# pooled teacher: 0.196 (two-stage 0.204, test 0.167).
 # ml-1m, retrieval alone: pooled 0.186 (issue 13; SASRec with a full softmax 0.216); this
 # attention teacher 0.096, 0.130, 0.156, 0.172, 0.189 after epochs 1-5 (batch 128), still rising
 # when stopped: no converged ML-1M run yet, and no two-stage figure.
