@@ -39,6 +39,10 @@ TRAIN_PRESETS: dict[str, dict] = {
     # `slimrec train --data ml-100k --threads 1`, seeds 0/1/2: valid two-stage 0.204 / 0.197 /
     # 0.196, test two-stage 0.167 / 0.162 / 0.154 (mean 0.161; the old teacher: 0.160, seed 0),
     # test recall@200 0.715 / 0.715 / 0.724; 92-127 CPU s in all (export 8-9 s, evaluate ~9 s).
+    # Default threads (2), seed 0: valid two-stage 0.204, test 0.160 (thread count changes the
+    # sums, so the figures). Epochs on 2 idle cores: retrieval ~2.4 s, ranker ~4.5 s with its
+    # validation; summed with export (10-12 s) and evaluate (5 s), ~95 s end to end. A competing
+    # process on the 2 cores slowed some 2-thread epochs 10-25x (46-67 s), not 2x.
     "teacher": {
         "history_len": 20,
         "precision": "bf16",
