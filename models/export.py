@@ -9,14 +9,20 @@ Signatures (every variant, full or compressed, exports the same ones):
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from slimrec.artifact.ort import session
+
+if TYPE_CHECKING:
+    import onnx
 
 USER_INPUTS = ("user_code", "user_features", "history")
 RANKER_INPUTS = (*USER_INPUTS, "candidates")
@@ -25,6 +31,7 @@ SIGNATURES = {
     "item_tower": (("item_code",), ("item_embedding",)),
     "ranker": (RANKER_INPUTS, ("logits",)),
 }
+PARITY_TOLERANCE = 1e-4  # max |ONNX - PyTorch| an fp32 export may show
 
 
 def example_inputs(history_len: int, batch: int = 2, candidates: int = 3) -> dict[str, torch.Tensor]:
@@ -38,8 +45,16 @@ def example_inputs(history_len: int, batch: int = 2, candidates: int = 3) -> dic
     }
 
 
-def export_onnx(module: torch.nn.Module, kind: str, path: Path, history_len: int) -> Path:
-    """Export `module` as `kind` (a SIGNATURES key) with dynamic batch (and candidate) axes."""
+def export_onnx(
+    module: torch.nn.Module, kind: str, path: Path, history_len: int, graphs: ExportCache | None = None
+) -> Path:
+    """Export `module` as `kind` (a SIGNATURES key) with dynamic batch (and candidate) axes.
+
+    `graphs`: a module built like one exported before gets that graph with its own weights
+    (`ExportCache`), checked by `parity`; otherwise it is exported and remembered there.
+    """
+    if graphs is not None and graphs.write(module, kind, path, history_len):
+        return path
     inputs, outputs = SIGNATURES[kind]
     ex = example_inputs(history_len)
     args = tuple(ex[name] for name in inputs)
@@ -59,8 +74,128 @@ def export_onnx(module: torch.nn.Module, kind: str, path: Path, history_len: int
         )
         program.save(str(path))
     strip_metadata(path)
+    if graphs is not None:
+        graphs.add(module, kind, path, history_len)
     compact_tables(path)
     return path
+
+
+@dataclass
+class _Graph:
+    model: onnx.ModelProto  # as exported (metadata stripped, tables not yet compacted)
+    # module tensor -> the initializers holding it: (name, "same" | "T" (transposed) | "1" (unit
+    # dims appended)); the exporter renames, pre-transposes (MatMul) and unsqueezes some.
+    swaps: dict[str, list[tuple[str, str]]]
+    folded: str  # digest of the module's other tensors, which the graph may hold in any form
+
+
+class ExportCache:
+    """Exported graphs by module structure, so that each architecture is traced once.
+
+    torch.onnx's dynamo exporter takes seconds a graph, all of it tracing; a compression run
+    writes the same few architectures many times (two folds, several stages). A module whose
+    classes, tensor names and dtypes match a graph exported before, and whose tensors the
+    graph does not hold as plain initializers (constants the exporter folded) are equal, gets
+    that graph with its own weights swapped in. Shapes may differ (a pruned layer): the
+    swapped graph is checked by `parity` like any export, and exported afresh if it fails.
+    """
+
+    def __init__(self) -> None:
+        self.graphs: dict[tuple, list[_Graph]] = {}
+        self.reused = 0
+
+    def add(self, module: torch.nn.Module, kind: str, path: Path, history_len: int) -> None:
+        import onnx
+
+        model = onnx.load(str(path))
+        tensors = module_tensors(module)
+        swaps = initializer_swaps(tensors, model.graph.initializer)
+        entry = _Graph(model, swaps, digest(tensors, frozenset(swaps)))
+        self.graphs.setdefault(structure(module, kind, history_len), []).append(entry)
+
+    def write(self, module: torch.nn.Module, kind: str, path: Path, history_len: int) -> bool:
+        """Write `module`'s graph to `path` from a cached one; False when none fits (export it)."""
+        import onnx
+        from onnx import numpy_helper
+
+        tensors = module_tensors(module)
+        for entry in self.graphs.get(structure(module, kind, history_len), []):
+            if digest(tensors, frozenset(entry.swaps)) != entry.folded:
+                continue
+            model = onnx.ModelProto()
+            model.CopyFrom(entry.model)
+            del model.graph.value_info[:]  # intermediate shapes, stale when a layer's width changed
+            given = {t.name: t for t in model.graph.initializer}
+            for name, places in entry.swaps.items():
+                for init, how in places:
+                    value = tensors[name].T if how == "T" else tensors[name]
+                    value = value.reshape(*value.shape, *[1] * (len(given[init].dims) - value.ndim))
+                    given[init].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), init))
+            onnx.save(model, str(path))
+            compact_tables(path)
+            try:
+                ok = parity(module, kind, path, history_len) <= PARITY_TOLERANCE
+            except Exception:  # onnxruntime rejects the graph (a shape the exporter baked in)
+                ok = False
+            if ok:
+                self.reused += 1
+                return True
+        return False
+
+
+def initializer_swaps(tensors: dict[str, np.ndarray], initializers) -> dict[str, list[tuple[str, str]]]:
+    """Which initializers hold each module tensor: by name, else by value (as is, transposed, or
+    with unit dims appended). A value held by several tensors is ambiguous and left out."""
+    from onnx import numpy_helper
+
+    found: dict[str, list[tuple[str, str]]] = {}
+    claimed: dict[str, set[str]] = {}  # initializer -> the tensors that matched it
+    arrays = {t.name: numpy_helper.to_array(t) for t in initializers}
+    for name, value in tensors.items():
+        for init, array in arrays.items():
+            if array.dtype != value.dtype or array.size != value.size:
+                continue
+            if init == name and array.shape == value.shape:
+                how = "same"
+            elif init in tensors:
+                continue  # another tensor's own initializer
+            elif array.shape == value.shape + (1,) * (array.ndim - value.ndim) and np.array_equal(
+                array.reshape(value.shape), value
+            ):
+                how = "same" if array.ndim == value.ndim else "1"
+            elif value.ndim == 2 and array.shape == value.T.shape and np.array_equal(array, value.T):
+                how = "T"
+            else:
+                continue
+            found.setdefault(name, []).append((init, how))
+            claimed.setdefault(init, set()).add(name)
+    ambiguous = {n for names in claimed.values() if len(names) > 1 for n in names}
+    return {n: places for n, places in found.items() if n not in ambiguous}
+
+
+def module_tensors(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """Every parameter and buffer (persistent or not) of `module`, by its name, as NumPy."""
+    named = [*module.named_parameters(), *module.named_buffers()]
+    return {name: t.detach().cpu().numpy() for name, t in named}
+
+
+def structure(module: torch.nn.Module, kind: str, history_len: int) -> tuple:
+    """What a graph depends on besides tensor values and shapes: classes, tensor names, dtypes."""
+    modules = tuple((name, type(m).__qualname__) for name, m in module.named_modules())
+    tensors = tuple(
+        (name, str(t.dtype), t.dim()) for name, t in [*module.named_parameters(), *module.named_buffers()]
+    )
+    return kind, history_len, modules, tensors
+
+
+def digest(tensors: dict[str, np.ndarray], skip: frozenset[str]) -> str:
+    """sha256 over the shapes and bytes of `tensors` not in `skip`."""
+    h = hashlib.sha256()
+    for name in sorted(set(tensors) - skip):
+        value = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}:{value.dtype}:{value.shape}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def compact_tables(path: Path) -> dict[str, int]:

@@ -23,7 +23,7 @@ import torch
 from slimrec.artifact import ArtifactWriter
 from slimrec.artifact.index import IndexSpec, build_item_index
 from slimrec.models.csr import csr_from_pairs
-from slimrec.models.export import export_onnx, parity
+from slimrec.models.export import PARITY_TOLERANCE, ExportCache, export_onnx, parity
 from slimrec.models.fold import Fold
 
 
@@ -37,7 +37,6 @@ class DenseQuantizer(Protocol):
 
 SERVED_PREFIX = ""
 SELECTION_PREFIX = "selection/"
-PARITY_TOLERANCE = 1e-4
 
 
 def state_tensors(prefix: str, module: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -64,8 +63,11 @@ def write_model(
     ranker: torch.nn.Module,
     index_spec: IndexSpec,
     dense_quant: DenseQuantizer | None = None,
+    graphs: ExportCache | None = None,
 ) -> dict:
     """Export one model under `prefix`; returns its config entry, with the ONNX parity measured.
+
+    `graphs`: architectures already exported, reused with this model's weights (`ExportCache`).
 
     With `dense_quant` (an OnnxQuantConfig) the served graphs' dense layers are quantized by
     ONNX Runtime after export; their deviation from PyTorch is then recorded, not enforced.
@@ -80,7 +82,7 @@ def write_model(
         ("item_tower", two_tower.item_tower),
         ("ranker", ranker),
     ):
-        path = export_onnx(module, kind, writer.path(f"{prefix}{kind}.onnx"), n)
+        path = export_onnx(module, kind, writer.path(f"{prefix}{kind}.onnx"), n, graphs)
         quantized = dense_quant is not None and kind != "item_tower"
         if quantized:
             fp32 = path.with_suffix(".fp32.onnx")
@@ -157,16 +159,29 @@ def write_fitted_artifact(
     data: dict,
     index_spec: IndexSpec,
     dense_quant: DenseQuantizer | None = None,
+    graphs: ExportCache | None = None,
 ) -> ArtifactWriter:
-    """Write both fitted models (selection and served) of a variant; returns the committed writer."""
+    """Write both fitted models (selection and served) of a variant; returns the committed writer.
+
+    `graphs` (default: a new one) lets the second model, and later artifacts given the same
+    cache, reuse graphs of the same architecture rather than export them again.
+    """
     entries = {}
+    graphs = ExportCache() if graphs is None else graphs
     writer = ArtifactWriter(out, variant, config={}, data=data)
     try:
         for prefix, models in ((SERVED_PREFIX, final), (SELECTION_PREFIX, selected)):
             entries[prefix] = {
                 **model_entry(models, index_spec),
                 **write_model(
-                    writer, prefix, models.fold, models.two_tower, models.ranker, index_spec, dense_quant
+                    writer,
+                    prefix,
+                    models.fold,
+                    models.two_tower,
+                    models.ranker,
+                    index_spec,
+                    dense_quant,
+                    graphs,
                 ),
             }
         write_catalogue(writer, final.fold)

@@ -175,3 +175,32 @@ def test_attention_user_tower_serves_users_with_no_history(attention_tower):
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, expected, atol=PARITY_LIMIT)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+# --- ExportCache: one trace per architecture ----------------------------------------------------
+
+
+def test_export_cache_reuses_a_graph_for_other_weights_and_pruned_widths(tmp_path):
+    from slimrec.models.export import ExportCache
+
+    def ranker(seed: int, deep: tuple[int, ...], rank: int) -> Ranker:
+        torch.manual_seed(seed)
+        config = RankerConfig(id_dim=8, feature_dim=4, n_cross=2, cross_rank=rank, deep=deep)
+        return Ranker(config, SPACE, TABLES).eval()
+
+    graphs = ExportCache()
+    export_onnx(ranker(0, (16,), 4), "ranker", tmp_path / "a.onnx", HISTORY_LEN, graphs)
+    assert graphs.reused == 0
+    # Other weights, narrower layers (as pruning leaves them): the same graph, checked by parity.
+    for name, module in (("b", ranker(1, (16,), 4)), ("c", ranker(2, (8,), 2))):
+        path = export_onnx(module, "ranker", tmp_path / f"{name}.onnx", HISTORY_LEN, graphs)
+        assert parity(module, "ranker", path, HISTORY_LEN) < PARITY_LIMIT
+        got, expected = run_both(module, path, random_inputs("ranker", 3, 5, seed=1))
+        np.testing.assert_allclose(got, expected, atol=PARITY_LIMIT)
+    assert graphs.reused == 2
+    # Other lookup tables (the exporter may fold them into the graph): traced again, not reused.
+    other = {**TABLES, "item_year": TABLES["item_year"].flip(0)}
+    torch.manual_seed(0)
+    module = Ranker(RankerConfig(id_dim=8, feature_dim=4, n_cross=2, cross_rank=4, deep=(16,)), SPACE, other)
+    path = export_onnx(module.eval(), "ranker", tmp_path / "d.onnx", HISTORY_LEN, graphs)
+    assert parity(module, "ranker", path, HISTORY_LEN) < PARITY_LIMIT
