@@ -50,12 +50,13 @@ def relevant_sets(dataset: Dataset, fold: int, users: np.ndarray) -> tuple[np.nd
     return csr_from_pairs(slot[split.user[rows]], split.item[rows], len(users))
 
 
-def item_vectors(model: ServedModel) -> np.ndarray:
-    """Every item's embedding from the exported item tower (the exact retrieval reference)."""
+def item_vectors(model: ServedModel, threads: int = 0) -> np.ndarray:
+    """Every item's embedding from the exported item tower (the exact retrieval reference);
+    `threads`: ONNX Runtime's intra-op threads (0: all cores)."""
     sess = model.artifact.file(f"{model.prefix}item_tower.onnx")
     from slimrec.artifact.ort import session
 
-    tower = session(sess, threads=0)
+    tower = session(sess, threads=threads)
     codes = np.arange(1, model.n_items + 1, dtype=np.int64)
     return np.concatenate(
         [run_session(tower, item_code=codes[s : s + 65536]) for s in range(0, len(codes), 65536)]
@@ -63,13 +64,14 @@ def item_vectors(model: ServedModel) -> np.ndarray:
 
 
 def evaluate_model(
-    model: ServedModel, dataset: Dataset, fold: int, n_candidates: int = 200, seed: int = 0
+    model: ServedModel, dataset: Dataset, fold: int, n_candidates: int = 200, seed: int = 0, threads: int = 0
 ) -> dict:
     split = protocol_split(dataset)
     users = np.unique(split.user[split.fold == fold])
     relevant = relevant_sets(dataset, fold, users)
-    retrieved, served = served_lists(model, users, n_candidates)
-    _, history_only = served_lists(model, users, n_candidates, as_new_users=True)
+    vectors = item_vectors(model, threads)
+    retrieved, served = served_lists(model, users, n_candidates, vectors=vectors)
+    _, history_only = served_lists(model, users, n_candidates, as_new_users=True, vectors=vectors)
     return {
         "users": int(len(users)),
         "retrieval": ranking_metrics(retrieved, *relevant, ks=RETRIEVAL_KS),
@@ -80,15 +82,20 @@ def evaluate_model(
 
 
 def served_lists(
-    model: ServedModel, users: np.ndarray, n_candidates: int = 200, as_new_users: bool = False
+    model: ServedModel,
+    users: np.ndarray,
+    n_candidates: int = 200,
+    as_new_users: bool = False,
+    vectors: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(exact retrieval top-200, the served two-stage top-200) of `users`, int [B, 200], -1 padded.
 
     as_new_users: each user is sent as the server sees a new user, by the history alone (user
     code 0, no side features) with the same window of their fitted items; seen items are still
-    excluded, so the figures compare with the known-user ones.
+    excluded, so the figures compare with the known-user ones. `vectors`: `item_vectors(model)`,
+    when the caller has them already.
     """
-    vectors = item_vectors(model)
+    vectors = item_vectors(model) if vectors is None else vectors
     k = max(RETRIEVAL_KS)
     retrieved, served = [], []
     for s in range(0, len(users), BATCH):
@@ -160,7 +167,8 @@ def evaluate_artifact(artifact: Artifact, dataset: Dataset, threads: int = 0) ->
     for prefix, (name, fold) in PREFIX_FOLD.items():
         if prefix not in artifact.config["models"]:
             continue
-        result = evaluate_model(ServedModel(artifact, prefix, threads=threads), dataset, fold)
+        model = ServedModel(artifact, prefix, threads=threads)
+        result = evaluate_model(model, dataset, fold, threads=threads)
         for key in out:
             out[key][name] = result[key]
     out["protocol"] = {
