@@ -119,6 +119,7 @@ def build_rows(artifacts, sizes, latency, dataset) -> list[dict]:
                 "bytes_per_item_index": sizes[stage]["parts"]["index"]
                 / art.config["feature_space"]["n_items"],
                 "two_stage": metrics["two_stage"],
+                "history_only": metrics.get("history_only", {}),
                 "retrieval": metrics["retrieval"],
                 "ranker": metrics.get("ranker", {}),
             }
@@ -126,12 +127,29 @@ def build_rows(artifacts, sizes, latency, dataset) -> list[dict]:
     return rows
 
 
+def history_only_ratio(row: dict) -> float | None:
+    """Test NDCG@10 of the stage's users sent as new users over theirs as known users."""
+    new = row.get("history_only", {}).get("test", {}).get("ndcg@10")
+    return None if new is None else new / row["two_stage"]["test"]["ndcg@10"]
+
+
 def write_report(
-    out, artifacts: dict[str, Artifact], sizes, latency, gate_config: GateConfig, timing: dict | None = None
+    out,
+    artifacts: dict[str, Artifact],
+    sizes,
+    latency,
+    gate_config: GateConfig,
+    timing: dict | None = None,
+    dataset: Dataset | None = None,
 ) -> dict:
-    """report.md / report.json / report.png into the compressed artifact; records `promotable`."""
+    """report.md / report.json / report.png into the compressed artifact; records `promotable`.
+
+    `dataset`: the data the stages were scored on (default: loaded from the teacher's source,
+    a path that may be relative to where the teacher was trained).
+    """
     dataset_name = artifacts["teacher"].manifest["data"].get("dataset")
-    dataset = load_dataset(artifacts["teacher"].manifest["data"].get("source") or dataset_name)
+    if dataset is None:
+        dataset = load_dataset(artifacts["teacher"].manifest["data"].get("source") or dataset_name)
     rows = build_rows(artifacts, sizes, latency, dataset)
     teacher = next(r for r in rows if r["stage"] == "teacher")
     final = rows[-1]
@@ -145,6 +163,12 @@ def write_report(
         **{
             f"test_{m}": final["two_stage"]["test"][m] / teacher["two_stage"]["test"][m]
             for m in ("ndcg@10", "recall@200")
+        },
+        # New users served from their history alone, against the same users known (test NDCG@10).
+        **{
+            f"{stage}_history_only_ndcg@10": ratio
+            for stage, row in (("teacher", teacher), ("compressed", final))
+            if (ratio := history_only_ratio(row)) is not None
         },
     }
     report = {

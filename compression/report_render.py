@@ -44,20 +44,24 @@ def render_markdown(report: dict) -> str:
             f"## Quality ({fold}; PROTOCOL.md metrics)",
             "",
             "| stage | two-stage NDCG@10 | R@10 | R@50 | R@200 | HR@10 | MRR@10 | retrieval NDCG@10 "
-            "| retrieval R@200 | ranker AUC |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| retrieval R@200 | ranker AUC | history-only NDCG@10 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
             t, s = r["two_stage"][fold], r["retrieval"][fold]
             auc = r["ranker"].get(fold, {}).get("auc", float("nan"))
+            new_users = r.get("history_only", {}).get(fold, {}).get("ndcg@10", float("nan"))
             lines.append(
                 f"| {r['stage']} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | {t['recall@50']:.4f} "
                 f"| {t['recall@200']:.4f} | {t['hr@10']:.4f} | {t['mrr@10']:.4f} "
-                f"| {s['ndcg@10']:.4f} | {s['recall@200']:.4f} | {auc:.4f} |"
+                f"| {s['ndcg@10']:.4f} | {s['recall@200']:.4f} | {auc:.4f} | {new_users:.4f} |"
             )
     ratios = report["ratios"]
     gate = report["gate"]
     lines += [
+        "",
+        "History-only: the same users sent as new users are, by their recent items alone (no id, no "
+        "side features); `*_history_only_ndcg@10` below is that over the known-user test NDCG@10.",
         "",
         "## Compressed vs teacher",
         "",
