@@ -1,14 +1,18 @@
 """Distillation: a small student two-tower and ranker learn from the labels and from the teacher.
 
-Retrieval (ranking distillation, Tang & Wang, KDD 2018): besides the in-batch
-softmax on the ground truth, the student matches the teacher's temperature-scaled
-score distribution over a candidate set made of the batch's items plus the
-teacher's own top candidates for the batch's users, so it learns the teacher's
-ordering where it matters (the head of each list), not just the positives.
+Retrieval (ranking distillation, Tang & Wang, KDD 2018): besides the softmax on the
+ground truth, the student matches the teacher's temperature-scaled score distribution,
+over the whole catalogue when it is small enough to score every step (ML-100K, ML-1M),
+else over the batch's items plus the teacher's own top candidates for the batch's users,
+so it learns the teacher's ordering where it matters (the head of each list).
 
 Ranking: on the same candidate lists the teacher ranker was trained on, the
 student's logits are fitted to the labels and to the teacher's soft labels
 sigmoid(teacher_logit / T).
+
+New users: `history_only_fraction` of the examples show the student the user as a new
+user's request does (no id, no side features, the history only) while the targets stay
+the teacher's for the known user, so the student's history path learns to stand alone.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
+from slimrec.artifact.features import FeatureSpace
+from slimrec.artifact.user_state import sent_user_features
 from slimrec.models.checkpoint import StageCheckpoint
 from slimrec.models.fold import Fold
 from slimrec.models.ranker import Ranker, RankerConfig
@@ -28,7 +34,9 @@ from slimrec.models.train import (
     train_ranker,
     train_retrieval,
 )
-from slimrec.models.two_tower import TwoTower, TwoTowerConfig
+from slimrec.models.two_tower import FULL_SOFTMAX_MAX_ITEMS, TwoTower, TwoTowerConfig
+
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -47,11 +55,21 @@ class DistillConfig:
     label_weight: float = 0.5  # weight of the ground-truth loss; the teacher's gets 1 - label_weight
     temperature: float = 1.0  # softens both score distributions in the KL term
     teacher_candidates: int = 50  # teacher's top items per example added to the candidate set
+    # Share of training examples the student sees as a new user sends them (no id, no side
+    # features, the history only), still fitted to the teacher's scores for the known user:
+    # the history path learns to stand alone, as it must for users known only by their history.
+    history_only_fraction: float = 0.25
+    # The frozen teacher's forward passes (its soft labels): "bf16" autocast halves the ranker
+    # teacher's time on CPUs with native bfloat16 (soft labels move by ~0.003); "auto" uses it
+    # where oneDNN reports bfloat16 support, else float32.
+    teacher_precision: str = "auto"
+    # Short schedules (issue 13: `slimrec compress` on ML-100K in about two minutes): batches of
+    # 256 reach in 3-5 epochs what batches of 1024 did in 10; the ranker gains little after 2-3.
     retrieval_schedule: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=40, batch_size=1024, lr=3e-3, patience=4)
+        default_factory=lambda: StageSchedule(max_epochs=4, batch_size=256, lr=3e-3, patience=1)
     )
     ranker_schedule: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=8, batch_size=64, lr=2e-3, patience=2)
+        default_factory=lambda: StageSchedule(max_epochs=2, batch_size=128, lr=3e-3, patience=1)
     )
 
     def __post_init__(self):
@@ -61,6 +79,15 @@ class DistillConfig:
             raise ValueError(f"DistillConfig.label_weight must be in [0, 1], got {self.label_weight}")
         if self.temperature <= 0:
             raise ValueError(f"DistillConfig.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.history_only_fraction <= 1:
+            raise ValueError(
+                f"DistillConfig.history_only_fraction must be in [0, 1], got {self.history_only_fraction}"
+            )
+        if self.teacher_precision not in TEACHER_PRECISIONS:
+            raise ValueError(
+                f"DistillConfig.teacher_precision must be one of {TEACHER_PRECISIONS}, "
+                f"got {self.teacher_precision!r}"
+            )
         if self.teacher_candidates < 0:
             raise ValueError(f"DistillConfig.teacher_candidates must be >= 0, got {self.teacher_candidates}")
         for name, cls in (
@@ -76,29 +103,63 @@ class DistillConfig:
         return asdict(self)
 
 
-def retrieval_kd_loss(teacher: TwoTower, config: DistillConfig):
-    """loss_fn for `train_retrieval`: label_weight * in-batch softmax + (1 - label_weight) * KL."""
+def retrieval_kd_loss(
+    teacher: TwoTower,
+    config: DistillConfig,
+    cache: TeacherCache | None = None,
+    new_user_features: torch.Tensor | None = None,
+):
+    """loss_fn for `train_retrieval`: label_weight * label loss + (1 - label_weight) * KL.
+
+    Catalogues of up to FULL_SOFTMAX_MAX_ITEMS items are scored whole: the student's user
+    and item towers run once per step, the label loss is the full softmax and the KL spans
+    every item. Larger ones use the student's own loss and a KL over the batch's items plus
+    the teacher's top `teacher_candidates` per example.
+
+    `cache` holds the teacher's per-example outputs (pass one to share it between
+    distillation and fine-tuning); `new_user_features` [F], the side features of a user
+    who sends none, is what `history_only_fraction` of the examples show the student.
+    """
     teacher.eval()
+    n_items = len(teacher.item_tower.item_rows) - 1
     with torch.no_grad():
-        teacher_items = teacher.item_embeddings(len(teacher.item_tower.item_rows) - 1)
+        teacher_items = teacher.item_embeddings(n_items)
+        scaled_items = teacher_items / teacher.config.temperature  # logits_t = u_t @ scaled_items.T
     t, a = config.temperature, config.label_weight
-    cache = TeacherCache(config.teacher_candidates)
+    cache = cache or TeacherCache(config.teacher_candidates)
+    whole = n_items <= FULL_SOFTMAX_MAX_ITEMS
 
     def loss_fn(student: TwoTower, inputs: dict) -> torch.Tensor:
-        label_loss = retrieval_loss(student, inputs)
-        with torch.no_grad():
-            u_t, top = cache.lookup(inputs, teacher, teacher_items)
-            codes = torch.unique(torch.cat([inputs["item_code"], top.flatten()]))
-            logits_t = u_t @ teacher_items[codes - 1].T / teacher.config.temperature
-        u_s = student.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
-        logits_s = u_s @ student.item_tower(codes).T / student.config.temperature
+        with torch.no_grad(), teacher_autocast(config.teacher_precision):
+            u_t, top = cache.lookup(inputs, teacher, teacher_items, 0 if whole else None)
+            u_t = u_t.float()
+        seen = as_new_users(inputs, config.history_only_fraction, new_user_features)
+        u_s = student.user_tower(seen["user_code"], seen["user_features"], seen["history"])
+        u_s = u_s / student.config.temperature  # [B, d], cheaper to scale than [B, items] logits
+        if whole and not student.trains_all_positions:
+            codes = torch.arange(1, n_items + 1, device=u_s.device)
+            with torch.no_grad(), teacher_autocast(config.teacher_precision):
+                logits_t = (u_t @ scaled_items.T).float()
+        else:
+            with torch.no_grad():
+                if top is None:  # the whole-catalogue cache holds no top codes: rank them now
+                    top = teacher_top_codes(u_t, teacher_items, config.teacher_candidates).view(len(u_t), -1)
+                codes = torch.unique(torch.cat([inputs["item_code"], top.flatten()]))
+                logits_t = u_t @ scaled_items[codes - 1].T
+        logits_s = u_s @ student.item_tower(codes).T
+        log_p = F.log_softmax(logits_s / t if t != 1 else logits_s, dim=1)
+        if not a:
+            label_loss = logits_s.new_zeros(())
+        elif not whole or student.trains_all_positions:
+            label_loss = retrieval_loss(student, seen)  # the student's own loss (in-batch, logQ)
+        elif t == 1:  # the full softmax, from the log-softmax the KL reads too
+            label_loss = F.nll_loss(log_p, inputs["item_code"] - 1)
+        else:
+            label_loss = F.cross_entropy(logits_s, inputs["item_code"] - 1)
+        if a == 1:
+            return label_loss
         kd = (
-            F.kl_div(
-                F.log_softmax(logits_s / t, dim=1),
-                F.log_softmax(logits_t / t, dim=1),
-                log_target=True,
-                reduction="batchmean",
-            )
+            F.kl_div(log_p, F.log_softmax(logits_t / t, dim=1), log_target=True, reduction="batchmean")
             * t
             * t
         )
@@ -107,32 +168,84 @@ def retrieval_kd_loss(teacher: TwoTower, config: DistillConfig):
     return loss_fn
 
 
-class TeacherCache:
-    """The teacher's user embedding and top-M item codes per training example, computed once.
+def teacher_autocast(precision: str):
+    """The autocast context the teacher's forward passes run under (`DistillConfig.teacher_precision`)."""
+    if precision == "auto":
+        try:
+            precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        except (AttributeError, RuntimeError):
+            precision = "fp32"
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    The teacher is frozen and in eval mode, so these never change between epochs; caching
-    them removes the teacher's forward pass, the costliest part of a distillation epoch.
-    Examples are keyed by their row; caching stops at `max_bytes` (huge datasets recompute).
+
+def as_new_users(inputs: dict, fraction: float, new_user_features: torch.Tensor | None) -> dict:
+    """`inputs` with a random `fraction` of its rows sent as new users send them: user code 0
+    and `new_user_features` (default: all 0, unknown), the history kept."""
+    if not fraction:
+        return inputs
+    codes, features = inputs["user_code"], inputs["user_features"]
+    hide = torch.rand(len(codes), device=codes.device) < fraction
+    unknown = torch.zeros_like(features[0]) if new_user_features is None else new_user_features.to(features)
+    return {
+        **inputs,
+        "user_code": codes.masked_fill(hide, 0),
+        "user_features": torch.where(hide.unsqueeze(1), unknown, features),
+    }
+
+
+def new_user_feature_codes(space: FeatureSpace) -> torch.Tensor:
+    """int64 [F]: the side features serving encodes for a user who sends none."""
+    return torch.from_numpy(sent_user_features(space, [{}])[0])
+
+
+class TeacherCache:
+    """The teacher's user embedding (and top-M item codes) per training example, computed once.
+
+    The teacher is frozen and in eval mode, so these never change between epochs, nor
+    between distillation and fine-tuning on the same fold; caching them removes the
+    teacher's forward pass, the costliest part of a distillation epoch. Examples are keyed
+    by their row (protocol position) in dense tables; past `max_bytes` nothing is cached.
     """
 
     def __init__(self, m: int, max_bytes: int = 1 << 30):
         self.m, self.max_bytes = m, max_bytes
-        self.emb: dict[int, torch.Tensor] = {}
-        self.top: dict[int, torch.Tensor] = {}
-        self.bytes = 0
+        self.emb = torch.zeros(0, 0)
+        self.top = torch.zeros(0, 0, dtype=torch.int32)
+        self.filled = torch.zeros(0, dtype=torch.bool)
 
-    def lookup(self, inputs: dict, teacher: TwoTower, teacher_items: torch.Tensor):
+    def lookup(self, inputs: dict, teacher: TwoTower, teacher_items: torch.Tensor, m: int | None = None):
+        """(u_t [B, D], top codes [B, m] or None when m == 0) of the batch's examples."""
+        m = self.m if m is None else m
         rows = inputs.get("rows")
-        keys = rows.tolist() if rows is not None else []
-        if keys and all(k in self.emb for k in keys):
-            return torch.stack([self.emb[k] for k in keys]), torch.stack([self.top[k] for k in keys])
+        if rows is not None and len(rows) and self._holds(rows, m):
+            return self.emb[rows], (self.top[rows].long() if m else None)
         u_t = teacher.user_tower(inputs["user_code"], inputs["user_features"], inputs["history"])
-        top = teacher_top_codes(u_t, teacher_items, self.m).view(len(u_t), -1)
-        if rows is not None and self.bytes < self.max_bytes:
-            for k, e, c in zip(keys, u_t, top, strict=True):
-                self.emb[k], self.top[k] = e, c
-            self.bytes += u_t.numel() * 4 + top.numel() * 8
+        top = teacher_top_codes(u_t, teacher_items, m).view(len(u_t), -1) if m else None
+        if rows is not None and len(rows):
+            self._store(rows, u_t, top)
         return u_t, top
+
+    def _holds(self, rows: torch.Tensor, m: int) -> bool:
+        within = int(rows.max()) < len(self.filled)
+        return within and (m == 0 or self.top.shape[1] == m) and bool(self.filled[rows].all())
+
+    def _store(self, rows: torch.Tensor, u_t: torch.Tensor, top: torch.Tensor | None) -> None:
+        n, width = int(rows.max()) + 1, 0 if top is None else top.shape[1]
+        if width != self.top.shape[1]:  # another candidate count: start over
+            self.filled = torch.zeros(0, dtype=torch.bool)
+        if n > len(self.filled):
+            capacity, kept = max(n, 2 * len(self.filled)), len(self.filled)
+            if capacity * (u_t.shape[1] + width) * 4 > self.max_bytes:
+                return
+            emb, tops = torch.zeros(capacity, u_t.shape[1]), torch.zeros(capacity, width, dtype=torch.int32)
+            filled = torch.zeros(capacity, dtype=torch.bool)
+            if kept:
+                emb[:kept], tops[:kept], filled[:kept] = self.emb[:kept], self.top[:kept], self.filled
+            self.emb, self.top, self.filled = emb, tops, filled
+        self.emb[rows] = u_t.detach().to(self.emb)
+        if top is not None:
+            self.top[rows] = top.to(torch.int32)
+        self.filled[rows] = True
 
 
 def teacher_top_codes(
@@ -158,15 +271,22 @@ def teacher_top_codes(
     return best_idx.flatten() + 1
 
 
-def ranker_kd_loss(teacher: Ranker, config: DistillConfig):
-    """loss_fn for `train_ranker`: BCE on labels mixed with BCE on the teacher's soft labels."""
+def ranker_kd_loss(teacher: Ranker, config: DistillConfig, new_user_features: torch.Tensor | None = None):
+    """loss_fn for `train_ranker`: BCE on labels mixed with BCE on the teacher's soft labels.
+
+    The teacher scores each list as the known user; `history_only_fraction` of the lists
+    show the student the user as a new one (`as_new_users`), as a history-only request is served.
+    """
     teacher.eval()
     t, a = config.temperature, config.label_weight
 
     def loss_fn(student: Ranker, inputs: dict, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = student(**inputs)[mask]
-        with torch.no_grad():
-            soft = torch.sigmoid(teacher(**inputs)[mask] / t)
+        seen = as_new_users(inputs, config.history_only_fraction, new_user_features)
+        logits = student(**seen)[mask]
+        if a == 1:
+            return F.binary_cross_entropy_with_logits(logits, labels[mask])
+        with torch.no_grad(), teacher_autocast(config.teacher_precision):
+            soft = torch.sigmoid(teacher(**inputs)[mask].float() / t)
         return (
             a * F.binary_cross_entropy_with_logits(logits, labels[mask])
             + (1 - a) * F.binary_cross_entropy_with_logits(logits / t, soft) * t * t
@@ -185,8 +305,13 @@ def distill_two_tower(
     schedule: StageSchedule | None = None,
     name: str = "student retrieval",
     checkpoint: StageCheckpoint | None = None,
+    cache: TeacherCache | None = None,
 ) -> StageResult:
-    """Train (or, given `student`, fine-tune) a student two-tower; early-stopped when epochs is None."""
+    """Train (or, given `student`, fine-tune) a student two-tower; early-stopped when epochs is None.
+
+    `cache`: the teacher's outputs per example on this fold (`TeacherCache`), shared by the
+    stages that pass the same one.
+    """
     student = student or TwoTower(config.student_two_tower, fold.space, fold.tables)
     return train_retrieval(
         fold,
@@ -194,7 +319,7 @@ def distill_two_tower(
         epochs,
         model=student,
         schedule=schedule or config.retrieval_schedule,
-        loss_fn=retrieval_kd_loss(teacher, config),
+        loss_fn=retrieval_kd_loss(teacher, config, cache, new_user_feature_codes(fold.space)),
         name=name,
         checkpoint=checkpoint,
     )
@@ -223,7 +348,7 @@ def distill_ranker(
         retrieval_weights,
         model=student,
         schedule=schedule or config.ranker_schedule,
-        loss_fn=ranker_kd_loss(teacher, config),
+        loss_fn=ranker_kd_loss(teacher, config, new_user_feature_codes(fold.space)),
         name=name,
         checkpoint=checkpoint,
     )

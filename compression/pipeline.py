@@ -22,7 +22,7 @@ import torch
 from slimrec.artifact import load_artifact, update_metrics
 from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.index import IndexSpec
-from slimrec.compression.distill import DistillConfig, distill_ranker, distill_two_tower
+from slimrec.compression.distill import DistillConfig, TeacherCache, distill_ranker, distill_two_tower
 from slimrec.compression.pipeline_config import PipelineConfig
 from slimrec.compression.prune import PruneConfig, prune_
 from slimrec.compression.quantize_embeddings import EmbeddingQuantConfig, quantize_embeddings_
@@ -30,6 +30,7 @@ from slimrec.compression.report import measure_latency, stage_sizes, write_repor
 from slimrec.compression.tune_index import tune_index
 from slimrec.models.checkpoint import Checkpoints, StageCheckpoint
 from slimrec.models.data import Dataset
+from slimrec.models.export import ExportCache
 from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX, read_teacher, write_fitted_artifact
 from slimrec.models.ranker import Ranker
@@ -60,6 +61,7 @@ def distill_stage(
     retrieval_fold: Fold | None = None,
     lap: Callable[[str], object] | None = None,
     checkpoint: CheckpointFor = no_checkpoint,
+    cache: TeacherCache | None = None,
 ) -> FoldModels:
     """A student two-tower and ranker distilled from `teacher` on `fold`.
 
@@ -68,6 +70,7 @@ def distill_stage(
         retrieval_fold: the rows the student two-tower fits (default `fold`; the scale bench samples them).
         lap: called with "student_retrieval", then "student_ranker", as each model is trained.
         checkpoint: each model's per-epoch checkpoint, by stage name (resume; see run_epochs).
+        cache: the teacher's retrieval outputs per example of `fold`, to share with fine-tuning.
     """
     teacher_two_tower, teacher_ranker = teacher
     retrieval = distill_two_tower(
@@ -77,6 +80,7 @@ def distill_stage(
         config,
         epochs[0],
         checkpoint=checkpoint("student-retrieval"),
+        cache=cache,
     )
     if lap:
         lap("student_retrieval")
@@ -112,6 +116,7 @@ def finetune_stage(
     config: PipelineConfig,
     epochs: Epochs = (None, None),
     checkpoint: CheckpointFor = no_checkpoint,
+    cache: TeacherCache | None = None,
 ) -> FoldModels:
     """Fine-tune pruned models against the teacher (the distillation losses, the short schedules)."""
     teacher_two_tower, teacher_ranker = teacher
@@ -126,6 +131,7 @@ def finetune_stage(
         schedule=config.finetune,
         name="fine-tune retrieval",
         checkpoint=checkpoint("finetune-retrieval"),
+        cache=cache,
     )
     two_tower = cast(TwoTower, retrieval.model)
     ranking = distill_ranker(
@@ -186,6 +192,7 @@ def run_stages(
     def checkpoint(stage: str) -> StageCheckpoint | None:
         return checkpoints.stage(f"{fold.name}-{stage}") if checkpoints else None
 
+    cache = TeacherCache(config.distill.teacher_candidates)  # the teacher's outputs on this fold
     student = distill_stage(
         teacher,
         fold,
@@ -194,6 +201,7 @@ def run_stages(
         (fixed.get("student_retrieval"), fixed.get("student_ranker")),
         weights,
         checkpoint=checkpoint,
+        cache=cache,
     )
     with times.stage(f"{fold.name}/prune"):
         pruned = prune_stage_(copy_models(student), config.prune)
@@ -204,6 +212,7 @@ def run_stages(
         config,
         (fixed.get("pruned_retrieval"), fixed.get("pruned_ranker")),
         checkpoint=checkpoint,
+        cache=cache,
     )
     with times.stage(f"{fold.name}/quantize"):
         int8 = quantize_stage_(copy_models(tuned), config.embeddings)
@@ -288,6 +297,7 @@ def compress(
         ("compressed", index_spec, config.dense),
     ]
     paths = {"teacher": teacher_path}
+    graphs = ExportCache()  # each architecture traced once; the other stages and folds swap weights in
     for stage, spec, dense in plan:
         source = "int8" if stage == "compressed" else stage
         path = out if stage == "compressed" else stages_dir / stage
@@ -302,10 +312,13 @@ def compress(
                 data,
                 spec,
                 dense_quant=dense,
+                graphs=graphs,
             )
         with times.stage(f"{stage}/evaluate"):
-            update_metrics(path, evaluate_artifact(load_artifact(path), dataset))
+            # ONNX Runtime on as many threads as torch: all cores would spin against the other work
+            update_metrics(path, evaluate_artifact(load_artifact(path), dataset, torch.get_num_threads()))
         paths[stage] = path
+    log(f"== compress: {graphs.reused} ONNX graphs reused from an export of the same architecture")
     checkpoints.remove()
 
     with times.stage("report/latency"):
@@ -313,4 +326,4 @@ def compress(
         latency = measure_latency(artifacts, dataset)
     log("time and peak RSS by stage (the report's own writing not included):\n" + times.summary())
     timing = {"stages": times.to_dict(), "by_part": times.by_part()}
-    return write_report(out, artifacts, stage_sizes(artifacts), latency, config.gate, timing)
+    return write_report(out, artifacts, stage_sizes(artifacts), latency, config.gate, timing, dataset)

@@ -23,10 +23,10 @@ class PipelineConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     finetune: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=6, batch_size=1024, lr=1e-3, patience=2)
+        default_factory=lambda: StageSchedule(max_epochs=2, batch_size=256, lr=1e-3, patience=1)
     )
     finetune_ranker: StageSchedule = field(
-        default_factory=lambda: StageSchedule(max_epochs=3, batch_size=64, lr=5e-4, patience=1)
+        default_factory=lambda: StageSchedule(max_epochs=1, batch_size=128, lr=1e-3, patience=1)
     )
     embeddings: EmbeddingQuantConfig = field(default_factory=EmbeddingQuantConfig)
     dense: OnnxQuantConfig = field(default_factory=OnnxQuantConfig)

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 from slimrec.artifact.features import FeatureSpace
-from slimrec.compression.distill import DistillConfig, ranker_kd_loss, retrieval_kd_loss, teacher_top_codes
+from slimrec.compression.distill import (
+    DistillConfig,
+    as_new_users,
+    ranker_kd_loss,
+    retrieval_kd_loss,
+    teacher_top_codes,
+)
 from slimrec.compression.gate import GateConfig, gate
 from slimrec.compression.pipeline import PipelineConfig
 from slimrec.models.ranker import Ranker, RankerConfig
@@ -54,7 +60,10 @@ def test_teacher_top_codes_matches_full_topk_across_chunks():
     assert teacher_top_codes(u, v, 0).numel() == 0
 
 
-def test_retrieval_kd_loss_is_zero_kl_when_student_is_teacher():
+@pytest.mark.parametrize("whole_catalogue", [True, False])
+def test_retrieval_kd_loss_is_zero_kl_when_student_is_teacher(whole_catalogue, monkeypatch):
+    if not whole_catalogue:  # the candidate-set path of large catalogues
+        monkeypatch.setattr("slimrec.compression.distill.FULL_SOFTMAX_MAX_ITEMS", 5)
     torch.manual_seed(0)
     teacher = TwoTower(
         TwoTowerConfig(
@@ -69,12 +78,33 @@ def test_retrieval_kd_loss_is_zero_kl_when_student_is_teacher():
         SPACE,
         tables(),
     ).eval()
-    kd_only = retrieval_kd_loss(teacher, DistillConfig(label_weight=0.0, teacher_candidates=3))
+    kd_only = retrieval_kd_loss(
+        teacher,
+        DistillConfig(
+            label_weight=0.0, teacher_candidates=3, teacher_precision="fp32", history_only_fraction=0.0
+        ),
+    )
     # The student is the teacher itself: both score distributions coincide, so KL = 0.
     assert kd_only(teacher, batch()).item() == pytest.approx(0.0, abs=1e-6)
-    labels_only = retrieval_kd_loss(teacher, DistillConfig(label_weight=1.0))
-    in_batch = teacher.in_batch_loss(**batch()).item()
-    assert labels_only(teacher, batch()).item() == pytest.approx(in_batch, rel=1e-6)
+    labels_only = retrieval_kd_loss(teacher, DistillConfig(label_weight=1.0, history_only_fraction=0.0))
+    b = {k: v for k, v in batch().items() if k != "log_q"}
+    expected = teacher.full_softmax_loss(**b) if whole_catalogue else teacher.in_batch_loss(**batch())
+    assert labels_only(teacher, batch()).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_as_new_users_hides_id_and_features_keeps_history():
+    inputs = {**batch(8), "user_features": torch.ones(8, 4, dtype=torch.long)}
+    unknown = torch.tensor([0, 0, 0, 0])
+    assert as_new_users(inputs, 0.0, unknown) is inputs
+    hidden = as_new_users(inputs, 1.0, unknown)
+    assert (hidden["user_code"] == 0).all() and (hidden["user_features"] == 0).all()
+    assert torch.equal(hidden["history"], inputs["history"])
+    torch.manual_seed(0)
+    half = as_new_users(inputs, 0.5, unknown)
+    gone = half["user_code"] == 0
+    assert 0 < gone.sum() < 8  # some rows hidden, others kept whole
+    assert (half["user_features"][gone] == 0).all() and (half["user_features"][~gone] == 1).all()
+    assert (half["user_code"][~gone] == inputs["user_code"][~gone]).all()
 
 
 def test_retrieval_kd_pulls_a_student_towards_the_teacher():
@@ -110,11 +140,22 @@ def test_ranker_kd_loss_mixes_labels_and_teacher():
     labels = torch.zeros(5, 3)
     labels[:, 0] = 1
     mask = inputs["candidates"] > 0
-    only_labels = ranker_kd_loss(teacher, DistillConfig(label_weight=1.0))(student, inputs, labels, mask)
+    only_labels = ranker_kd_loss(teacher, DistillConfig(label_weight=1.0, history_only_fraction=0.0))(
+        student, inputs, labels, mask
+    )
     expected = torch.nn.functional.binary_cross_entropy_with_logits(student(**inputs)[mask], labels[mask])
     assert only_labels.item() == pytest.approx(expected.item(), rel=1e-6)
     mixed = ranker_kd_loss(teacher, DistillConfig(label_weight=0.3))
     assert torch.isfinite(mixed(student, inputs, labels, mask))
+    # The teacher's soft labels under bfloat16 autocast stay close to its float32 ones.
+    kd = {
+        p: ranker_kd_loss(teacher, DistillConfig(label_weight=0.0, teacher_precision=p))
+        for p in ("fp32", "bf16")
+    }
+    student.eval()
+    assert kd["bf16"](student, inputs, labels, mask).item() == pytest.approx(
+        kd["fp32"](student, inputs, labels, mask).item(), rel=1e-2
+    )
 
 
 def metrics(ndcg, recall):
@@ -134,6 +175,10 @@ def test_gate_passes_within_tolerance_and_names_each_failing_metric():
 def test_configs_reject_bad_values_and_unknown_sections():
     with pytest.raises(ValueError, match="label_weight"):
         DistillConfig(label_weight=1.5)
+    with pytest.raises(ValueError, match="history_only_fraction"):
+        DistillConfig(history_only_fraction=-0.1)
+    with pytest.raises(ValueError, match="teacher_precision"):
+        DistillConfig(teacher_precision="fp16")
     with pytest.raises(ValueError, match="tolerance"):
         GateConfig(tolerance=1.0)
     with pytest.raises(ValueError, match="unknown section"):
@@ -235,7 +280,12 @@ def test_teacher_cache_reuses_the_first_epochs_teacher_outputs():
         SPACE,
         tables(),
     ).eval()
-    loss_fn = retrieval_kd_loss(teacher, DistillConfig(label_weight=0.0, teacher_candidates=3))
+    loss_fn = retrieval_kd_loss(
+        teacher,
+        DistillConfig(
+            label_weight=0.0, teacher_candidates=3, teacher_precision="fp32", history_only_fraction=0.0
+        ),
+    )
     inputs = {**batch(), "rows": torch.arange(5)}
     first = loss_fn(student, inputs).item()
 
