@@ -132,8 +132,9 @@ class ServedModel:
             history=batch.history,
             candidates=np.maximum(candidates, -1) + 1,
         )
-        final = logits + self.retrieval_weight * retrieval_scores / self.temperature
-        return np.where(candidates >= 0, final, -np.inf).astype(np.float32)
+        real = candidates >= 0  # padding scores -inf, and 0 * -inf would be NaN (with a warning)
+        final = logits + self.retrieval_weight * np.where(real, retrieval_scores, 0.0) / self.temperature
+        return np.where(real, final, -np.inf).astype(np.float32)
 
     def recommend(
         self, batch: UserBatch, k: int, n_candidates: int = 200, allowed: np.ndarray | None = None
