@@ -17,13 +17,16 @@ the teacher's for the known user, so the student's history path learns to stand 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.user_state import sent_user_features
 from slimrec.models.checkpoint import StageCheckpoint
+from slimrec.models.device import training_device
 from slimrec.models.fold import Fold
 from slimrec.models.ranker import Ranker, RankerConfig
 from slimrec.models.train import (
@@ -35,6 +38,7 @@ from slimrec.models.train import (
     train_retrieval,
 )
 from slimrec.models.two_tower import FULL_SOFTMAX_MAX_ITEMS, TwoTower, TwoTowerConfig
+from torch import nn
 
 TEACHER_PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -120,7 +124,7 @@ def retrieval_kd_loss(
     distillation and fine-tuning); `new_user_features` [F], the side features of a user
     who sends none, is what `history_only_fraction` of the examples show the student.
     """
-    teacher.eval()
+    teacher = on_training_device(teacher)
     n_items = len(teacher.item_tower.item_rows) - 1
     with torch.no_grad():
         teacher_items = teacher.item_embeddings(n_items)
@@ -170,12 +174,26 @@ def retrieval_kd_loss(
 
 def teacher_autocast(precision: str):
     """The autocast context the teacher's forward passes run under (`DistillConfig.teacher_precision`)."""
-    if precision == "auto":
+    device = training_device().type
+    if precision == "auto" and device == "cpu":
         try:
             precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
         except (AttributeError, RuntimeError):
             precision = "fp32"
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    elif precision == "auto":
+        precision = "bf16"  # GPUs the project meets (Ampere and later) run bfloat16 natively
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+Teacher = TypeVar("Teacher", bound=nn.Module)
+
+
+def on_training_device(teacher: Teacher) -> Teacher:
+    """The frozen teacher, in eval mode, on the device the student trains on: the model itself
+    on the CPU, else a copy (the caller's teacher stays on the CPU for export and evaluation)."""
+    device = training_device()
+    teacher = teacher if device.type == "cpu" else copy.deepcopy(teacher).to(device)
+    return teacher.eval()
 
 
 def as_new_users(inputs: dict, fraction: float, new_user_features: torch.Tensor | None) -> dict:
@@ -237,8 +255,10 @@ class TeacherCache:
             capacity, kept = max(n, 2 * len(self.filled)), len(self.filled)
             if capacity * (u_t.shape[1] + width) * 4 > self.max_bytes:
                 return
-            emb, tops = torch.zeros(capacity, u_t.shape[1]), torch.zeros(capacity, width, dtype=torch.int32)
-            filled = torch.zeros(capacity, dtype=torch.bool)
+            device = u_t.device  # the cache lives where the student trains: rows index it there
+            emb = torch.zeros(capacity, u_t.shape[1], device=device)
+            tops = torch.zeros(capacity, width, dtype=torch.int32, device=device)
+            filled = torch.zeros(capacity, dtype=torch.bool, device=device)
             if kept:
                 emb[:kept], tops[:kept], filled[:kept] = self.emb[:kept], self.top[:kept], self.filled
             self.emb, self.top, self.filled = emb, tops, filled
@@ -277,7 +297,7 @@ def ranker_kd_loss(teacher: Ranker, config: DistillConfig, new_user_features: to
     The teacher scores each list as the known user; `history_only_fraction` of the lists
     show the student the user as a new one (`as_new_users`), as a history-only request is served.
     """
-    teacher.eval()
+    teacher = on_training_device(teacher)
     t, a = config.temperature, config.label_weight
 
     def loss_fn(student: Ranker, inputs: dict, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

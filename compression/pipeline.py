@@ -30,6 +30,8 @@ from slimrec.compression.report import measure_latency, stage_sizes, write_repor
 from slimrec.compression.tune_index import tune_index
 from slimrec.models.checkpoint import Checkpoints, StageCheckpoint
 from slimrec.models.data import Dataset
+from slimrec.models.device import describe as describe_device
+from slimrec.models.device import training_device
 from slimrec.models.export import ExportCache
 from slimrec.models.fold import FIT_TRAIN, FIT_TRAIN_VALID, Fold
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX, read_teacher, write_fitted_artifact
@@ -287,6 +289,7 @@ def compress(
         "train": train_config.to_dict(),
         "pipeline": config.to_dict(),
         "teacher": {"path": str(teacher_path), "created_at": teacher_artifact.manifest["created_at"]},
+        "device": describe_device(training_device()),
     }
     with times.stage("index/tune"):
         index_spec = tune_index(selected["int8"], config.index).spec

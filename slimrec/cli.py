@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue an interrupted run from its per-epoch checkpoints in <out>.checkpoints/",
     )
+    add_device_argument(compress)
     compress.set_defaults(run=cmd_compress, command="compress")
 
     demo = sub.add_parser("demo", help="the main job: fetch ml-100k, train, compress, serve A/B, compare")
@@ -307,11 +308,13 @@ def cmd_compress(args) -> int:
     from slimrec.artifact import load_artifact
     from slimrec.compression.pipeline import compress
     from slimrec.compression.report_render import render_markdown
+    from slimrec.models.device import select_device
 
     config = compress_config(args.preset, args.config)
     if args.seed is not None:
         config.seed = args.seed
     set_threads(args.threads)
+    select_device(args.device)
     teacher = load_artifact(args.teacher)
     dataset = artifact_dataset(teacher, args.data)
     report = compress(args.teacher, args.out, dataset, config, resume=args.resume)

@@ -113,10 +113,11 @@ def test_nnodes_without_endpoint_is_refused():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-def test_device_cuda_without_a_gpu_is_a_clear_error(capsys):
+@pytest.mark.parametrize("command", [["train", "--preset", "tiny"], ["compress", "--teacher", "unused"]])
+def test_device_cuda_without_a_gpu_is_a_clear_error(command, capsys):
     from slimrec.cli import main
 
-    assert main(["train", "--device", "cuda", "--preset", "tiny", "--out", "unused"]) == 2
+    assert main([*command, "--device", "cuda", "--out", "unused"]) == 2
     assert "--device cuda: torch sees no CUDA device" in capsys.readouterr().err
 
 
