@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from slimrec.artifact.features import FeatureSpace
 from slimrec.models.ranker import Ranker, RankerConfig
@@ -52,3 +54,17 @@ def users(codes: list[int], histories: list[list[int]]) -> dict[str, torch.Tenso
         "user_features": torch.tensor([[3, 1, 2, 1]] * len(codes)),
         "history": torch.tensor(histories),
     }
+
+
+def fit(loss, parameters, steps: int, lr: float = 0.02) -> list[float]:
+    """`steps` Adam steps on `loss()`; the losses seen, each checked finite."""
+    optimizer = torch.optim.Adam(parameters, lr=lr)
+    losses = []
+    for _ in range(steps):
+        value = loss()
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+        losses.append(value.item())
+    assert all(math.isfinite(x) for x in losses), losses
+    return losses

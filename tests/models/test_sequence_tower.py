@@ -9,7 +9,7 @@ import pytest
 import torch
 from slimrec.models.sequence_tower import SequenceEncoder
 from slimrec.models.two_tower import TwoTower, TwoTowerConfig
-from tiny_towers import SPACE, TABLES, TOWER, two_tower, users
+from tiny_towers import SPACE, TABLES, TOWER, fit, two_tower, users
 from torch import nn
 
 ATTENTION = TwoTowerConfig(
@@ -150,15 +150,7 @@ def test_attention_tower_learns_a_sequential_toy_problem():
         "item_code": torch.tensor([2, 3, 4, 5]),
         "log_q": torch.zeros(6),
     }
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
-    losses = []
-    for _ in range(200):
-        loss = model.retrieval_loss(**inputs)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert all(math.isfinite(x) for x in losses)
+    losses = fit(lambda: model.retrieval_loss(**inputs), model.parameters(), steps=200)
     model.eval()
     with torch.no_grad():
         scores = model.user_tower(*list(inputs.values())[:3]) @ model.item_embeddings(SPACE.n_items).T
