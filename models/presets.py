@@ -67,8 +67,9 @@ TRAIN_PRESETS: dict[str, dict] = {
     # epoch 0.094 0.132 0.159 0.178 0.198 0.213 0.213 0.225 0.227 0.234 (kept: 10, stopped at 12),
     # two-stage 0.2435 with the student-sized ranker of "teacher" (the default ranker cost 156 CPU
     # s an epoch and 417 s of evaluation on ML-1M). Test two-stage 0.2227 (retrieval alone 0.2102,
-    # history only 0.1986); 3,775 s of training on a loaded machine. Peak RSS 13.2 GiB, in the
-    # ranker's list building with 8 cut points (6.2 GiB with 4): over issue 13's 8 GiB, to fix.
+    # history only 0.1986); 3,775 s of training on a loaded machine. Peak RSS 13.2 GiB then, in
+    # the ranker's list building (all 48k lists through the user tower at once); embedded in
+    # chunks since, that step peaks at 1.5 GiB (the whole run not re-measured).
     "teacher-sequence": {
         "precision": "bf16",
         "two_tower": {
