@@ -131,10 +131,11 @@ def retrieval_kd_loss(
         scaled_items = teacher_items / teacher.config.temperature  # logits_t = u_t @ scaled_items.T
     t, a = config.temperature, config.label_weight
     cache = cache or TeacherCache(config.teacher_candidates)
+    precision = teacher_precision(config.teacher_precision)  # once, not every step
     whole = n_items <= FULL_SOFTMAX_MAX_ITEMS
 
     def loss_fn(student: TwoTower, inputs: dict) -> torch.Tensor:
-        with torch.no_grad(), teacher_autocast(config.teacher_precision):
+        with torch.no_grad(), teacher_autocast(precision):
             u_t, top = cache.lookup(inputs, teacher, teacher_items, 0 if whole else None)
             u_t = u_t.float()
         seen = as_new_users(inputs, config.history_only_fraction, new_user_features)
@@ -142,7 +143,7 @@ def retrieval_kd_loss(
         u_s = u_s / student.config.temperature  # [B, d], cheaper to scale than [B, items] logits
         if whole and not student.trains_all_positions:
             codes = torch.arange(1, n_items + 1, device=u_s.device)
-            with torch.no_grad(), teacher_autocast(config.teacher_precision):
+            with torch.no_grad(), teacher_autocast(precision):
                 logits_t = (u_t @ scaled_items.T).float()
         else:
             with torch.no_grad():
@@ -172,17 +173,21 @@ def retrieval_kd_loss(
     return loss_fn
 
 
+def teacher_precision(precision: str) -> str:
+    """`DistillConfig.teacher_precision` resolved for the training device ("auto": bf16 where native)."""
+    if precision != "auto":
+        return precision
+    if training_device().type != "cpu":
+        return "bf16"  # GPUs the project meets (Ampere and later) run bfloat16 natively
+    try:
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    except (AttributeError, RuntimeError):
+        return "fp32"
+
+
 def teacher_autocast(precision: str):
-    """The autocast context the teacher's forward passes run under (`DistillConfig.teacher_precision`)."""
-    device = training_device().type
-    if precision == "auto" and device == "cpu":
-        try:
-            precision = "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        except (AttributeError, RuntimeError):
-            precision = "fp32"
-    elif precision == "auto":
-        precision = "bf16"  # GPUs the project meets (Ampere and later) run bfloat16 natively
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    """The autocast context the teacher's forward passes run under (a resolved `teacher_precision`)."""
+    return torch.autocast(training_device().type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 Teacher = TypeVar("Teacher", bound=nn.Module)
@@ -299,13 +304,14 @@ def ranker_kd_loss(teacher: Ranker, config: DistillConfig, new_user_features: to
     """
     teacher = on_training_device(teacher)
     t, a = config.temperature, config.label_weight
+    precision = teacher_precision(config.teacher_precision)
 
     def loss_fn(student: Ranker, inputs: dict, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         seen = as_new_users(inputs, config.history_only_fraction, new_user_features)
         logits = student(**seen)[mask]
         if a == 1:
             return F.binary_cross_entropy_with_logits(logits, labels[mask])
-        with torch.no_grad(), teacher_autocast(config.teacher_precision):
+        with torch.no_grad(), teacher_autocast(precision):
             soft = torch.sigmoid(teacher(**inputs)[mask].float() / t)
         return (
             a * F.binary_cross_entropy_with_logits(logits, labels[mask])

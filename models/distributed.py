@@ -21,11 +21,14 @@ One process without torchrun is a world of one: every function here is then the 
 from __future__ import annotations
 
 import os
+import socket
+import sys
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
+from slimrec.models.device import module_device
 
 LAUNCHED_BY_TORCHRUN = "TORCHELASTIC_RUN_ID"  # set by torchrun in every process it starts
 
@@ -143,7 +146,7 @@ def data_parallel(model: torch.nn.Module, step):
         return step
     from torch.nn.parallel import DistributedDataParallel
 
-    device = next(model.parameters()).device
+    device = module_device(model)
     return DistributedDataParallel(
         _LossOf(model, step),
         device_ids=[device] if device.type == "cuda" else None,
@@ -159,8 +162,6 @@ def torchrun_command(
     One machine: rendezvous on 127.0.0.1 at a free port. Several: every machine runs the same
     command with its --node-rank and the same --rdzv-endpoint (host:port of any one of them).
     """
-    import sys
-
     if endpoint is None:
         if nnodes > 1:
             raise ValueError("--nnodes > 1 needs --rdzv-endpoint host:port (the same on every machine)")
@@ -204,8 +205,6 @@ def without_launch_options(argv: list[str]) -> list[str]:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
