@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 ARTIFACTS ?= artifacts
 # Type-checked packages (mypy); the rest are linted.
-TYPED  := slimrec.artifact slimrec.serving slimrec.compression
+TYPED  := slimrec.artifact slimrec.serving slimrec.compression slimrec.experiment
 
 .PHONY: demo test lint typecheck install clean
 
@@ -31,7 +31,7 @@ lint: install
 # mypy resolves modules by path: link the folders under the names they install as.
 typecheck: install
 	rm -rf .typecheck && mkdir -p .typecheck/slimrec
-	for d in models compression artifact serving loadtest bench; do ln -s ../../$$d .typecheck/slimrec/$$d; done
+	for d in models compression artifact serving loadtest bench experiment; do ln -s ../../$$d .typecheck/slimrec/$$d; done
 	for f in slimrec/*.py; do ln -s ../../$$f .typecheck/slimrec/; done
 	$(BIN)/mypy --python-executable $(BIN)/python $(addprefix -p ,$(TYPED))
 

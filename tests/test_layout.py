@@ -2,6 +2,7 @@
 
     serving -> artifact            compression -> models, artifact      models -> artifact
     bench -> compression, models, artifact, loadtest's parsers only    loadtest -> HTTP only
+    experiment -> models, serving's log reader, loadtest's server launcher
     artifact -> numpy, onnxruntime, faiss, safetensors (never torch)   slimrec (the CLI) -> any
 
 Every import counts, at module level or inside a function (a lazy import is still an arrow).
@@ -23,6 +24,7 @@ PACKAGES = {
     "serving": "serving",
     "loadtest": "loadtest",
     "bench": "bench",
+    "experiment": "experiment",
     "slimrec": "slimrec",
 }
 ALLOWED = {
@@ -32,6 +34,8 @@ ALLOWED = {
     "serving": {"serving", "artifact"},
     "loadtest": {"loadtest"},
     "bench": {"bench", "compression", "models", "artifact"},
+    # replay reads the split fold (models), starts servers (loadtest) and reads their logs (serving)
+    "experiment": {"experiment", "models", "serving", "loadtest", "artifact"},
 }
 TRAINING_STACK = {"torch", "pandas", "onnx", "onnxscript", "matplotlib", "locust", "tqdm"}
 
