@@ -1,0 +1,76 @@
+"""`slimrec experiment`: the argparse part. Imports stay light; the handler imports the report.
+
+    slimrec experiment report LOGDIR [--out DIR] [--window N] [--k K] [--bootstrap B] [--seed S]
+
+LOGDIR is a server's --log-dir (or a replay's logs/): every *.jsonl segment in it is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def register(subparsers) -> None:
+    """Add the `experiment` command (and its `report` subcommand) to slimrec's argparse subparsers."""
+    experiment = subparsers.add_parser("experiment", help="judge A/B experiments from the servers' logs")
+    experiment.set_defaults(run=lambda _: experiment.print_help() or 2, command="experiment")
+    commands = experiment.add_subparsers(dest="experiment_command")
+    report = commands.add_parser(
+        "report",
+        help="which arm wins: exposures joined with the events that followed them",
+        description="Per arm: hit rate@k and NDCG@k with bootstrap intervals over users, coverage, "
+        "latency, fallbacks; arm differences (paired or unpaired); sample-ratio checks per split.",
+    )
+    report.add_argument("logdir", type=Path, metavar="LOGDIR", help="directory of *.jsonl log segments")
+    report.add_argument("--out", type=Path, default=None, help="output directory (default LOGDIR/report)")
+    report.add_argument(
+        "--window",
+        type=positive_int,
+        default=10,
+        help="an event credits an exposure only if among the user's next N events after it (default 10)",
+    )
+    report.add_argument(
+        "--k", type=positive_int, default=10, help="hit rate@k and NDCG@k cut-off (default 10)"
+    )
+    report.add_argument(
+        "--bootstrap", type=positive_int, default=2000, help="bootstrap resamples over users (default 2000)"
+    )
+    report.add_argument("--seed", type=int, default=0, help="seed of every resample (default 0)")
+    report.set_defaults(run=run_report, command="experiment report")
+
+
+def run_report(args) -> int:
+    from slimrec.experiment.report import build_report, render_markdown, write_report
+    from slimrec.serving.eventlog import read_log
+
+    if not args.logdir.is_dir():
+        raise FileNotFoundError(f"{args.logdir}: no such log directory")
+    log = read_log(args.logdir)
+    if not any(r.get("kind") == "exposure" for r in log.records):
+        raise ValueError(
+            f"{args.logdir}: no exposure records in {len(log.records):,} log records; "
+            "pass the directory a server logged to (slimrec serve --log-dir, or a replay's logs/)"
+        )
+    report = build_report(
+        log.records,
+        window=args.window,
+        k=args.k,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        read_stats=log.stats,
+    )
+    write_report(report, args.out or args.logdir / "report")
+    print(render_markdown(report), end="")
+    return 0
