@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -72,7 +73,8 @@ def local_server(variants: dict[str, str], *args: str, timeout_s: float = READY_
     """
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMREC_")}
-    process = subprocess.Popen(serve_command(variants, port, *args), env=env)
+    state = tempfile.TemporaryDirectory(prefix="slimrec-state-")  # split and logs of this run only
+    process = subprocess.Popen(serve_command(variants, port, "--state-dir", state.name, *args), env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
@@ -85,3 +87,4 @@ def local_server(variants: dict[str, str], *args: str, timeout_s: float = READY_
         yield url, process
     finally:
         stop(process)
+        state.cleanup()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -112,7 +113,11 @@ def running(command: list[str], url: str, log_path: Path):
 def slimrec_server(variants: dict[str, str], split: str | None, logs: Path, serve_args: tuple[str, ...] = ()):
     """`slimrec serve` with these variants on a free loopback port; a context manager yielding the Process."""
     port = free_port()
-    command = serve_command(variants, port, *serve_args)
+    # A state directory of the run's own, emptied first: a split stored by an earlier run would
+    # win over this run's --split. The server's exposure and event logs land in it too.
+    state = logs / "server-state"
+    shutil.rmtree(state, ignore_errors=True)
+    command = serve_command(variants, port, "--state-dir", str(state), *serve_args)
     if split:
         command += ["--split", split]
     return running(command, f"http://127.0.0.1:{port}", logs / "server.log")

@@ -16,6 +16,7 @@ from slimrec.serving.schemas import (
     error_responses,
 )
 from slimrec.serving.service import ReloadError
+from slimrec.serving.state import StateUnavailable
 
 router = APIRouter(prefix="/admin", dependencies=[AdminDep])
 
@@ -37,8 +38,15 @@ async def reload_variant(name: str, body: ReloadRequest, service: ReadyServiceDe
 
 @router.put("/split", responses=error_responses(400, 401, 403, 413, 422, 503))
 async def put_split(body: SplitRequest, service: ReadyServiceDep) -> SplitResponse:
-    """Replace the A/B weights (variants left out get 0); users move only across changed ranges."""
+    """Replace the A/B weights (variants left out get 0) as the next stored version; users move only
+    across changed ranges. The stored split survives restarts (it wins over the configured one)."""
     try:
-        return SplitResponse(split=service.set_split(body.weights))
+        record = await service.set_split(body.weights)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from exc
+    except StateUnavailable as exc:
+        service.metrics.state_errors.labels("write_split").inc()
+        raise HTTPException(
+            503, f"split not changed: state store unreachable ({exc})", headers={"Retry-After": "1"}
+        ) from exc
+    return SplitResponse(split=record.weights, version=record.version)

@@ -34,6 +34,7 @@ from slimrec.serving.deps import (
 from slimrec.serving.direct import Handler, direct_route, recommend_body, user_query
 from slimrec.serving.queries import Answer, QueryError, build_query, seen_items
 from slimrec.serving.queries import Query as ModelQuery
+from slimrec.serving.records import exposure_record
 from slimrec.serving.router import assign_variant
 from slimrec.serving.schemas import (
     RecommendRequest,
@@ -75,8 +76,10 @@ async def readyz(service: ServiceDep):
     response_class=PlainTextResponse,
     responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
 )
-async def metrics(m: MetricsDep) -> Response:
+async def metrics(m: MetricsDep, service: ServiceDep) -> Response:
     """Prometheus text exposition."""
+    if service.ready:
+        service.live.record_stats()
     return Response(m.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -90,6 +93,7 @@ async def list_variants(service: ReadyServiceDep) -> VariantsResponse:
     return VariantsResponse(
         variants=infos,
         split=service.split,
+        split_version=service.split_version,
         overrides_allowed=service.settings.overrides_allowed,
         shadow_fraction=service.settings.shadow_fraction,
     )
@@ -159,7 +163,8 @@ async def serve(body: RecommendRequest, request: Request) -> Response:
     request.state.variant = name
     try:
         async with asyncio.timeout_at(getattr(request.state, "deadline", None)):
-            served, query, answer = await answer_with_fallback(service, name, body)
+            live = await service.live.history_of(body.user_id)
+            served, query, answer = await answer_with_fallback(service, name, body, live)
     except TimeoutError:
         service.metrics.deadline.labels(name).inc()
         raise HTTPException(
@@ -176,6 +181,21 @@ async def serve(body: RecommendRequest, request: Request) -> Response:
         "X-Request-ID": request_id,
     }
     service.metrics.record_answer(name, answer.timings, answer.fallback)
+    service.live.write(
+        exposure_record(
+            at=body.timestamp,
+            request_id=request_id,
+            user_id=body.user_id,
+            arm=name,
+            variant=served.variant.name,
+            model_version=served.variant.version,
+            split_version=service.split_version,
+            fallback=answer.fallback,
+            k=body.k,
+            items=result["items"],
+            latency_ms=timings["total"] * 1000,
+        )
+    )
     if query.ignored_history:
         service.metrics.ignored_history.labels(name).inc(len(query.ignored_history))
     background = None
@@ -192,7 +212,10 @@ async def serve(body: RecommendRequest, request: Request) -> Response:
 
 
 async def answer_with_fallback(
-    service: Service, name: str, body: RecommendRequest
+    service: Service,
+    name: str,
+    body: RecommendRequest,
+    live: list[str] = [],  # noqa: B006 (never mutated)
 ) -> tuple[Served, ModelQuery, Answer]:
     """The variant's answer; if its model raises, another variant's, else its popularity list.
 
@@ -205,14 +228,14 @@ async def answer_with_fallback(
     """
     served = service.variants[name]
     try:
-        return await _answer(service, served, body)
+        return await _answer(service, served, body, live)
     except HTTPException:
         raise
     except Exception as exc:  # the model failed at run time: ORT, FAISS, a bad table row, ...
         service.record_model_error(name, exc)
     for other in service.fallback_order(name):
         try:
-            answered, query, answer = await _answer(service, service.variants[other], body)
+            answered, query, answer = await _answer(service, service.variants[other], body, live)
         except HTTPException:
             continue  # e.g. a genre that variant's catalogue lacks
         except Exception as exc:  # that model failing too
@@ -221,14 +244,14 @@ async def answer_with_fallback(
         answer.fallback = f"variant:{other}"
         service.metrics.runtime_fallbacks.labels(name, answer.fallback).inc()
         return answered, query, answer
-    query = _query(served, body)  # the popularity list needs no model call
+    query = _query(served, body, live)  # the popularity list needs no model call
     seen = seen_items(served.variant, query)
     items = served.variant.model.popular(body.k, exclude=seen, allowed=query.allowed)
     service.metrics.runtime_fallbacks.labels(name, "popular").inc()
     return served, query, Answer(items, None, "popular", {}, 1)
 
 
-def _query(served: Served, body: RecommendRequest) -> ModelQuery:
+def _query(served: Served, body: RecommendRequest, live: list[str]) -> ModelQuery:
     try:
         return build_query(
             served.variant,
@@ -240,17 +263,22 @@ def _query(served: Served, body: RecommendRequest) -> ModelQuery:
             body.include_genres,
             body.exclude_genres,
             reject_unknown_items=body.unknown_items == "reject",
+            live=live,
         )
     except QueryError as exc:
         raise HTTPException(422, str(exc)) from exc
 
 
 async def _answer(
-    service: Service, served: Served, body: RecommendRequest
+    service: Service,
+    served: Served,
+    body: RecommendRequest,
+    live: list[str] = [],  # noqa: B006
 ) -> tuple[Served, ModelQuery, Answer]:
-    """(the Served that answered, query, answer); model errors propagate."""
+    """(the Served that answered, query, answer); model errors propagate. `live`: the user's live
+    history (item ids from events, oldest first)."""
     for attempt in range(2):
-        query = _query(served, body)
+        query = _query(served, body, live)
         try:
             return served, query, await served.batcher.submit(query)
         except BatcherClosed as exc:

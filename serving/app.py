@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from slimrec.artifact import ArtifactError
-from slimrec.serving import admin, api
+from slimrec.serving import admin, api, events
 from slimrec.serving.direct import DirectDispatch
 from slimrec.serving.limits import AdmissionMiddleware, json_too_deep, send_json_error
 from slimrec.serving.metrics import NO_VARIANT, Metrics
@@ -58,6 +58,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="slimrec", version="1", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
     app.include_router(api.router)
+    app.include_router(events.router)
     app.include_router(admin.router)
     # Starlette types handlers as taking any Exception; this one is registered for its own class.
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
@@ -72,14 +73,31 @@ def create_app(settings: Settings) -> FastAPI:
         retry_after_s=settings.retry_after_s,
         metrics=metrics,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_body_bytes,
+        per_path={events.PATH: settings.max_events_body_bytes},  # batches of events are larger
+    )
     app.add_middleware(InstrumentMiddleware, metrics=metrics)
     return app
 
 
 def create_app_from_env() -> FastAPI:
     """uvicorn factory: Settings from the environment (what `slimrec serve` hands its workers)."""
-    return create_app(Settings())
+    settings = Settings()
+    show_logs(settings.log_level)
+    return create_app(settings)
+
+
+def show_logs(level: str) -> None:
+    """The server's own log lines (variants loaded, the split in force, faults) beside uvicorn's,
+    at the same level; without a handler Python would print only warnings and above."""
+    logger = logging.getLogger("slimrec")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 class GracefulServer(uvicorn.Server):
@@ -135,18 +153,19 @@ class BodyLimitMiddleware:
     DRAIN_BYTES = 16 * 1024 * 1024
     DRAIN_SECONDS = 2.0
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, per_path: dict[str, int] | None = None):
+        self.app, self.max_bytes, self.per_path = app, max_bytes, per_path or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+        max_bytes = self.per_path.get(scope["path"], self.max_bytes)
+        if length is not None and (not length.isdigit() or int(length) > max_bytes):
             # With "Expect: 100-continue" the client waits for our go-ahead: nothing to drain.
             drain = length.isdigit() and b"expect" not in headers
-            return await self._refuse(receive, send, drain)
+            return await self._refuse(receive, send, drain, max_bytes)
         chunks, size = [], 0
         while True:  # bodies are small by construction: buffer, then replay to the app
             message = await receive()
@@ -154,8 +173,8 @@ class BodyLimitMiddleware:
                 return  # client went away before sending the body
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.max_bytes:
-                return await self._refuse(receive, send, message.get("more_body", False))
+            if size > max_bytes:
+                return await self._refuse(receive, send, message.get("more_body", False), max_bytes)
             if not message.get("more_body", False):
                 break
         if json_too_deep(b"".join(chunks)):
@@ -175,7 +194,7 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, receive, send, drain: bool):
+    async def _refuse(self, receive, send, drain: bool, max_bytes: int):
         if drain:
             drained = 0
             with suppress(TimeoutError):
@@ -185,9 +204,7 @@ class BodyLimitMiddleware:
                         drained += len(message.get("body", b""))
                         if message["type"] != "http.request" or not message.get("more_body", False):
                             break
-        await send_json_error(
-            send, 413, f"request body too large: at most {self.max_bytes} bytes", close=True
-        )
+        await send_json_error(send, 413, f"request body too large: at most {max_bytes} bytes", close=True)
 
 
 def endpoint_label(path: str) -> str:
@@ -196,6 +213,8 @@ def endpoint_label(path: str) -> str:
         return "recommend"
     if path.startswith("/v1/users/"):
         return "user_recommendations"
+    if path == "/v1/events":
+        return "events"
     return "variants" if path == "/v1/variants" else "other"
 
 

@@ -61,6 +61,31 @@ def register(subparsers) -> None:
         help="directory admin reloads may load from (repeatable)",
     )
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument(
+        "--state",
+        metavar="URL",
+        help="redis://HOST:PORT/DB: live histories and the split shared by every process naming it "
+        "(default: kept in this process)",
+    )
+    serve.add_argument(
+        "--state-dir", type=Path, help="the split's state file and the logs (default ./slimrec-state)"
+    )
+    serve.add_argument("--log-dir", type=Path, help="exposure and event logs (default STATE_DIR/logs)")
+    serve.add_argument(
+        "--event-log",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="log every exposure and event (default: on)",
+    )
+    serve.add_argument(
+        "--live-history",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="posted events enter the users' histories (default: on; off: logged only)",
+    )
+    serve.add_argument(
+        "--history-event-types", metavar="TYPE,...", help="event types that enter histories (default: all)"
+    )
     serve.set_defaults(run=run_serve, command="serve")
 
 
@@ -86,6 +111,12 @@ def settings_from_args(args: argparse.Namespace):
             "allow_variant_override",
             "log_level",
             "split",
+            "state",
+            "state_dir",
+            "log_dir",
+            "event_log",
+            "live_history",
+            "history_event_types",
         )
         if getattr(args, name) is not None
     }

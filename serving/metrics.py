@@ -138,6 +138,39 @@ class Metrics:
             registry=r,
         )
 
+        self.split_version = Gauge("slimrec_split_version", "Version of the split in force", registry=r)
+        self.events = Counter(
+            "slimrec_events_total",
+            "Events received by outcome: applied (entered a live history), duplicate (a retried "
+            "event_id), unknown_item, not_in_history (a type that does not enter histories), "
+            "refused (the state store was unreachable: 503)",
+            ["outcome"],
+            registry=r,
+        )
+        self.live_history = Gauge(
+            "slimrec_live_history",
+            "Live-history store counters (users, evicted_users, ...)",
+            ["stat"],
+            registry=r,
+        )
+        self.state_errors = Counter(
+            "slimrec_state_errors_total",
+            "Operations on the shared state store that failed (Redis unreachable or timing out)",
+            ["op"],
+            registry=r,
+        )
+        self.log_written = Counter(
+            "slimrec_log_records_written_total", "Exposure, event and split records written", registry=r
+        )
+        self.log_dropped = Counter(
+            "slimrec_log_records_dropped_total",
+            "Log records dropped: the writer's queue was full (requests never wait for it) or a write failed",
+            registry=r,
+        )
+        self.log_queue_depth = Gauge(
+            "slimrec_log_queue_depth", "Records waiting for the log writer (at scrape time)", registry=r
+        )
+
     def record_variant(self, variant) -> None:
         """Export a (re)loaded variant's version, path and size."""
         summary = variant.artifact.summary()
@@ -152,9 +185,10 @@ class Metrics:
         )
         self.model_bytes.labels(variant.name).set(summary["sizes"]["served_bytes"])
 
-    def record_split(self, weights: dict[str, float]) -> None:
+    def record_split(self, weights: dict[str, float], version: int) -> None:
         for name, weight in weights.items():
             self.split_weight.labels(name).set(weight)
+        self.split_version.set(version)
 
     def child(self, metric, *labels: str):
         """`metric.labels(*labels)`, looked up once: labels() takes a lock and str()s every value, per

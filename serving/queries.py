@@ -1,9 +1,11 @@
 """Turning one API request into model inputs for one variant, and a batch of them into answers.
 
 Policies (documented in the API too):
-  - A known user's stored history comes from the artifact; a `history` they send is appended
-    to it (most recent last) and, with exclude_seen, excluded as well. Their stored side
-    features are used; sent features are ignored.
+  - A known user's stored history comes from the artifact; their live history (events posted
+    since, serving/live_state.py) follows it, then a `history` sent with the request (for that
+    request only); with exclude_seen all of it is excluded as well. Their stored side features
+    are used; sent features are ignored.
+  - An unknown user's live history counts as theirs too.
   - An unknown user is scored from the `history` and optional features they send (user code 0).
   - History item ids the variant does not know are dropped and reported in `ignored_history`
     (catalogues move between model versions; a client should not break on a new item), or
@@ -81,13 +83,18 @@ def build_query(
     include_genres: list[str] | None = None,
     exclude_genres: list[str] | None = None,
     reject_unknown_items: bool = False,
+    live: list[str] | None = None,
 ) -> Query:
-    """Model inputs for one request (see the module docstring for the policies).
+    """Model inputs for one request (see the module docstring for the policies). `live`: the
+    user's live history from events (oldest first), read before the sent `history`; ids this
+    variant does not know are skipped silently (another variant may know them).
 
     Raises:
         QueryError: an unknown genre, or unknown history ids with reject_unknown_items.
     """
     extra, ignored = history_indices(variant, history or [])
+    if live:
+        extra = np.concatenate([history_indices(variant, live)[0], extra])
     if ignored and reject_unknown_items:
         raise QueryError(
             f"history has {len(ignored)} item id(s) this model does not know: "

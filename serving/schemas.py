@@ -35,6 +35,13 @@ class RecommendRequest(_Strict):
     zip_code: str | None = Field(None, max_length=16)
     include_genres: list[Genre] = Field(default_factory=list, max_length=64)
     exclude_genres: list[Genre] = Field(default_factory=list, max_length=64)
+    timestamp: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="the request's own clock (Unix seconds) for the exposure log, e.g. a replay's "
+        "time; default: the server's clock",
+    )
 
     def features(self) -> dict:
         return {
@@ -84,6 +91,7 @@ class VariantInfo(BaseModel):
 class VariantsResponse(BaseModel):
     variants: list[VariantInfo]
     split: dict[str, float]
+    split_version: int
     overrides_allowed: bool
     shadow_fraction: float
 
@@ -106,6 +114,32 @@ class SplitRequest(_Strict):
 
 class SplitResponse(BaseModel):
     split: dict[str, float]
+    version: int = Field(description="the split's version; every exposure logged under it carries it")
+
+
+class Event(_Strict):
+    """One interaction: it enters the user's live history (if its type does) and the event log."""
+
+    event_id: RawId = Field(description="a retry with the same id is applied once")
+    user_id: RawId
+    item_id: RawId
+    timestamp: float = Field(ge=0, allow_inf_nan=False, description="when it happened, Unix seconds")
+    type: str = Field(min_length=1, max_length=32, description='e.g. "click", "watch", "rating"')
+    request_id: str | None = Field(
+        None, min_length=1, max_length=64, description="the recommendation that led to it, if any"
+    )
+
+
+class EventsRequest(_Strict):
+    events: list[Event] = Field(min_length=1, description="at most max_events_per_request (default 1000)")
+
+
+class EventsResponse(BaseModel):
+    received: int
+    applied: int = Field(description="appended to live histories")
+    duplicates: int = Field(description="event ids seen before: retries, applied once")
+    unknown_items: int = Field(description="item ids no loaded variant knows: logged, not in histories")
+    not_in_history: int = Field(description="types that do not enter histories, or live histories off")
 
 
 class ErrorResponse(BaseModel):

@@ -22,10 +22,13 @@ from pathlib import Path
 from slimrec.artifact import ArtifactError, load_artifact
 from slimrec.artifact.index import drop_interrupt_checks, set_search_threads
 from slimrec.serving.batcher import Batcher
+from slimrec.serving.live_state import LiveState
 from slimrec.serving.metrics import Metrics
 from slimrec.serving.model_process import ModelProcessError, ModelProcesses
 from slimrec.serving.queries import Answer, Query, run_queries  # noqa: F401 (Answer, Query: types)
+from slimrec.serving.records import split_record
 from slimrec.serving.settings import Settings, validate_split
+from slimrec.serving.state import SplitRecord, StateUnavailable
 from slimrec.serving.variants import Variant, load_variant
 
 log = logging.getLogger("slimrec.serving")
@@ -75,6 +78,8 @@ class Service:
     def __init__(self, settings: Settings, metrics: Metrics):
         self.settings, self.metrics = settings, metrics
         self.split: dict[str, float] = dict(settings.split)
+        self.split_version = 0  # 0 until start() has read or stored the split
+        self.live = LiveState(settings, metrics)
         self.variants: dict[str, Served] = {}
         self.ready = False
         self._executor = ThreadPoolExecutor(
@@ -83,6 +88,7 @@ class Service:
         self._reload_lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
         self._error_logged_at: dict[str, float] = {}  # variant -> last model-error log line
+        self._refresh: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Load every configured variant (in parallel threads); raises ArtifactError naming the file."""
@@ -108,7 +114,10 @@ class Service:
         for variant, processes in ready:
             self._install(variant, processes)
             log.info("variant %s: %s (%s) loaded", variant.name, variant.path, variant.version)
-        self.metrics.record_split(self.split)
+        await self.live.open()
+        await self._adopt_stored_split()
+        if self.settings.state:  # other processes may change the shared split: follow them
+            self._refresh = asyncio.create_task(self._follow_split(), name="slimrec-split-refresh")
         freeze_loaded_objects()
         self.ready = True
 
@@ -116,10 +125,13 @@ class Service:
         """Refuse new work, answer everything queued or running, then stop the model processes
         (if any) and the thread pool."""
         self.ready = False
+        if self._refresh is not None:
+            self._refresh.cancel()
         await asyncio.gather(
             *(served.retire() for served in self.variants.values()), *self._draining, return_exceptions=True
         )
         self._executor.shutdown(wait=True)
+        await self.live.close()
 
     def init_model_thread(self) -> None:
         """Per-thread runtime settings, run first on every thread that makes model calls."""
@@ -164,11 +176,73 @@ class Service:
         self.metrics.record_variant(variant)
         return served
 
-    def set_split(self, weights: dict[str, float]) -> dict[str, float]:
-        """Replace the A/B weights; ValueError for unknown variants or weights summing to 0."""
-        self.split = validate_split(weights, self.variants)
-        self.metrics.record_split(self.split)
-        return self.split
+    async def set_split(self, weights: dict[str, float]) -> SplitRecord:
+        """Store new A/B weights as the next version and put them in force.
+
+        Raises:
+            ValueError: unknown variants, or weights summing to 0.
+            StateUnavailable: the shared store cannot be reached (nothing changes).
+        """
+        record = await self.live.splits.save(validate_split(weights, self.variants))
+        self._apply_split(record, "admin")
+        return record
+
+    def _apply_split(self, record: SplitRecord, source: str) -> None:
+        self.split, self.split_version = dict(record.weights), record.version
+        self.metrics.record_split(self.split, record.version)
+        self.live.write(split_record(record.version, self.split, source))
+
+    async def _adopt_stored_split(self) -> None:
+        """A stored split wins over the configured one (it is the latest admin change); the
+        configured one is stored as the next version when none is stored or the stored one
+        names variants this server does not have. Logs which is in force."""
+        stored = await self.live.splits.load()
+        if stored is not None:
+            try:
+                weights = validate_split(stored.weights, self.variants)
+            except ValueError as exc:
+                log.warning(
+                    "stored split v%d ignored (%s): the configured split is stored instead",
+                    stored.version,
+                    exc,
+                )
+            else:
+                self._apply_split(SplitRecord(stored.version, weights, stored.updated_at), "stored")
+                log.info(
+                    "split v%d from %s in force (stored: it wins over the configured %s): %s",
+                    stored.version,
+                    self.live.where,
+                    self.settings.split,
+                    self.split,
+                )
+                return
+        record = await self.live.splits.save(self.split)
+        self._apply_split(record, "startup")
+        log.info(
+            "split v%d in force (configured, now stored in %s): %s",
+            record.version,
+            self.live.where,
+            self.split,
+        )
+
+    async def _follow_split(self) -> None:
+        """Re-read the shared split every state_refresh_s; an unreachable store keeps the last one."""
+        while True:
+            await asyncio.sleep(self.settings.state_refresh_s)
+            try:
+                stored = await self.live.splits.load()
+            except StateUnavailable:
+                self.metrics.state_errors.labels("read_split").inc()
+                continue
+            if stored is None or stored.version == self.split_version:
+                continue
+            try:
+                weights = validate_split(stored.weights, self.variants)
+            except ValueError as exc:
+                log.warning("shared split v%d not applied here: %s", stored.version, exc)
+                continue
+            self._apply_split(SplitRecord(stored.version, weights, stored.updated_at), "stored")
+            log.info("split v%d (changed by another process) in force: %s", stored.version, self.split)
 
     def fallback_order(self, name: str) -> list[str]:
         """The other loaded variants, in name order starting after `name` (who answers if it fails)."""

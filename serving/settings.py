@@ -135,6 +135,45 @@ class Settings(BaseSettings):
         2000.0, gt=0, le=600_000, description="per-request deadline for recommendations; past it: 504"
     )
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After sent with 503 answers")
+    # Live state and outcome logs (serving/state.py, serving/eventlog.py, serving/events.py).
+    state: str | None = Field(
+        None,
+        description="where live histories and the split live: unset = in this process (histories "
+        "rebuilt from the event log, the split in state_dir/split.json); redis://HOST:PORT/DB = "
+        "shared by every server process that names the same Redis",
+    )
+    state_dir: Path = Field(
+        Path("slimrec-state"), description="the split's state file and (unless log_dir) the logs"
+    )
+    log_dir: Path | None = Field(None, description="exposure and event logs; default: state_dir/logs")
+    event_log: bool = Field(True, description="log every exposure and event (JSON Lines segments)")
+    log_flush_interval_s: float = Field(
+        1.0, gt=0, le=60, description="logs reach the OS at least this often: what kill -9 can lose"
+    )
+    log_queue: int = Field(
+        10_000,
+        ge=1,
+        le=10_000_000,
+        description="records waiting for the log writer; past it: dropped, counted",
+    )
+    live_history: bool = Field(True, description="events enter the users' histories (off: logged only)")
+    history_event_types: Annotated[list[str], NoDecode] | None = Field(
+        None, description="event types that enter histories; unset = all"
+    )
+    history_max_per_user: int = Field(200, ge=1, le=100_000, description="live items kept per user")
+    history_max_users: int = Field(
+        100_000, ge=1, le=100_000_000, description="users with a live history in process (LRU)"
+    )
+    history_ttl_s: float = Field(
+        30 * 86400, gt=0, description="Redis: a live history expires this long after its last event"
+    )
+    max_events_per_request: int = Field(1000, ge=1, le=100_000)
+    max_events_body_bytes: int = Field(
+        1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="body limit of POST /v1/events"
+    )
+    state_refresh_s: float = Field(
+        1.0, gt=0, le=3600, description="how often a process re-reads the shared split (Redis)"
+    )
     inject_delay_ms: float = Field(
         0.0,
         ge=0,
@@ -183,6 +222,22 @@ class Settings(BaseSettings):
             return json.loads(value) if value.strip().startswith("[") else value.split(",")
         return value
 
+    @field_validator("history_event_types", mode="before")
+    @classmethod
+    def _parse_types(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return json.loads(value) if value.strip().startswith("[") else [t for t in value.split(",") if t]
+        return value
+
+    @field_validator("state")
+    @classmethod
+    def _check_state_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"state: expected redis://HOST:PORT/DB (or rediss://, unix://), got {value!r}")
+        return value
+
     @field_validator("admin_token", mode="before")
     @classmethod
     def _empty_token_is_none(cls, value: Any) -> Any:
@@ -211,6 +266,14 @@ class Settings(BaseSettings):
     def overrides_allowed(self) -> bool:
         """Whether X-Slimrec-Variant is honoured: the setting, else only on a loopback bind."""
         return is_loopback(self.host) if self.allow_variant_override is None else self.allow_variant_override
+
+    @property
+    def logs_path(self) -> Path:
+        return self.log_dir if self.log_dir is not None else self.state_dir / "logs"
+
+    @property
+    def split_file(self) -> Path:
+        return self.state_dir / "split.json"
 
     @property
     def reload_roots(self) -> list[Path]:

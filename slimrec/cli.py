@@ -137,11 +137,21 @@ def subcommand_registrars():
     """Commands whose argparse part lives beside the package that runs them."""
     from slimrec.bench.cli import register as register_bench
     from slimrec.bench.quality import register as register_quality
+    from slimrec.experiment.cli import register as register_experiment
+    from slimrec.experiment.replay import register as register_replay
     from slimrec.loadtest.cli import register as register_loadtest
     from slimrec.loadtest.soak import register as register_soak
     from slimrec.serving.cli import register as register_serve
 
-    return (register_serve, register_loadtest, register_soak, register_bench, register_quality)
+    return (
+        register_serve,
+        register_loadtest,
+        register_soak,
+        register_bench,
+        register_quality,
+        register_replay,
+        register_experiment,
+    )
 
 
 # --- commands ---------------------------------------------------------------------------------

@@ -20,6 +20,27 @@ def shared_data_dir():
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module", autouse=True)
+def module_state_dir(tmp_path_factory):
+    """Servers and apps built by module-scoped fixtures keep their split and logs in the module's
+    own directory, never in ./slimrec-state (a stored split wins over the configured one)."""
+    previous = os.environ.get("SLIMREC_STATE_DIR")
+    os.environ["SLIMREC_STATE_DIR"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    if previous is None:
+        os.environ.pop("SLIMREC_STATE_DIR", None)
+    else:
+        os.environ["SLIMREC_STATE_DIR"] = previous
+
+
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's apps get a state directory of their own (see module_state_dir)."""
+    path = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("SLIMREC_STATE_DIR", str(path))
+    return path
+
+
 @pytest.fixture(scope="session")
 def ml100k(shared_data_dir):
     from slimrec.models.movielens import load_dataset

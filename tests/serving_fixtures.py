@@ -32,7 +32,15 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMREC_")}
-        full_env.update({"SLIMREC_DATA_DIR": os.environ.get("SLIMREC_DATA_DIR", ""), **env})
+        # Each server keeps its split and logs apart unless the test shares a state dir on purpose.
+        state_dir = str(log_path.parent / f"state-{self.port}")
+        full_env.update(
+            {
+                "SLIMREC_DATA_DIR": os.environ.get("SLIMREC_DATA_DIR", ""),
+                "SLIMREC_STATE_DIR": state_dir,
+                **env,
+            }
+        )
         command = serve_command({}, self.port, *args)
         self._log = open(log_path, "wb")
         self.process = subprocess.Popen(
