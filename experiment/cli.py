@@ -49,6 +49,20 @@ def register(subparsers) -> None:
     )
     report.add_argument("--seed", type=int, default=0, help="seed of every resample (default 0)")
     report.set_defaults(run=run_report, command="experiment report")
+    cost = commands.add_parser(
+        "logging-cost",
+        help="server CPU per request with exposure and event logging on vs off (a benchmark)",
+    )
+    cost.add_argument("--artifact", type=Path, default=Path("artifacts/compressed"), help="artifact to serve")
+    cost.add_argument(
+        "--requests", type=positive_int, default=5000, help="recommendation + event pairs per round"
+    )
+    cost.add_argument(
+        "--rounds", type=positive_int, default=3, help="rounds per setting, alternating (default 3)"
+    )
+    cost.add_argument("--concurrency", type=positive_int, default=8, help="clients at once (default 8)")
+    cost.add_argument("--out", type=Path, default=None, help="write the figures as JSON here too")
+    cost.set_defaults(run=run_logging_cost, command="experiment logging-cost")
 
 
 def run_report(args) -> int:
@@ -74,3 +88,20 @@ def run_report(args) -> int:
     write_report(report, args.out or args.logdir / "report")
     print(render_markdown(report), end="")
     return 0
+
+
+def run_logging_cost(args) -> int:
+    import json
+
+    from slimrec.experiment.cost import logging_cost
+
+    figures = logging_cost(args.artifact, args.requests, args.rounds, args.concurrency)
+    cpu = figures["cpu_us_per_request"]
+    print(
+        f"server CPU per request (median of {args.rounds}): logging on {cpu['on']:.0f} us, "
+        f"off {cpu['off']:.0f} us, on/off {figures['ratio_on_off']:.3f}; {figures['failures']} failed"
+    )
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    return 1 if figures["failures"] else 0

@@ -31,12 +31,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from slimrec.experiment.report import FROZEN_SUFFIX
 from slimrec.loadtest.launch import free_port, serve_command
 from slimrec.loadtest.processes import running
 from slimrec.models.data import Dataset
 from slimrec.models.split import TEST, protocol_split
-
-FROZEN_SUFFIX = "-frozen"
 
 
 @dataclass(frozen=True)
@@ -59,6 +58,7 @@ class ServerSpec:
 
 @dataclass
 class Outcome:
+    sessions: int = 0  # (user, server) sessions played
     requests: int = 0
     events: int = 0
     failures: list[str] = field(default_factory=list)  # the first few, for the message
@@ -166,10 +166,11 @@ async def play(
         while not work.empty() and time.monotonic() < deadline:
             url, session = work.get_nowait()
             await play_user(client, url, session, k, outcome)
-            done = total - work.qsize()
-            if done % max(1, total // 20) == 0:
+            outcome.sessions += 1
+            if outcome.sessions % max(1, total // 20) == 0:
                 rate = outcome.requests / max(time.monotonic() - started, 1e-9)
-                print(f"  replay: {done}/{total} user sessions, {outcome.requests} requests ({rate:.0f}/s)")
+                done = f"{outcome.sessions}/{total} user sessions"
+                print(f"  replay: {done}, {outcome.requests} requests ({rate:.0f}/s)")
 
     limits = httpx.Limits(max_connections=concurrency * len(urls))
     async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:

@@ -40,7 +40,8 @@ DEFINITIONS = {
     "by an event on a known item (the records carry no catalogue size)",
     "intervals": "95% percentile bootstrap over users: users resampled with replacement, "
     "rate = their hits (or NDCG sum) / their exposures",
-    "difference": f"arm minus baseline ('full' if present, else the first arm by name); paired when "
+    "difference": f"arm minus baseline ('full' if present, else the first arm by name; NAME-frozen arms "
+    "against their own baseline, and NAME against NAME-frozen); paired when "
     f"over {PAIRED_OVERLAP:.0%} of the smaller arm's users are in both: users in both arms only, "
     "resampled together, p-value from a sign-flip permutation test (each user's two arms swapped at "
     "random); unpaired: each arm's users resampled apart, p-value from a permutation test of arm "
@@ -372,6 +373,9 @@ def summarise(observed: np.ndarray, boot: np.ndarray, null: np.ndarray, users: i
     return out
 
 
+FROZEN_SUFFIX = "-frozen"  # an arm served without live histories (replay --live-history both)
+
+
 def user_overlap(a: UserTotals, b: UserTotals) -> float:
     """Share of the smaller arm's users also in the other arm."""
     return len(set(a.users) & set(b.users)) / max(1, min(len(a.users), len(b.users)))
@@ -383,11 +387,24 @@ def arms_in_order(arms) -> list[str]:
     return sorted(names, key=lambda a: a != ("full" if "full" in names else names[0]))
 
 
+def comparison_pairs(names) -> list[tuple[str, str]]:
+    """(baseline, arm) pairs: each arm against the baseline of its group (arms with live histories,
+    and `NAME-frozen` arms, whose events were only logged), then each NAME against NAME-frozen:
+    what reacting to the latest events gains (`slimrec replay --live-history both`)."""
+    live = [n for n in names if not n.endswith(FROZEN_SUFFIX)]
+    frozen = [n for n in names if n.endswith(FROZEN_SUFFIX)]
+    pairs = []
+    for group in (live, frozen):
+        if group:
+            baseline, *others = arms_in_order(group)
+            pairs += [(baseline, arm) for arm in others]
+    return pairs + [(name + FROZEN_SUFFIX, name) for name in live if name + FROZEN_SUFFIX in frozen]
+
+
 def compare_arms(totals: dict[str, UserTotals], draws: int, seed: int) -> list[dict]:
-    """Each arm against the baseline (the first of arms_in_order), paired or unpaired as the users say."""
-    baseline, *others = arms_in_order(totals)
+    """Each of comparison_pairs, paired or unpaired as the users say."""
     rows = []
-    for arm in others:
+    for baseline, arm in comparison_pairs(totals):
         overlap = user_overlap(totals[baseline], totals[arm])
         paired = overlap > PAIRED_OVERLAP
         rng = stream(seed, "difference", baseline, arm)
