@@ -11,6 +11,7 @@ The admin token is read from SLIMREC_ADMIN_TOKEN only (a flag would show in `ps`
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -160,6 +161,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from slimrec.serving.app import GracefulServer
 
     settings = settings_from_args(args)
+    if settings.workers > 1 and not settings.state:
+        print(
+            f"slimrec serve: warning: {settings.workers} workers keep live histories each in its own "
+            "memory (a user's events reach one of them); --state redis://... shares them",
+            file=sys.stderr,
+        )
     os.environ.update(settings.to_env())  # workers (separate processes) rebuild the same Settings
     # Access lines are info records: above info uvicorn would still format each one's arguments
     # (client address, quoted path) only for the logger to drop it.

@@ -116,8 +116,8 @@ class Service:
             log.info("variant %s: %s (%s) loaded", variant.name, variant.path, variant.version)
         await self.live.open()
         await self._adopt_stored_split()
-        if self.settings.state:  # other processes may change the shared split: follow them
-            self._refresh = asyncio.create_task(self._follow_split(), name="slimrec-split-refresh")
+        # Other processes (workers, replicas) may change the stored split: follow them.
+        self._refresh = asyncio.create_task(self._follow_split(), name="slimrec-split-refresh")
         freeze_loaded_objects()
         self.ready = True
 
@@ -226,13 +226,15 @@ class Service:
         )
 
     async def _follow_split(self) -> None:
-        """Re-read the shared split every state_refresh_s; an unreachable store keeps the last one."""
+        """Re-read the stored split every state_refresh_s (a state file is shared by the processes of
+        one machine, Redis by every process naming it); an unreachable store keeps the last one."""
         while True:
             await asyncio.sleep(self.settings.state_refresh_s)
             try:
                 stored = await self.live.splits.load()
-            except StateUnavailable:
+            except (StateUnavailable, ValueError, OSError) as exc:  # ValueError: a corrupt state file
                 self.metrics.state_errors.labels("read_split").inc()
+                log.warning("stored split not readable, keeping v%d: %s", self.split_version, exc)
                 continue
             if stored is None or stored.version == self.split_version:
                 continue

@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         1024 * 1024, ge=1024, le=64 * 1024 * 1024, description="body limit of POST /v1/events"
     )
     state_refresh_s: float = Field(
-        1.0, gt=0, le=3600, description="how often a process re-reads the shared split (Redis)"
+        1.0, gt=0, le=3600, description="how often a process re-reads the stored split (file or Redis)"
     )
     inject_delay_ms: float = Field(
         0.0,

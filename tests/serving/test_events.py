@@ -67,6 +67,8 @@ def test_an_event_changes_the_next_recommendation_and_retries_apply_once(app_set
         metrics = client.get("/metrics").text
         assert 'slimrec_events_total{outcome="applied"} 4.0' in metrics
         assert 'slimrec_events_total{outcome="duplicate"} 1.0' in metrics
+        assert 'slimrec_live_history{stat="users"} 1.0' in metrics
+        assert "slimrec_split_version 1.0" in metrics
 
 
 def test_unknown_items_and_other_types_are_logged_not_learned(app_settings, state_dir):
