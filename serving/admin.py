@@ -1,7 +1,7 @@
 """Admin endpoints (bearer token): hot-reload a variant's artifact, change the A/B split.
 
-With `--workers N` each worker process holds its own variants and split, and an admin call
-reaches one of them: run admin operations against single-worker servers (one per container).
+With `--workers N` a split change reaches every worker through the stored split (they re-read
+it every state_refresh_s); a reload reaches the one worker that received it.
 """
 
 from __future__ import annotations

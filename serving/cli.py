@@ -156,6 +156,7 @@ def run_serve(args: argparse.Namespace) -> int:
     runs the lifespan shutdown (batchers drain), and the command exits 0.
     """
     import os
+    import tempfile
 
     import uvicorn
     from slimrec.serving.app import GracefulServer
@@ -179,9 +180,12 @@ def run_serve(args: argparse.Namespace) -> int:
         server_header=False,
     )
     if settings.workers > 1:
-        uvicorn.run(
-            "slimrec.serving.app:create_app_from_env", factory=True, workers=settings.workers, **options
-        )
+        # Every worker writes its metrics under this directory; any worker's /metrics sums them.
+        with tempfile.TemporaryDirectory(prefix="slimrec-metrics-") as metrics_dir:
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+            uvicorn.run(
+                "slimrec.serving.app:create_app_from_env", factory=True, workers=settings.workers, **options
+            )
         return 0
     server = GracefulServer(
         uvicorn.Config("slimrec.serving.app:create_app_from_env", factory=True, **options)

@@ -1,13 +1,27 @@
 """Prometheus metrics, labelled by variant and stage, on a registry owned by each app.
 
 A registry per app (not the global default) lets tests and tools build several apps in
-one process. With `--workers N` each worker process exports its own numbers (no
-multiprocess mode): scrape each, or run one worker per container.
+one process. With `--workers N` (`PROMETHEUS_MULTIPROC_DIR` set by `slimrec serve`) every
+worker writes its samples to files in that directory and any worker's /metrics sums them:
+prometheus_client's multiprocess mode. Counters and histograms add up; each gauge says how
+workers combine (`multiprocess_mode`: in-flight requests add up, the split is the latest,
+per-worker figures carry a `pid` label).
 """
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MODEL_INFO_LABELS = ("version", "path", "artifact_variant", "created_at", "promotable")
+
+
+def multiprocess() -> bool:
+    """Whether this process is one of several writing to PROMETHEUS_MULTIPROC_DIR."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
 
 LATENCY_BUCKETS = (
     0.0005,
@@ -37,6 +51,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict = {}
+        self._model_info_labels: dict[str, tuple[str, ...]] = {}
         r = self.registry
         self.requests = Counter(
             "slimrec_requests_total",
@@ -100,11 +115,31 @@ class Metrics:
             buckets=FRACTION_BUCKETS,
             registry=r,
         )
-        self.model_info = Info("slimrec_model", "Loaded artifact per variant", ["variant"], registry=r)
+        self.multiprocess = multiprocess()
+        if self.multiprocess:  # Info has no multiprocess form: the same sample as a gauge per worker
+            self.model_info = Gauge(
+                "slimrec_model_info",
+                "Loaded artifact per variant",
+                ["variant", *MODEL_INFO_LABELS],
+                registry=r,
+                multiprocess_mode="liveall",
+            )
+        else:
+            self.model_info = Info("slimrec_model", "Loaded artifact per variant", ["variant"], registry=r)
         self.model_bytes = Gauge(
-            "slimrec_model_served_bytes", "Bytes of the files the server loads", ["variant"], registry=r
+            "slimrec_model_served_bytes",
+            "Bytes of the files the server loads",
+            ["variant"],
+            registry=r,
+            multiprocess_mode="mostrecent",
         )
-        self.split_weight = Gauge("slimrec_split_weight", "A/B weight per variant", ["variant"], registry=r)
+        self.split_weight = Gauge(
+            "slimrec_split_weight",
+            "A/B weight per variant",
+            ["variant"],
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.reloads = Counter(
             "slimrec_reloads_total",
             "Admin reloads by outcome: swapped, invalid_artifact, not_promotable, bad_path",
@@ -112,7 +147,10 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "slimrec_in_flight_requests", "Recommendation requests being handled", registry=r
+            "slimrec_in_flight_requests",
+            "Recommendation requests being handled",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.overload = Counter(
             "slimrec_overload_rejections_total",
@@ -138,7 +176,12 @@ class Metrics:
             registry=r,
         )
 
-        self.split_version = Gauge("slimrec_split_version", "Version of the split in force", registry=r)
+        self.split_version = Gauge(
+            "slimrec_split_version",
+            "Version of the split in force",
+            registry=r,
+            multiprocess_mode="mostrecent",
+        )
         self.events = Counter(
             "slimrec_events_total",
             "Events received by outcome: applied (entered a live history), duplicate (a retried "
@@ -149,9 +192,10 @@ class Metrics:
         )
         self.live_history = Gauge(
             "slimrec_live_history",
-            "Live-history store counters (users, evicted_users, ...)",
+            "Live-history store counters (users, evicted_users, ...), per worker",
             ["stat"],
             registry=r,
+            multiprocess_mode="liveall",
         )
         self.state_errors = Counter(
             "slimrec_state_errors_total",
@@ -168,21 +212,30 @@ class Metrics:
             registry=r,
         )
         self.log_queue_depth = Gauge(
-            "slimrec_log_queue_depth", "Records waiting for the log writer (at scrape time)", registry=r
+            "slimrec_log_queue_depth",
+            "Records waiting for the log writer (at scrape time)",
+            registry=r,
+            multiprocess_mode="livesum",
         )
 
     def record_variant(self, variant) -> None:
         """Export a (re)loaded variant's version, path and size."""
         summary = variant.artifact.summary()
-        self.model_info.labels(variant.name).info(
-            {
-                "version": variant.version,
-                "path": str(variant.path),
-                "artifact_variant": variant.artifact.variant,
-                "created_at": str(summary.get("created_at")),
-                "promotable": str(summary.get("promotable")),
-            }
-        )
+        info = {
+            "version": variant.version,
+            "path": str(variant.path),
+            "artifact_variant": variant.artifact.variant,
+            "created_at": str(summary.get("created_at")),
+            "promotable": str(summary.get("promotable")),
+        }
+        if self.multiprocess:
+            previous = self._model_info_labels.pop(variant.name, None)
+            if previous is not None:
+                self.model_info.labels(variant.name, *previous).set(0)  # replaced by a reload
+            self._model_info_labels[variant.name] = tuple(info[k] for k in MODEL_INFO_LABELS)
+            self.model_info.labels(variant.name, *self._model_info_labels[variant.name]).set(1)
+        else:
+            self.model_info.labels(variant.name).info(info)
         self.model_bytes.labels(variant.name).set(summary["sizes"]["served_bytes"])
 
     def record_split(self, weights: dict[str, float], version: int) -> None:
@@ -206,5 +259,9 @@ class Metrics:
             self.fallbacks.labels(variant, fallback).inc()
 
     def exposition(self) -> bytes:
-        """The text exposition format for GET /metrics."""
-        return generate_latest(self.registry)
+        """The text exposition format for GET /metrics (every worker's, summed, in multiprocess mode)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return generate_latest(merged)
