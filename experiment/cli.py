@@ -23,7 +23,8 @@ def positive_int(text: str) -> int:
 
 
 def register(subparsers) -> None:
-    """Add the `experiment` command (and its `report` subcommand) to slimrec's argparse subparsers."""
+    """Add the `experiment` command (report, logging-cost) and `replay` to slimrec's argparse subparsers."""
+    register_replay(subparsers)
     experiment = subparsers.add_parser("experiment", help="judge A/B experiments from the servers' logs")
     experiment.set_defaults(run=lambda _: experiment.print_help() or 2, command="experiment")
     commands = experiment.add_subparsers(dest="experiment_command")
@@ -105,3 +106,38 @@ def run_logging_cost(args) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
     return 1 if figures["failures"] else 0
+
+
+def register_replay(subparsers) -> None:
+    p = subparsers.add_parser(
+        "replay", help="play the test fold as live traffic through real servers, then report the A/B outcome"
+    )
+    p.add_argument("--data", default="ml-100k", help="dataset name under $SLIMREC_DATA_DIR, or a directory")
+    p.add_argument("--start", action="append", required=True, metavar="NAME=ARTIFACT,...", help="variants")
+    p.add_argument(
+        "--split", metavar="NAME=WEIGHT,...", help="A/B weights (default: equal); not with --paired"
+    )
+    p.add_argument(
+        "--paired", action="store_true", help="every user through every arm, each with its own state"
+    )
+    p.add_argument(
+        "--live-history",
+        choices=["on", "off", "both"],
+        default="on",
+        help="events enter live histories (on), are only logged (off), or both, as arms NAME and NAME-frozen",
+    )
+    p.add_argument("--k", type=int, default=10, help="recommendations per request (default 10)")
+    p.add_argument("--concurrency", type=int, default=4, help="users played at once per server (default 4)")
+    p.add_argument("--limit-users", type=int, default=None, help="play only the first N users")
+    p.add_argument("--max-seconds", type=float, default=3600.0, help="stop playing after this long")
+    p.add_argument(
+        "--window", type=int, default=10, help="report: an event credits exposures this many events back"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/replay"))
+    p.set_defaults(run=run_replay, command="replay")
+
+
+def run_replay(args) -> int:
+    from slimrec.experiment.replay import run_replay as run
+
+    return run(args)

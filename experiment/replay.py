@@ -227,38 +227,6 @@ def replay(
     return outcome, log_dir
 
 
-# --- the command ---------------------------------------------------------------------------------
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "replay", help="play the test fold as live traffic through real servers, then report the A/B outcome"
-    )
-    p.add_argument("--data", default="ml-100k", help="dataset name under $SLIMREC_DATA_DIR, or a directory")
-    p.add_argument("--start", action="append", required=True, metavar="NAME=ARTIFACT,...", help="variants")
-    p.add_argument(
-        "--split", metavar="NAME=WEIGHT,...", help="A/B weights (default: equal); not with --paired"
-    )
-    p.add_argument(
-        "--paired", action="store_true", help="every user through every arm, each with its own state"
-    )
-    p.add_argument(
-        "--live-history",
-        choices=["on", "off", "both"],
-        default="on",
-        help="events enter live histories (on), are only logged (off), or both, as arms NAME and NAME-frozen",
-    )
-    p.add_argument("--k", type=int, default=10, help="recommendations per request (default 10)")
-    p.add_argument("--concurrency", type=int, default=4, help="users played at once per server (default 4)")
-    p.add_argument("--limit-users", type=int, default=None, help="play only the first N users")
-    p.add_argument("--max-seconds", type=float, default=3600.0, help="stop playing after this long")
-    p.add_argument(
-        "--window", type=int, default=10, help="report: an event credits exposures this many events back"
-    )
-    p.add_argument("--out", type=Path, default=Path("runs/replay"))
-    p.set_defaults(run=run_replay, command="replay")
-
-
 def run_replay(args) -> int:
     from slimrec.experiment.report import build_report, render_markdown, write_report
     from slimrec.loadtest.cli import parse_start

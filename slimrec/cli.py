@@ -138,7 +138,6 @@ def subcommand_registrars():
     from slimrec.bench.cli import register as register_bench
     from slimrec.bench.quality import register as register_quality
     from slimrec.experiment.cli import register as register_experiment
-    from slimrec.experiment.replay import register as register_replay
     from slimrec.loadtest.cli import register as register_loadtest
     from slimrec.loadtest.soak import register as register_soak
     from slimrec.serving.cli import register as register_serve
@@ -149,7 +148,6 @@ def subcommand_registrars():
         register_soak,
         register_bench,
         register_quality,
-        register_replay,
         register_experiment,
     )
 
