@@ -67,7 +67,8 @@ def register(subparsers) -> None:
 
 
 def run_report(args) -> int:
-    from slimrec.experiment.report import build_report, render_markdown, write_report
+    from slimrec.experiment.report import build_report
+    from slimrec.experiment.report_render import render_markdown, write_report
     from slimrec.serving.eventlog import read_log
 
     if not args.logdir.is_dir():

@@ -228,7 +228,8 @@ def replay(
 
 
 def run_replay(args) -> int:
-    from slimrec.experiment.report import build_report, render_markdown, write_report
+    from slimrec.experiment.report import build_report
+    from slimrec.experiment.report_render import render_markdown, write_report
     from slimrec.loadtest.cli import parse_start
     from slimrec.models.movielens import load_dataset
     from slimrec.serving.eventlog import read_log

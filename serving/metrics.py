@@ -116,6 +116,7 @@ class Metrics:
             registry=r,
         )
         self.multiprocess = multiprocess()
+        self.model_info: Gauge | Info
         if self.multiprocess:  # Info has no multiprocess form: the same sample as a gauge per worker
             self.model_info = Gauge(
                 "slimrec_model_info",
@@ -228,7 +229,7 @@ class Metrics:
             "created_at": str(summary.get("created_at")),
             "promotable": str(summary.get("promotable")),
         }
-        if self.multiprocess:
+        if isinstance(self.model_info, Gauge):  # multiprocess mode
             previous = self._model_info_labels.pop(variant.name, None)
             if previous is not None:
                 self.model_info.labels(variant.name, *previous).set(0)  # replaced by a reload

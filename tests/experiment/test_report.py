@@ -9,13 +9,9 @@ import numpy as np
 import orjson
 import pytest
 from scipy import stats
-from slimrec.experiment.report import (
-    build_report,
-    join_exposures,
-    parse_exposures,
-    sample_ratio_checks,
-    write_report,
-)
+from slimrec.experiment.join import join_exposures, parse_exposures
+from slimrec.experiment.report import build_report, sample_ratio_checks
+from slimrec.experiment.report_render import write_report
 from slimrec.serving.router import assign_variant
 
 from slimrec.cli import main
