@@ -9,10 +9,7 @@ list (`"fallback": "popular"`), and counted (`slimrec_model_errors_total`,
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
-import re
-import secrets
 import time
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -21,6 +18,7 @@ import orjson
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from slimrec.serving import observability
 from slimrec.serving.batcher import BatcherClosed
 from slimrec.serving.deps import (
     VARIANT_HEADER,
@@ -50,10 +48,6 @@ from slimrec.serving.variants import Variant
 from starlette.background import BackgroundTask
 
 router = APIRouter()
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# Generated ids: a random tag per process, then a counter (unique, and cheaper than a uuid4).
-_PROCESS_TAG = secrets.token_hex(6)
-_REQUEST_COUNTER = itertools.count()
 RECOMMEND_ERRORS = error_responses(400, 403, 404, 413, 422, 503, 504)
 
 
@@ -173,6 +167,9 @@ async def serve(body: RecommendRequest, request: Request) -> Response:
             "deadline (request_timeout_ms)",
         ) from None
     request_id = _request_id(request)
+    # For the request log line and the trace (serving/observability.py): who answered, and when.
+    request.state.model_version, request.state.answer = served.variant.version, answer
+    request.state.submitted_at = query.submitted_at
     result = to_response(served.variant, body.user_id, answer, query.ignored_history, request_id, name)
     timings = {**answer.timings, "total": time.perf_counter() - started}
     headers = {
@@ -341,5 +338,6 @@ async def shadow_compare(
 
 
 def _request_id(request: Request) -> str:
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.match(given) else f"{_PROCESS_TAG}-{next(_REQUEST_COUNTER):x}"
+    """The id InstrumentMiddleware gave the request (the one its log lines carry)."""
+    given = observability.request_id.get()
+    return given if given is not None else observability.request_id_from(request.scope["headers"])

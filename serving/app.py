@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from slimrec.artifact import ArtifactError
-from slimrec.serving import admin, api, events
+from slimrec.serving import admin, api, events, observability
 from slimrec.serving.direct import DirectDispatch
 from slimrec.serving.limits import AdmissionMiddleware, json_too_deep, send_json_error
 from slimrec.serving.metrics import NO_VARIANT, Metrics
@@ -44,27 +44,34 @@ def create_app(settings: Settings) -> FastAPI:
     """
     metrics = Metrics()
     service = Service(settings, metrics)
+    telemetry = observability.Telemetry(settings.log_format, settings.tracing)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        telemetry.start()  # before the variants load: a bad OTEL_* setting fails in a second
         try:
             await service.start()
-        except ArtifactError as exc:
-            log.error("cannot serve: %s", exc)  # one line naming the file, before uvicorn's traceback
+        except Exception as exc:
+            if isinstance(exc, ArtifactError):  # one line naming the file, before uvicorn's traceback
+                log.error("cannot serve: %s", exc)
+            telemetry.stop()
             raise
         yield
         await service.stop()  # uvicorn has finished in-flight requests; drain batchers and shadows
+        telemetry.stop()  # export the last spans
 
     app = FastAPI(title="slimrec", version="1", lifespan=lifespan)
     app.state.settings, app.state.metrics, app.state.service = settings, metrics, service
+    app.state.telemetry = telemetry
     app.include_router(api.router)
     app.include_router(events.router)
     app.include_router(admin.router)
     # Starlette types handlers as taking any Exception; this one is registered for its own class.
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     # The last added runs first: instrumentation -> body limit -> admission -> the direct
-    # recommendation routes -> FastAPI's router, so 413s and overload 503s are counted, and a
-    # refused request has had its (bounded) body read, which keeps its connection usable.
+    # recommendation routes -> FastAPI's router, so 413s and overload 503s are counted (and
+    # logged and traced), and a refused request has had its (bounded) body read, which keeps
+    # its connection usable.
     app.add_middleware(DirectDispatch, routes=api.DIRECT_ROUTES)
     app.add_middleware(
         AdmissionMiddleware,
@@ -78,26 +85,22 @@ def create_app(settings: Settings) -> FastAPI:
         max_bytes=settings.max_body_bytes,
         per_path={events.PATH: settings.max_events_body_bytes},  # batches of events are larger
     )
-    app.add_middleware(InstrumentMiddleware, metrics=metrics)
+    app.add_middleware(InstrumentMiddleware, metrics=metrics, telemetry=telemetry)
     return app
 
 
 def create_app_from_env() -> FastAPI:
     """uvicorn factory: Settings from the environment (what `slimrec serve` hands its workers)."""
     settings = Settings()
-    show_logs(settings.log_level)
+    show_logs(settings.log_level, settings.log_format)
     return create_app(settings)
 
 
-def show_logs(level: str) -> None:
+def show_logs(level: str, log_format: observability.LogFormat = "text") -> None:
     """The server's own log lines (variants loaded, the split in force, faults) beside uvicorn's,
-    at the same level; without a handler Python would print only warnings and above."""
-    logger = logging.getLogger("slimrec")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level.upper())
+    at the same level; without a handler Python would print only warnings and above. JSON: every
+    logger's lines as JSON lines (serving/observability.py)."""
+    observability.configure_logging(log_format, level)
 
 
 class GracefulServer(uvicorn.Server):
@@ -218,31 +221,64 @@ def endpoint_label(path: str) -> str:
     return "variants" if path == "/v1/variants" else "other"
 
 
+# What request log lines and spans name a route by (raw paths hold user ids).
+ROUTE_TEMPLATES = {
+    "recommend": "/v1/recommend",
+    "user_recommendations": "/v1/users/{user_id}/recommendations",
+    "events": "/v1/events",
+    "variants": "/v1/variants",
+    "other": "/v1/*",
+}
+
+
 class InstrumentMiddleware:
-    """Count /v1 requests and errors by variant, endpoint and status; time them by variant.
+    """Give every HTTP request its id (`observability.request_id`, for the log lines it causes);
+    count /v1 requests and errors by variant, endpoint and status, time them by variant, and,
+    per `telemetry`, log one line per request (JSON format) and trace it.
 
     Latency stops when the last body byte is sent: shadow work that runs after the
     response (BackgroundTasks) is not the client's latency.
     """
 
-    def __init__(self, app, metrics: Metrics):
+    def __init__(self, app, metrics: Metrics, telemetry: observability.Telemetry | None = None):
         self.app, self.metrics = app, metrics
+        self.telemetry = telemetry or observability.Telemetry()
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        token = observability.request_id.set(observability.request_id_from(scope["headers"]))
+        try:
+            if not scope["path"].startswith("/v1/"):
+                return await self.app(scope, receive, send)
+            await self._instrumented(scope, receive, send)
+        finally:
+            observability.request_id.reset(token)
+
+    async def _instrumented(self, scope, receive, send):
         state = scope.setdefault("state", {})  # what handlers set on request.state
         status, started, recorded = 500, time.perf_counter(), False
+        endpoint = endpoint_label(scope["path"])
+        telemetry, tracing = self.telemetry, self.telemetry.tracing
+        span = None
+        if tracing is not None:
+            span = tracing.start(scope["method"], ROUTE_TEMPLATES[endpoint], scope["headers"], started)
 
         def record():
             nonlocal recorded
             recorded = True
-            variant, endpoint = state.get("variant", NO_VARIANT), endpoint_label(scope["path"])
+            variant, ended = state.get("variant", NO_VARIANT), time.perf_counter()
             metrics = self.metrics
             metrics.child(metrics.requests, variant, endpoint, str(status)).inc()
             if status >= 400:
                 metrics.child(metrics.errors, variant, endpoint, str(status)).inc()
-            metrics.child(metrics.latency, variant, endpoint).observe(time.perf_counter() - started)
+            metrics.child(metrics.latency, variant, endpoint).observe(ended - started)
+            if telemetry.request_log:
+                trace_id = observability.trace_id_of(span) if span is not None else None
+                route = ROUTE_TEMPLATES[endpoint]
+                observability.log_request(scope["method"], route, status, ended - started, state, trace_id)
+            if span is not None and tracing is not None:
+                tracing.finish(span, status, state, ended)
 
         async def capture(message):
             nonlocal status

@@ -63,6 +63,19 @@ def register(subparsers) -> None:
     )
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
     serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="json: every log line a JSON object (request_id in each line a request causes) and "
+        "one line per /v1 request instead of uvicorn's access log (default: text)",
+    )
+    serve.add_argument(
+        "--tracing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="OpenTelemetry traces, exported where the OTEL_* variables say (needs slimrec[otel]; "
+        "default: on when OTEL_TRACES_EXPORTER or OTEL_EXPORTER_OTLP_ENDPOINT is set)",
+    )
+    serve.add_argument(
         "--state",
         metavar="URL",
         help="redis://HOST:PORT/DB: live histories and the split shared by every process naming it "
@@ -111,6 +124,8 @@ def settings_from_args(args: argparse.Namespace):
             "shadow_fraction",
             "allow_variant_override",
             "log_level",
+            "log_format",
+            "tracing",
             "split",
             "state",
             "state_dir",
@@ -155,19 +170,25 @@ def run_serve(args: argparse.Namespace) -> int:
     On SIGTERM/SIGINT uvicorn stops accepting, lets in-flight requests finish (30 s at most),
     runs the lifespan shutdown (batchers drain), and the command exits 0.
     """
+    import logging
     import os
     import tempfile
 
     import uvicorn
+    from slimrec.serving import observability
     from slimrec.serving.app import GracefulServer
 
     settings = settings_from_args(args)
     if settings.workers > 1 and not settings.state:
-        print(
-            f"slimrec serve: warning: {settings.workers} workers keep live histories each in its own "
-            "memory (a user's events reach one of them); --state redis://... shares them",
-            file=sys.stderr,
+        warning = (
+            f"{settings.workers} workers keep live histories each in its own "
+            "memory (a user's events reach one of them); --state redis://... shares them"
         )
+        if settings.log_format == "json":  # stderr holds JSON lines only
+            observability.configure_logging("json", settings.log_level)
+            logging.getLogger("slimrec.serving").warning(warning)
+        else:
+            print(f"slimrec serve: warning: {warning}", file=sys.stderr)
     os.environ.update(settings.to_env())  # workers (separate processes) rebuild the same Settings
     # Access lines are info records: above info uvicorn would still format each one's arguments
     # (client address, quoted path) only for the logger to drop it.
@@ -179,6 +200,8 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=30,
         server_header=False,
     )
+    if settings.log_format == "json":  # uvicorn's lines as JSON; our request line replaces its access log
+        options.update(log_config=observability.logging_config("json", settings.log_level), access_log=False)
     if settings.workers > 1:
         # Every worker writes its metrics under this directory; any worker's /metrics sums them.
         with tempfile.TemporaryDirectory(prefix="slimrec-metrics-") as metrics_dir:

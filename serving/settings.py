@@ -83,6 +83,15 @@ class Settings(BaseSettings):
     workers: int = Field(1, ge=1, le=64)
     # No "trace": uvicorn's trace logging prints every request scope, Authorization header included.
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    # serving/observability.py: JSON lines carry the request id; so do text lines a request causes.
+    log_format: Literal["text", "json"] = Field(
+        "text", description="json: every log line a JSON object, plus one line per /v1 request"
+    )
+    tracing: bool | None = Field(
+        None,
+        description="OpenTelemetry traces (the otel extra); unset: on when OTEL_TRACES_EXPORTER "
+        "or an OTLP endpoint is set; OTEL_SDK_DISABLED=true turns them off",
+    )
     n_candidates: int = Field(200, ge=1, le=100_000, description="FAISS top-N handed to the ranker")
     batch_max_size: int = Field(16, ge=1, le=4096, description="1 turns the batcher off")
     # 0: never wait on purpose; a batch is whatever queued while the previous one ran, so a
