@@ -5,6 +5,10 @@ every variant, off the event loop) and `stop()` (drain batchers, stop the thread
 Handlers read `service.variants[name]`, an immutable `Served` pair; a reload builds the new
 pair beside the old and swaps the dict entry in one assignment, so a request sees either
 the old variant or the new one, never a mix, and the old batcher drains what it holds.
+
+Where a variant's batches run is the model backend's business (`model_backend`): in this
+process (the default), in child processes (`model_process`), or in a Ray Serve deployment
+(`engine = "ray"`, serving/ray_models.py, imported only then).
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 from slimrec.artifact import ArtifactError, load_artifact
 from slimrec.artifact.index import drop_interrupt_checks, set_search_threads
@@ -25,7 +29,7 @@ from slimrec.serving.batcher import Batcher
 from slimrec.serving.live_state import LiveState
 from slimrec.serving.metrics import Metrics
 from slimrec.serving.model_process import ModelProcessError, ModelProcesses
-from slimrec.serving.queries import Answer, Query, run_queries  # noqa: F401 (Answer, Query: types)
+from slimrec.serving.queries import Answer, Query, run_queries
 from slimrec.serving.records import split_record
 from slimrec.serving.settings import Settings, validate_split
 from slimrec.serving.state import SplitRecord, StateUnavailable
@@ -57,26 +61,95 @@ class ReloadError(Exception):
         self.status = status
 
 
+class ModelRunner(Protocol):
+    """Answers one loaded variant's batches (`run_queries`' contract), wherever the model runs."""
+
+    def run(self, queries: list[Query], n_candidates: int) -> list[Answer]: ...
+
+    def close(self) -> None: ...
+
+
+class ModelBackend(Protocol):
+    """How a variant is loaded for serving and where its batches run.
+
+    `load` is blocking (the service calls it off the event loop) and raises ArtifactError, naming
+    the file, for an artifact it refuses; a reload that raises leaves the running variant as it was.
+    """
+
+    def load(self, name: str, path: Path) -> tuple[Variant, ModelRunner]: ...
+
+
+class InProcessRunner:
+    """Batches run on the calling (batching) thread, in this process."""
+
+    def __init__(self, variant: Variant):
+        self.variant = variant
+
+    def run(self, queries: list[Query], n_candidates: int) -> list[Answer]:
+        return run_queries(self.variant, queries, n_candidates)
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessModels:
+    """The default backend: the variant is loaded here and its batches run here."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def load(self, name: str, path: Path) -> tuple[Variant, ModelRunner]:
+        variant = load_variant(name, path, self.settings.ort_threads)
+        return variant, InProcessRunner(variant)
+
+
+class ChildProcessModels:
+    """`model_process`: loaded here (request checks, the popularity fallback) and in child
+    processes that run the batches (serving/model_process.py)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def load(self, name: str, path: Path) -> tuple[Variant, ModelRunner]:
+        settings = self.settings
+        variant = load_variant(name, path, settings.ort_threads)
+        size = settings.batch_threads if settings.batch_max_size > 1 else settings.model_threads
+        try:
+            processes = ModelProcesses(name, variant.path, size, settings.ort_threads, settings.index_threads)
+        except ModelProcessError as exc:
+            raise ArtifactError(f"{variant.path}: {exc}") from exc
+        return variant, processes
+
+
+def model_backend(settings: Settings, metrics: Metrics) -> ModelBackend:
+    """The backend the settings ask for; Ray is imported only when engine is "ray"."""
+    if settings.engine == "ray":
+        from slimrec.serving.ray_models import RayModels
+
+        return RayModels(settings, metrics)
+    return ChildProcessModels(settings) if settings.model_process else InProcessModels(settings)
+
+
 @dataclass(frozen=True)
 class Served:
-    """A loaded variant, the batcher in front of its model, and its model processes if any."""
+    """A loaded variant, the batcher in front of its model, and the runner its batches go to."""
 
     variant: Variant
     batcher: Batcher[Query, Answer]
-    processes: ModelProcesses | None = None
+    runner: ModelRunner
 
     async def retire(self) -> None:
-        """Answer everything queued or running, then stop the model processes."""
+        """Answer everything queued or running, then close the runner (model processes stop)."""
         await self.batcher.close()
-        if self.processes is not None:
-            await asyncio.to_thread(self.processes.close)
+        await asyncio.to_thread(self.runner.close)
 
 
 class Service:
     """Variants, split and lifecycle of one server process (see the module docstring)."""
 
-    def __init__(self, settings: Settings, metrics: Metrics):
+    def __init__(self, settings: Settings, metrics: Metrics, backend: ModelBackend | None = None):
         self.settings, self.metrics = settings, metrics
+        self.backend = backend or model_backend(settings, metrics)
         self.split: dict[str, float] = dict(settings.split)
         self.split_version = 0  # 0 until start() has read or stored the split
         self.live = LiveState(settings, metrics)
@@ -107,12 +180,11 @@ class Service:
         failed = [outcome for outcome in loaded if isinstance(outcome, BaseException)]
         ready = [outcome for outcome in loaded if not isinstance(outcome, BaseException)]
         if failed:
-            for _, processes in ready:
-                if processes is not None:
-                    processes.close()
+            for _, runner in ready:
+                runner.close()
             raise failed[0]
-        for variant, processes in ready:
-            self._install(variant, processes)
+        for variant, runner in ready:
+            self._install(variant, runner)
             log.info("variant %s: %s (%s) loaded", variant.name, variant.path, variant.version)
         await self.live.open()
         await self._adopt_stored_split()
@@ -137,24 +209,15 @@ class Service:
         """Per-thread runtime settings, run first on every thread that makes model calls."""
         set_search_threads(self.settings.index_threads)
 
-    def _load(self, name: str, path) -> tuple[Variant, ModelProcesses | None]:
-        """Load and verify a variant, and start its model processes when configured (blocking)."""
-        settings = self.settings
-        variant = load_variant(name, path, settings.ort_threads)
-        if not settings.model_process:
-            return variant, None
-        size = settings.batch_threads if settings.batch_max_size > 1 else settings.model_threads
-        try:
-            processes = ModelProcesses(name, variant.path, size, settings.ort_threads, settings.index_threads)
-        except ModelProcessError as exc:
-            raise ArtifactError(f"{variant.path}: {exc}") from exc
-        return variant, processes
+    def _load(self, name: str, path) -> tuple[Variant, ModelRunner]:
+        """Load and verify a variant, and ready where its batches run (blocking)."""
+        return self.backend.load(name, Path(path))
 
-    def _install(self, variant: Variant, processes: ModelProcesses | None = None) -> Served:
+    def _install(self, variant: Variant, runner: ModelRunner) -> Served:
         settings = self.settings
         batch_sizes = self.metrics.batch_size.labels(variant.name)
         delay_s = settings.inject_delay_ms / 1000
-        answer = processes.run if processes else partial(run_queries, variant)
+        answer = runner.run
 
         def run_batch(queries: list[Query]) -> list[Answer]:
             if delay_s:
@@ -171,7 +234,7 @@ class Service:
             threads=settings.batch_threads,
             thread_init=self.init_model_thread,
         )
-        served = Served(variant, batcher, processes)
+        served = Served(variant, batcher, runner)
         self.variants[variant.name] = served  # the atomic swap: one dict assignment on the loop
         self.metrics.record_variant(variant)
         return served
@@ -300,7 +363,7 @@ class Service:
                         409,
                         f'{path}: manifest says promotable: false; send {{"force": true}} to load it anyway',
                     )
-                variant, processes = await asyncio.to_thread(self._load, name, path)
+                variant, runner = await asyncio.to_thread(self._load, name, path)
             except ReloadError:
                 self.metrics.reloads.labels(name, "not_promotable").inc()
                 raise
@@ -310,7 +373,7 @@ class Service:
                 log.warning("variant %s: reload from %s refused: %s", name, path, reason)
                 raise ReloadError(422, f"artifact refused, still serving the previous one: {reason}") from exc
             previous = self.variants[name]
-            self._install(variant, processes)
+            self._install(variant, runner)
             drain = asyncio.create_task(previous.retire())
             self._draining.add(drain)
             drain.add_done_callback(self._draining.discard)
