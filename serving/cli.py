@@ -100,7 +100,40 @@ def register(subparsers) -> None:
     serve.add_argument(
         "--history-event-types", metavar="TYPE,...", help="event types that enter histories (default: all)"
     )
+    add_ray_arguments(serve)
     serve.set_defaults(run=run_serve, command="serve")
+
+
+def add_ray_arguments(serve) -> None:
+    """`--engine ray` and its options (serving/ray_cli.py; Ray comes with the ray extra)."""
+    serve.add_argument(
+        "--engine",
+        choices=["uvicorn", "ray"],
+        help="uvicorn (default): this process serves; ray: a Ray Serve application with replicas",
+    )
+    ray = serve.add_argument_group("--engine ray")
+    ray.add_argument(
+        "--address",
+        dest="ray_address",
+        metavar="HOST:PORT",
+        help="Ray cluster to join (default: RAY_ADDRESS, else a local cluster started and stopped here)",
+    )
+    ray.add_argument(
+        "--num-cpus", dest="ray_num_cpus", type=int, help="CPUs of the local cluster (default: all)"
+    )
+    ray.add_argument("--ingress-replicas", type=int, help="ingress replicas (more than one needs --state)")
+    ray.add_argument(
+        "--model-replicas",
+        metavar="N|NAME=N,...",
+        help="replicas of each variant's model deployment (default 1)",
+    )
+    ray.add_argument("--ingress-num-cpus", type=float, help="Ray CPUs per ingress replica (default 0.25)")
+    ray.add_argument("--model-num-cpus", type=float, help="Ray CPUs per model replica (default 0.25)")
+    ray.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the Serve config (YAML) for `serve run FILE` / `serve deploy FILE`, and exit",
+    )
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -133,6 +166,13 @@ def settings_from_args(args: argparse.Namespace):
             "event_log",
             "live_history",
             "history_event_types",
+            "engine",
+            "ray_address",
+            "ray_num_cpus",
+            "ingress_replicas",
+            "model_replicas",
+            "ingress_num_cpus",
+            "model_num_cpus",
         )
         if getattr(args, name) is not None
     }
@@ -179,6 +219,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from slimrec.serving.app import GracefulServer
 
     settings = settings_from_args(args)
+    if settings.engine == "ray" or args.print_config:
+        from slimrec.serving import ray_cli  # Ray is imported for this engine only
+
+        if not args.print_config:
+            return ray_cli.run_ray(settings)
+        if settings.engine != "ray":
+            raise ValueError("--print-config writes a Ray Serve config: use it with --engine ray")
+        return ray_cli.print_config(settings)
     if settings.workers > 1 and not settings.state:
         warning = (
             f"{settings.workers} workers keep live histories each in its own "

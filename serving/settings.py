@@ -183,6 +183,27 @@ class Settings(BaseSettings):
     state_refresh_s: float = Field(
         1.0, gt=0, le=3600, description="how often a process re-reads the stored split (file or Redis)"
     )
+    # Ray Serve (`--engine ray`, serving/ray_engine.py): the same app as an ingress deployment and
+    # one model deployment per variant, on a local Ray cluster this command starts or one it joins.
+    engine: Literal["uvicorn", "ray"] = Field(
+        "uvicorn",
+        description="uvicorn: this process serves (--workers N); ray: a Ray Serve application, "
+        "an ingress deployment and one model deployment per variant",
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join (else RAY_ADDRESS; unset: start a local cluster)"
+    )
+    ray_num_cpus: int | None = Field(
+        None, ge=1, le=4096, description="CPUs of the local Ray cluster this command starts; default: all"
+    )
+    ingress_replicas: int = Field(
+        1, ge=1, le=256, description="ingress replicas (more than one needs --state redis://...)"
+    )
+    model_replicas: Annotated[int | dict[str, int], NoDecode] = Field(
+        1, description="replicas of each variant's model deployment: one number, or NAME=N,..."
+    )
+    ingress_num_cpus: float = Field(0.25, ge=0, le=256, description="Ray CPUs reserved per ingress replica")
+    model_num_cpus: float = Field(0.25, ge=0, le=256, description="Ray CPUs reserved per model replica")
     inject_delay_ms: float = Field(
         0.0,
         ge=0,
@@ -238,6 +259,19 @@ class Settings(BaseSettings):
             return json.loads(value) if value.strip().startswith("[") else [t for t in value.split(",") if t]
         return value
 
+    @field_validator("model_replicas", mode="before")
+    @classmethod
+    def _parse_model_replicas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.isdigit():
+                return int(text)
+            try:
+                return {name: int(n) for name, n in parse_pairs(text, "model_replicas").items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"model_replicas: expected N or NAME=N,..., got {value!r}") from None
+        return value
+
     @field_validator("state")
     @classmethod
     def _check_state_url(cls, value: str | None) -> str | None:
@@ -269,7 +303,41 @@ class Settings(BaseSettings):
             raise ValueError("inject_delay_ms is a test hook: only allowed when bound to a loopback address")
         if self.admin_token is not None and len(self.admin_token.get_secret_value()) < 16:
             raise ValueError("admin_token: use at least 16 characters (e.g. `openssl rand -hex 32`)")
+        self._check_replicas()
+        if self.engine == "ray":
+            self._check_ray_engine()
         return self
+
+    def _check_replicas(self) -> None:
+        replicas = self.model_replicas
+        counts = replicas if isinstance(replicas, dict) else {name: replicas for name in self.variants}
+        unknown = sorted(set(counts) - set(self.variants))
+        if unknown:
+            raise ValueError(f"model_replicas names unknown variant(s) {', '.join(map(repr, unknown))}")
+        if any(n < 1 for n in counts.values()):
+            raise ValueError(f"model_replicas: every count must be at least 1, got {self.model_replicas}")
+
+    def _check_ray_engine(self) -> None:
+        if self.workers > 1:
+            raise ValueError(
+                "workers: uvicorn's worker processes; with engine ray use ingress_replicas "
+                "(--ingress-replicas)"
+            )
+        if self.model_process:
+            raise ValueError(
+                "model_process is for the uvicorn engine: with engine ray each model replica is a process"
+            )
+        if self.ingress_replicas > 1 and not self.state:
+            raise ValueError(
+                f"ingress_replicas={self.ingress_replicas} needs --state redis://HOST:PORT/DB: with the "
+                "in-process store each ingress replica would keep its own split and live histories"
+            )
+
+    def replicas_of(self, variant: str) -> int:
+        """Model replicas of a variant under the ray engine (1 where a mapping leaves it out)."""
+        if isinstance(self.model_replicas, dict):
+            return self.model_replicas.get(variant, 1)
+        return self.model_replicas
 
     @cached_property  # asked on every request that carries the header
     def overrides_allowed(self) -> bool:
