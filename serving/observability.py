@@ -3,8 +3,8 @@
 - `request_id` (a ContextVar) holds the id of the HTTP request being handled: the client's
   `X-Request-ID` when valid, else a new one. `RequestIdFilter` stamps it on every log record
   emitted while it is set. Threads and processes that run a batch of several requests (the
-  batchers, model processes, a Ray replica) do not inherit it: they bind the batch's ids with
-  `bind_request_ids(ids)`, and their lines carry `request_ids`.
+  batchers, model processes, a Ray replica) do not inherit it: code there binds the batch's ids
+  with `bind_request_ids(ids)`, and the lines it emits carry `request_ids`.
 - `configure_logging(log_format, level)`: text (uvicorn's look) or JSON lines (`JsonFormatter`:
   ts, level, logger, message, request_id, and any `extra=` fields), for slimrec's loggers and
   uvicorn's; `logging_config` is the same as a dictConfig for uvicorn's `log_config`.
@@ -29,7 +29,6 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -114,13 +113,25 @@ _RECORD_FIELDS = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict_
 }
 
 
+_second = (-1, "")  # the last whole second formatted, and its text: one strftime per second
+
+
+def iso_utc(created: float) -> str:
+    """Unix time as ISO 8601 UTC with microseconds, e.g. '2025-01-31T12:00:00.123456Z'."""
+    global _second
+    whole = int(created)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((created - whole) * 1e6):06d}Z"
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts (ISO 8601 UTC), level, logger, message, request_id (when
     set), request_ids (batches), the record's `extra=` fields, and exc (the traceback) if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="microseconds")[:-6] + "Z",
+            "ts": iso_utc(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -354,20 +365,21 @@ class Tracing:
         if not span.is_recording():  # sampled out
             span.end(end_time=epoch_ns(ended))
             return
-        span.set_attribute("http.response.status_code", status)
+        attributes: dict[str, str | int] = {"http.response.status_code": status}
         if (rid := request_id.get()) is not None:
-            span.set_attribute("slimrec.request_id", rid)
+            attributes["slimrec.request_id"] = rid
         if "variant" in state:
-            span.set_attribute("slimrec.variant", state["variant"])
+            attributes["slimrec.variant"] = state["variant"]
         if status >= 500:
-            span.set_attribute("error.type", str(status))
+            attributes["error.type"] = str(status)
             span.set_status(self._error)
         if "model_version" in state:
             answer = state["answer"]
-            span.set_attribute("slimrec.model_version", state["model_version"])
-            span.set_attribute("slimrec.fallback", answer.fallback or "none")
-            span.set_attribute("slimrec.batch_size", answer.batch_size)
+            attributes["slimrec.model_version"] = state["model_version"]
+            attributes["slimrec.fallback"] = answer.fallback or "none"
+            attributes["slimrec.batch_size"] = answer.batch_size
             self._stage_spans(span, state["submitted_at"], answer.timings)
+        span.set_attributes(attributes)
         span.end(end_time=epoch_ns(ended))
 
     def _stage_spans(self, parent: Span, submitted_at: float, timings: Mapping[str, float]) -> None:
