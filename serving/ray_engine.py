@@ -56,7 +56,7 @@ class Ingress:
 
     async def __serve_build_asgi_app__(self):
         settings = ingress_settings(self.values, await self.registry.targets.remote())
-        show_logs(settings.log_level)
+        show_logs(settings.log_level, settings.log_format)
         app = create_app(settings)
         app.add_middleware(OneRequestIdHeader)
         self.service = app.state.service

@@ -48,6 +48,7 @@ from ray.serve.handle import DeploymentHandle
 from slimrec.artifact import ArtifactError
 from slimrec.artifact.index import drop_interrupt_checks, set_search_threads
 from slimrec.serving.metrics import Metrics
+from slimrec.serving.observability import configure_logging
 from slimrec.serving.queries import Answer, Query, run_queries
 from slimrec.serving.ray_registry import RollRefused
 from slimrec.serving.settings import Settings
@@ -84,11 +85,13 @@ class ModelReplica:
     async def __init__(self, name: str, values: dict, registry: DeploymentHandle):  # type: ignore[misc]
         # async: it awaits the registry (a blocking call would sit on the replica's event loop)
         settings = Settings(**values)
+        configure_logging(settings.log_format, settings.log_level)
         self.name, self.settings = name, settings
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.versions: dict[str, Variant] = {}  # model version -> loaded variant
         self.current = ""
         self.loading: str | None = None
+        self.running = 0  # batches being answered
         self.retire_after_s = max(60.0, 3 * settings.request_timeout_ms / 1000)
         self._retiring: dict[str, asyncio.TimerHandle] = {}
         self._discarded: set[str] = set()
@@ -119,7 +122,11 @@ class ModelReplica:
                 time.sleep(delay_s)  # test hook: a slow model (the ingress does not sleep under Ray)
             return run_queries(variant, queries, n_candidates)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, answer)
+        self.running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, answer)
+        finally:
+            self.running -= 1
 
     async def prepare(self, path: str, version: str | None = None) -> dict:
         """Hold `version` (loaded from `path` unless held) and serve it; the others retire later.
@@ -171,6 +178,7 @@ class ModelReplica:
             "model_version": self.current,
             "versions": sorted(self.versions),
             "loading": self.loading,
+            "running": self.running,
         }
 
     def _serve(self, version: str) -> None:
