@@ -32,10 +32,12 @@ from serving_fixtures import ADMIN_TOKEN, copy_artifact  # noqa: E402
 from slimrec.loadtest.launch import free_port  # noqa: E402
 from slimrec.serving.app import create_app  # noqa: E402
 from slimrec.serving.deps import VARIANT_HEADER  # noqa: E402
+from slimrec.serving.queries import build_query  # noqa: E402
 from slimrec.serving.ray_engine import APP_NAME, INGRESS  # noqa: E402
-from slimrec.serving.ray_models import model_deployment  # noqa: E402
+from slimrec.serving.ray_models import RayRunner, VersionUnavailable, cause_of, model_deployment  # noqa: E402
 from slimrec.serving.router import assign_variant  # noqa: E402
 from slimrec.serving.settings import Settings  # noqa: E402
+from slimrec.serving.variants import load_variant  # noqa: E402
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "ml100k-tiny-compressed"
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -267,15 +269,12 @@ def test_a_reload_is_rolled_to_every_replica_and_a_refused_one_to_none(app, arti
     # ... the other ingress replica follows, and /v1/variants shows every model replica's version.
     followed = wait_until(lambda: all(s["model_versions"]["compressed"] == new for s in states(INGRESS)), 10)
     assert followed, states(INGRESS)
-    shown = wait_until(
-        lambda: [
-            replicas_of(d)
-            for d in (httpx.get(f"{app}/v1/variants").json() for _ in range(6))
-            if [r["model_version"] for r in replicas_of(d)] == [new, new]
-        ],
-        10,
-    )
-    assert shown and len(shown) == 6
+
+    def shown_by_every_ingress() -> bool:  # 6 answers: both ingress replicas answer some
+        shown = [replicas_of(httpx.get(f"{app}/v1/variants").json()) for _ in range(6)]
+        return all([r["model_version"] for r in rows] == [new, new] for rows in shown)
+
+    assert wait_until(shown_by_every_ingress, 10)
     with httpx.Client(base_url=app, timeout=30) as client:
         answers = [
             client.post(
@@ -308,3 +307,23 @@ def test_a_model_replica_refuses_a_version_it_cannot_load_and_keeps_serving(app,
         isinstance(o, Exception) and "validated full-000000000000" in str(o) for o in outcomes
     )
     assert states(model_deployment("full")) == before
+
+
+def test_a_batch_for_a_version_no_replica_holds_is_sent_again_once_then_fails(app, artifacts):
+    """A replica lacking the batch's version refuses it (VersionUnavailable); the runner sends it
+    again once (another replica may hold it), then the error is the batch's (requests fall back)."""
+    variant = load_variant("full", artifacts["full"])
+    retried = []
+    runner = RayRunner(
+        serve.get_deployment_handle(model_deployment("full"), APP_NAME),
+        "full",
+        "full-000000000000",
+        lambda name, exc: retried.append((name, type(cause_of(exc)).__name__)),
+    )
+    with pytest.raises(Exception) as refused:
+        runner.run([build_query(variant, "196", 10)], 200)
+    assert isinstance(cause_of(refused.value), VersionUnavailable)
+    assert retried == [("full", "VersionUnavailable")]
+    held = RayRunner(runner.handle, "full", variant.version, lambda name, exc: retried.append(name))
+    (answer,) = held.run([build_query(variant, "196", 10)], 200)
+    assert len(answer.items) == 10 and len(retried) == 1
