@@ -203,14 +203,12 @@ class ModelReplica:
 @dataclass
 class ReplicatedVariant(Variant):
     """A variant whose batches run in a model deployment: `describe()` adds its replicas (each
-    replica's served and held versions) to the summary `GET /v1/variants` shows."""
+    replica's served and held versions), which `GET /v1/variants` shows."""
 
     replicas: Callable[[], list[dict]] = field(default=list, repr=False, compare=False)
 
     def describe(self) -> dict:
-        described = super().describe()
-        described["summary"] = {**described["summary"], "replicas": self.replicas()}
-        return described
+        return {**super().describe(), "replicas": self.replicas()}
 
 
 class RayRunner:

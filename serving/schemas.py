@@ -76,6 +76,18 @@ class RecommendResponse(BaseModel):
     request_id: str
 
 
+class ReplicaInfo(BaseModel):
+    """One model replica of a variant (`--engine ray`): what it serves and holds right now."""
+
+    replica: str
+    pid: int
+    node: str
+    model_version: str | None = Field(description="the version it answers with by default")
+    versions: list[str] = Field(description="versions it holds: during a roll, the old and the new")
+    loading: str | None = Field(description="the version (or path) it is loading, if any")
+    running: int = Field(description="batches running on it")
+
+
 class VariantInfo(BaseModel):
     name: str
     path: str
@@ -86,6 +98,9 @@ class VariantInfo(BaseModel):
     n_items: int
     genres: list[str]
     summary: dict = Field(description="manifest summary: sizes, metrics, promotable, created_at")
+    replicas: list[ReplicaInfo] | None = Field(
+        None, description="its model replicas (`--engine ray`); null when it runs in this process"
+    )
 
 
 class VariantsResponse(BaseModel):

@@ -250,7 +250,7 @@ def test_a_split_change_is_in_force_on_every_ingress_replica(app):
 
 def test_a_reload_is_rolled_to_every_replica_and_a_refused_one_to_none(app, artifacts):
     replicas_of = lambda described: next(  # noqa: E731
-        v["summary"]["replicas"] for v in described["variants"] if v["name"] == "compressed"
+        v["replicas"] for v in described["variants"] if v["name"] == "compressed"
     )
     old = next(v for v in httpx.get(f"{app}/v1/variants").json()["variants"] if v["name"] == "compressed")
     response = httpx.post(
