@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -54,10 +55,11 @@ def run_ray(settings: Settings) -> int:
     """
     import ray
     from ray import serve
-    from slimrec.serving.ray_engine import APP_NAME, INGRESS, build_application
+    from slimrec.serving.ray_engine import APP_NAME, INGRESS, build_application, new_metrics_dir
     from slimrec.serving.ray_models import model_deployment
 
     stop = threading.Event()
+    metrics_dir = new_metrics_dir()
     running = False
 
     def on_signal(signum, frame) -> None:
@@ -89,7 +91,7 @@ def run_ray(settings: Settings) -> int:
             )
         serve.start(http_options={"host": settings.host, "port": settings.port})
         try:
-            serve.run(build_application(settings), name=APP_NAME, route_prefix="/")
+            serve.run(build_application(settings, metrics_dir), name=APP_NAME, route_prefix="/")
         except RuntimeError as exc:
             print(f"slimrec serve: cannot serve: {str(exc).splitlines()[0]}", file=sys.stderr)
             return 3
@@ -111,6 +113,7 @@ def run_ray(settings: Settings) -> int:
         return 0
     finally:
         shut_down(APP_NAME, started_serve, started_cluster)
+        shutil.rmtree(metrics_dir, ignore_errors=True)  # this node's; other nodes' stay in their /tmp
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 

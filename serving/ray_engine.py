@@ -20,7 +20,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,6 +57,7 @@ class Ingress:
         self.follower: asyncio.Task | None = None
 
     async def __serve_build_asgi_app__(self):
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # on this replica's node
         settings = ingress_settings(self.values, await self.registry.targets.remote())
         show_logs(settings.log_level, settings.log_format)
         app = create_app(settings)
@@ -168,7 +171,12 @@ def ray_args(settings: Settings) -> dict[str, Any]:
     return values
 
 
-def build_application(settings: Settings) -> Application:
+def new_metrics_dir() -> Path:
+    """A directory name no earlier deployment used (multiprocess mode sums every file in it)."""
+    return Path(tempfile.gettempdir()) / f"slimrec-metrics-{uuid.uuid4().hex[:12]}"
+
+
+def build_application(settings: Settings, metrics_dir: Path | None = None) -> Application:
     """The Serve application: registry, one model deployment per variant, the ingress.
 
     The admin token, if set, reaches the ingress replicas through their runtime_env (never the
@@ -194,10 +202,12 @@ def build_application(settings: Settings) -> Application:
         ).bind(name, values, registry)
         for name in settings.variants
     }
-    actor_options: dict[str, Any] = {"num_cpus": settings.ingress_num_cpus}
+    # Ingress replicas write their metrics under one directory per node (prometheus_client's
+    # multiprocess mode, as uvicorn's workers do): any replica's /metrics shows the node's.
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir or new_metrics_dir())}
     if settings.admin_token is not None:
-        token = settings.admin_token.get_secret_value()
-        actor_options["runtime_env"] = {"env_vars": {"SLIMREC_ADMIN_TOKEN": token}}
+        env["SLIMREC_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
+    actor_options: dict[str, Any] = {"num_cpus": settings.ingress_num_cpus, "runtime_env": {"env_vars": env}}
     ingress = deployment(Ingress).options(
         name=INGRESS,
         num_replicas=settings.ingress_replicas,

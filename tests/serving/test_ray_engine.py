@@ -222,6 +222,31 @@ def test_ab_assignment_is_the_routers_for_2000_users(app):
     assert {"full", "compressed"} == set(expected)
 
 
+def requests_counted(text: str) -> float:
+    """slimrec_requests_total summed over every label set."""
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("slimrec_requests_total{")
+    )
+
+
+def test_metrics_from_any_ingress_replica_count_every_replica(app):
+    before = requests_counted(httpx.get(f"{app}/metrics", timeout=30).text)
+    with httpx.Client(base_url=app, timeout=30) as client:
+        for user in range(1, 101):
+            assert client.get(f"/v1/users/{user}/recommendations").status_code == 200
+    for _ in range(4):  # Serve's proxy sends each scrape to either ingress replica
+        text = httpx.get(f"{app}/metrics", timeout=30).text
+        replicas = {
+            line.split('pid="')[1].split('"')[0]
+            for line in text.splitlines()
+            if "slimrec_model_info{" in line
+        }
+        assert len(replicas) == 2, "the scrape does not see both ingress replicas"
+        assert requests_counted(text) - before == 100
+
+
 def test_a_split_change_is_in_force_on_every_ingress_replica(app):
     response = httpx.put(
         f"{app}/admin/split", json={"weights": {"compressed": 100}}, headers=AUTH, timeout=30
