@@ -7,19 +7,9 @@ LOGDIR is a server's --log-dir (or a replay's logs/): every *.jsonl segment in i
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+from slimrec.bench.argtypes import positive_int
 
 
 def register(subparsers) -> None:

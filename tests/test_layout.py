@@ -2,7 +2,7 @@
 
     serving -> artifact            compression -> models, artifact      models -> artifact
     bench -> compression, models, artifact, loadtest's parsers only    loadtest -> HTTP only
-    experiment -> models, serving's log reader, loadtest's server launcher
+    experiment -> models, serving's log reader, loadtest's server launcher, bench's argtypes
     artifact -> numpy, onnxruntime, faiss, safetensors (never torch)   slimrec (the CLI) -> any
 
 Every import counts, at module level or inside a function (a lazy import is still an arrow).
@@ -34,8 +34,9 @@ ALLOWED = {
     "serving": {"serving", "artifact"},
     "loadtest": {"loadtest"},
     "bench": {"bench", "compression", "models", "artifact"},
-    # replay reads the split fold (models), starts servers (loadtest) and reads their logs (serving)
-    "experiment": {"experiment", "models", "serving", "loadtest", "artifact"},
+    # replay reads the split fold (models), starts servers (loadtest) and reads their logs (serving);
+    # the command line's argument types are bench's (standard library only)
+    "experiment": {"experiment", "models", "serving", "loadtest", "artifact", "bench"},
 }
 TRAINING_STACK = {"torch", "pandas", "onnx", "onnxscript", "matplotlib", "locust", "tqdm"}
 
