@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any
 
 import orjson
@@ -212,7 +212,7 @@ async def answer_with_fallback(
     service: Service,
     name: str,
     body: RecommendRequest,
-    live: list[str] = [],  # noqa: B006 (never mutated)
+    live: Sequence[str] = (),
 ) -> tuple[Served, ModelQuery, Answer]:
     """The variant's answer; if its model raises, another variant's, else its popularity list.
 
@@ -248,7 +248,7 @@ async def answer_with_fallback(
     return served, query, Answer(items, None, "popular", {}, 1)
 
 
-def _query(served: Served, body: RecommendRequest, live: list[str]) -> ModelQuery:
+def _query(served: Served, body: RecommendRequest, live: Sequence[str]) -> ModelQuery:
     try:
         return build_query(
             served.variant,
@@ -270,7 +270,7 @@ async def _answer(
     service: Service,
     served: Served,
     body: RecommendRequest,
-    live: list[str] = [],  # noqa: B006
+    live: Sequence[str] = (),
 ) -> tuple[Served, ModelQuery, Answer]:
     """(the Served that answered, query, answer); model errors propagate. `live`: the user's live
     history (item ids from events, oldest first)."""

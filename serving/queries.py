@@ -18,6 +18,7 @@ Policies (documented in the API too):
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,7 +84,7 @@ def build_query(
     include_genres: list[str] | None = None,
     exclude_genres: list[str] | None = None,
     reject_unknown_items: bool = False,
-    live: list[str] | None = None,
+    live: Sequence[str] = (),
 ) -> Query:
     """Model inputs for one request (see the module docstring for the policies). `live`: the
     user's live history from events (oldest first), read before the sent `history`; ids this
@@ -124,7 +125,7 @@ def seen_items(variant: Variant, query: Query) -> np.ndarray | None:
     return np.concatenate([stored_items(variant.model, query.user), query.extra])
 
 
-def history_indices(variant: Variant, history: list[str]) -> tuple[np.ndarray, list[str]]:
+def history_indices(variant: Variant, history: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Item indices of the known ids, in order, and the unknown ids (deduplicated, in order)."""
     index = variant.item_index
     known = [index[i] for i in history if i in index]

@@ -255,6 +255,11 @@ class Service:
         self.metrics.record_split(self.split, record.version)
         self.live.write(split_record(record.version, self.split, source))
 
+    def _for_these_variants(self, stored: SplitRecord) -> SplitRecord:
+        """The stored split with its weights checked against the loaded variants (ValueError if
+        it names one this server lacks)."""
+        return SplitRecord(stored.version, validate_split(stored.weights, self.variants), stored.updated_at)
+
     async def _adopt_stored_split(self) -> None:
         """A stored split wins over the configured one (it is the latest admin change); the
         configured one is stored as the next version when none is stored or the stored one
@@ -262,7 +267,7 @@ class Service:
         stored = await self.live.splits.load()
         if stored is not None:
             try:
-                weights = validate_split(stored.weights, self.variants)
+                self._apply_split(self._for_these_variants(stored), "stored")
             except ValueError as exc:
                 log.warning(
                     "stored split v%d ignored (%s): the configured split is stored instead",
@@ -270,7 +275,6 @@ class Service:
                     exc,
                 )
             else:
-                self._apply_split(SplitRecord(stored.version, weights, stored.updated_at), "stored")
                 log.info(
                     "split v%d from %s in force (stored: it wins over the configured %s): %s",
                     stored.version,
@@ -290,23 +294,28 @@ class Service:
 
     async def _follow_split(self) -> None:
         """Re-read the stored split every state_refresh_s (a state file is shared by the processes of
-        one machine, Redis by every process naming it); an unreachable store keeps the last one."""
+        one machine, Redis by every process naming it); an unreachable store keeps the last one.
+        Each problem is logged once, not once per refresh."""
+        unreadable, refused = False, 0  # refused: the last stored version this server cannot apply
         while True:
             await asyncio.sleep(self.settings.state_refresh_s)
             try:
                 stored = await self.live.splits.load()
             except (StateUnavailable, ValueError, OSError) as exc:  # ValueError: a corrupt state file
                 self.metrics.state_errors.labels("read_split").inc()
-                log.warning("stored split not readable, keeping v%d: %s", self.split_version, exc)
+                if not unreadable:
+                    log.warning("stored split not readable, keeping v%d: %s", self.split_version, exc)
+                unreadable = True
                 continue
-            if stored is None or stored.version == self.split_version:
+            unreadable = False
+            if stored is None or stored.version in (self.split_version, refused):
                 continue
             try:
-                weights = validate_split(stored.weights, self.variants)
+                self._apply_split(self._for_these_variants(stored), "stored")
             except ValueError as exc:
                 log.warning("shared split v%d not applied here: %s", stored.version, exc)
+                refused = stored.version
                 continue
-            self._apply_split(SplitRecord(stored.version, weights, stored.updated_at), "stored")
             log.info("split v%d (changed by another process) in force: %s", stored.version, self.split)
 
     def fallback_order(self, name: str) -> list[str]:
