@@ -261,6 +261,7 @@ def _query(served: Served, body: RecommendRequest, live: Sequence[str]) -> Model
             body.exclude_genres,
             reject_unknown_items=body.unknown_items == "reject",
             live=live,
+            request_id=observability.request_id.get(),
         )
     except QueryError as exc:
         raise HTTPException(422, str(exc)) from exc

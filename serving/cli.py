@@ -127,6 +127,18 @@ def add_ray_arguments(serve) -> None:
         metavar="N|NAME=N,...",
         help="replicas of each variant's model deployment (default 1)",
     )
+    ray.add_argument(
+        "--ingress-max-replicas",
+        type=int,
+        metavar="N",
+        help="autoscale the ingress up to N replicas (from --ingress-replicas; needs --state)",
+    )
+    ray.add_argument(
+        "--model-max-replicas",
+        type=int,
+        metavar="N",
+        help="autoscale each model deployment up to N replicas (from its --model-replicas)",
+    )
     ray.add_argument("--ingress-num-cpus", type=float, help="Ray CPUs per ingress replica (default 0.25)")
     ray.add_argument("--model-num-cpus", type=float, help="Ray CPUs per model replica (default 0.25)")
     ray.add_argument(
@@ -171,6 +183,8 @@ def settings_from_args(args: argparse.Namespace):
             "ray_num_cpus",
             "ingress_replicas",
             "model_replicas",
+            "ingress_max_replicas",
+            "model_max_replicas",
             "ingress_num_cpus",
             "model_num_cpus",
         )

@@ -56,6 +56,7 @@ class Query:
     allowed: np.ndarray | None = None  # bool [n_items]
     ignored_history: list[str] = field(default_factory=list)
     submitted_at: float = field(default_factory=time.perf_counter)
+    request_id: str | None = None  # the HTTP request's id: log lines of its batch carry it
 
     @property
     def popular_only(self) -> bool:
@@ -74,6 +75,11 @@ class Answer:
     batch_size: int
 
 
+def batch_request_ids(queries: Sequence[Query]) -> list[str]:
+    """The request ids of a batch's queries (for `observability.bind_request_ids`)."""
+    return [query.request_id for query in queries if query.request_id is not None]
+
+
 def build_query(
     variant: Variant,
     user_id: str,
@@ -85,6 +91,7 @@ def build_query(
     exclude_genres: list[str] | None = None,
     reject_unknown_items: bool = False,
     live: Sequence[str] = (),
+    request_id: str | None = None,
 ) -> Query:
     """Model inputs for one request (see the module docstring for the policies). `live`: the
     user's live history from events (oldest first), read before the sent `history`; ids this
@@ -112,6 +119,7 @@ def build_query(
         filter_key=key,
         allowed=allowed,
         ignored_history=ignored,
+        request_id=request_id,
     )
 
 

@@ -96,8 +96,8 @@ def run_ray(settings: Settings) -> int:
             print(f"slimrec serve: cannot serve: {str(exc).splitlines()[0]}", file=sys.stderr)
             return 3
         running = True
-        deployments = [f"{INGRESS} x{settings.ingress_replicas}"] + [
-            f"{model_deployment(name)} x{settings.replicas_of(name)}" for name in settings.variants
+        deployments = [f"{INGRESS} {replica_count(settings, None)}"] + [
+            f"{model_deployment(name)} {replica_count(settings, name)}" for name in settings.variants
         ]
         cluster = address or f"local, {ray.cluster_resources().get('CPU', 0):g} CPUs"
         print(
@@ -174,3 +174,11 @@ def reap(processes: list) -> None:
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.kill()
+
+
+def replica_count(settings: Settings, variant: str | None) -> str:
+    """"x2", or "x1-4 (autoscaling)": a deployment's replicas as the start-up line shows them."""
+    autoscaling = settings.autoscaling_of(variant)
+    if autoscaling is not None:
+        return f"x{autoscaling['min_replicas']}-{autoscaling['max_replicas']} (autoscaling)"
+    return f"x{settings.replicas_of(variant) if variant else settings.ingress_replicas}"

@@ -194,7 +194,7 @@ def build_application(settings: Settings, metrics_dir: Path | None = None) -> Ap
     models = {
         name: model.options(
             name=model_deployment(name),
-            num_replicas=settings.replicas_of(name),
+            **replica_options(settings, name),
             ray_actor_options={"num_cpus": settings.model_num_cpus},
             # a few batches per replica: more waiting at one replica is better spent at another
             max_ongoing_requests=max(2, 2 * settings.batch_threads),
@@ -210,13 +210,22 @@ def build_application(settings: Settings, metrics_dir: Path | None = None) -> Ap
     actor_options: dict[str, Any] = {"num_cpus": settings.ingress_num_cpus, "runtime_env": {"env_vars": env}}
     ingress = deployment(Ingress).options(
         name=INGRESS,
-        num_replicas=settings.ingress_replicas,
+        **replica_options(settings, None),
         ray_actor_options=actor_options,
         # the app's own admission (max_in_flight, then 503) decides, not a queue in front of it
         max_ongoing_requests=settings.max_in_flight + 32,
         logging_config={"log_level": level, "enable_access_log": level in ("INFO", "DEBUG")},
     )
     return ingress.bind(values, registry, models)
+
+
+def replica_options(settings: Settings, variant: str | None) -> dict[str, Any]:
+    """A fixed `num_replicas`, or Ray Serve's `autoscaling_config` (between the replica count
+    and the max replicas setting) for a variant's model deployment (None: the ingress)."""
+    autoscaling = settings.autoscaling_of(variant)
+    if autoscaling is not None:
+        return {"autoscaling_config": autoscaling}
+    return {"num_replicas": settings.replicas_of(variant) if variant else settings.ingress_replicas}
 
 
 def deployment(cls: type) -> Deployment:

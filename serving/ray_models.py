@@ -48,8 +48,8 @@ from ray.serve.handle import DeploymentHandle
 from slimrec.artifact import ArtifactError
 from slimrec.artifact.index import drop_interrupt_checks, set_search_threads
 from slimrec.serving.metrics import Metrics
-from slimrec.serving.observability import configure_logging
-from slimrec.serving.queries import Answer, Query, run_queries
+from slimrec.serving.observability import bind_request_ids, configure_logging
+from slimrec.serving.queries import Answer, Query, batch_request_ids, run_queries
 from slimrec.serving.ray_registry import RollRefused
 from slimrec.serving.settings import Settings
 from slimrec.serving.variants import Variant, load_variant
@@ -118,9 +118,22 @@ class ModelReplica:
         delay_s = self.settings.inject_delay_ms / 1000
 
         def answer() -> list[Answer]:
-            if delay_s:
-                time.sleep(delay_s)  # test hook: a slow model (the ingress does not sleep under Ray)
-            return run_queries(variant, queries, n_candidates)
+            with bind_request_ids(batch_request_ids(queries)):  # this replica's lines name the requests
+                started = time.perf_counter()
+                if delay_s:
+                    time.sleep(delay_s)  # test hook: a slow model (the ingress does not sleep under Ray)
+                try:
+                    answers = run_queries(variant, queries, n_candidates)
+                except Exception:
+                    log.exception(
+                        "model replica %s of %s: a batch of %d failed", self.replica, self.name, len(queries)
+                    )
+                    raise
+                log.debug(
+                    "model replica %s of %s: a batch of %d answered by %s in %.1f ms",
+                    *(self.replica, self.name, len(queries), version, 1000 * (time.perf_counter() - started)),
+                )
+                return answers
 
         self.running += 1
         try:

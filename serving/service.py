@@ -29,7 +29,8 @@ from slimrec.serving.batcher import Batcher
 from slimrec.serving.live_state import LiveState
 from slimrec.serving.metrics import Metrics
 from slimrec.serving.model_process import ModelProcessError, ModelProcesses
-from slimrec.serving.queries import Answer, Query, run_queries
+from slimrec.serving.observability import bind_request_ids
+from slimrec.serving.queries import Answer, Query, batch_request_ids, run_queries
 from slimrec.serving.records import split_record
 from slimrec.serving.settings import Settings, validate_split
 from slimrec.serving.state import SplitRecord, StateUnavailable
@@ -220,9 +221,10 @@ class Service:
         answer = runner.run
 
         def run_batch(queries: list[Query]) -> list[Answer]:
-            if delay_s:
-                time.sleep(delay_s)  # test hook: slow requests for shutdown and overload tests
-            return answer(queries, settings.n_candidates)
+            with bind_request_ids(batch_request_ids(queries)):
+                if delay_s:
+                    time.sleep(delay_s)  # test hook: slow requests for shutdown and overload tests
+                return answer(queries, settings.n_candidates)
 
         batcher = Batcher(
             run_batch,

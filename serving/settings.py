@@ -202,6 +202,26 @@ class Settings(BaseSettings):
     model_replicas: Annotated[int | dict[str, int], NoDecode] = Field(
         1, description="replicas of each variant's model deployment: one number, or NAME=N,..."
     )
+    ingress_max_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="autoscale the ingress between ingress_replicas and this many replicas (Ray Serve's "
+        "autoscaling; more than one needs --state redis://...); unset: a fixed count",
+    )
+    model_max_replicas: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="autoscale each model deployment between its model_replicas and this many "
+        "replicas (Ray Serve's autoscaling); unset: fixed counts",
+    )
+    ingress_target_ongoing: float = Field(
+        16.0, gt=0, le=10_000, description="autoscaling: requests in flight per ingress replica Ray aims at"
+    )
+    model_target_ongoing: float = Field(
+        2.0, gt=0, le=1_000, description="autoscaling: batches in flight per model replica Ray aims at"
+    )
     ingress_num_cpus: float = Field(0.25, ge=0, le=256, description="Ray CPUs reserved per ingress replica")
     model_num_cpus: float = Field(0.25, ge=0, le=256, description="Ray CPUs reserved per model replica")
     inject_delay_ms: float = Field(
@@ -327,11 +347,45 @@ class Settings(BaseSettings):
             raise ValueError(
                 "model_process is for the uvicorn engine: with engine ray each model replica is a process"
             )
-        if self.ingress_replicas > 1 and not self.state:
+        most = max(self.ingress_replicas, self.ingress_max_replicas or 1)
+        if most > 1 and not self.state:
+            which = "ingress_replicas" if self.ingress_replicas > 1 else "ingress_max_replicas"
             raise ValueError(
-                f"ingress_replicas={self.ingress_replicas} needs --state redis://HOST:PORT/DB: with the "
+                f"{which}={most} needs --state redis://HOST:PORT/DB: with the "
                 "in-process store each ingress replica would keep its own split and live histories"
             )
+        if self.ingress_max_replicas is not None and self.ingress_max_replicas < self.ingress_replicas:
+            raise ValueError(
+                f"ingress_max_replicas={self.ingress_max_replicas} is below "
+                f"ingress_replicas={self.ingress_replicas}"
+            )
+        if self.model_max_replicas is not None:
+            below = {
+                name: n for name in self.variants if (n := self.replicas_of(name)) > self.model_max_replicas
+            }
+            if below:
+                raise ValueError(
+                    f"model_max_replicas={self.model_max_replicas} is below model_replicas for {below}"
+                )
+
+    def autoscaling_of(self, variant: str | None) -> dict[str, Any] | None:
+        """Ray Serve's autoscaling_config for a variant's model deployment (None: the ingress);
+        None when that deployment has a fixed replica count."""
+        if variant is None:
+            least, most, target = (
+                self.ingress_replicas,
+                self.ingress_max_replicas,
+                self.ingress_target_ongoing,
+            )
+        else:
+            least, most, target = (
+                self.replicas_of(variant),
+                self.model_max_replicas,
+                self.model_target_ongoing,
+            )
+        if most is None:
+            return None
+        return {"min_replicas": least, "max_replicas": most, "target_ongoing_requests": target}
 
     def replicas_of(self, variant: str) -> int:
         """Model replicas of a variant under the ray engine (1 where a mapping leaves it out)."""

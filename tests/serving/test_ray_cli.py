@@ -131,3 +131,34 @@ def _ready(url: str) -> bool:
         return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_max_replicas_make_the_printed_deployments_autoscale(tmp_path):
+    artifact = copy_artifact(GOLDEN, tmp_path / "compressed")
+    text = print_config(
+        "--variant", f"compressed={artifact}", "--model-replicas", "2", "--model-max-replicas", "4"
+    )
+    (application,) = ServeDeploySchema.model_validate(yaml.safe_load(text)).applications
+    built = call_user_app_builder_with_args_if_necessary(build_app, application.args)
+    deployments = {d.name: d for d in serve_build_app(built, name=application.name).deployments}
+    autoscaling = deployments["model-compressed"]._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (2, 4)
+    assert autoscaling.target_ongoing_requests == 2.0
+    assert deployments["ingress"]._deployment_config.autoscaling_config is None
+    assert deployments["ingress"].num_replicas == 1
+
+
+def test_an_autoscaled_ingress_without_shared_state_is_refused(tmp_path):
+    artifact = copy_artifact(GOLDEN, tmp_path / "compressed")
+    result = subprocess.run(
+        serve_ray_command(
+            "--variant", f"compressed={artifact}", "--ingress-max-replicas", "3", "--print-config"
+        ),
+        cwd=REPO,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "ingress_max_replicas=3 needs --state redis://" in result.stderr
