@@ -1,71 +1,55 @@
-"""The HTTP ceiling: a FastAPI app that answers every recommendation with the same ten items.
+"""The trivial endpoint: the HTTP floor that a recommendation's cost is quoted against.
 
-    python -m uvicorn loadtest.ceiling_app:app --host 127.0.0.1 --port 8100 --log-level warning
+    python -m uvicorn slimrec.loadtest.ceiling_app:app --host 127.0.0.1 --port 8100 \\
+        --loop uvloop --http httptools --workers 1 --no-access-log --log-level warning
 
-Same routes, request parsing and typed response shape as `slimrec serve`, no model: driven by
-the same load generator with the same settings, its RPS is what the framework, the server and
-the generator allow on this machine, the figure the compressed variant is quoted against.
-Standalone: imports nothing of slimrec.
+Fixed by issue 16 so that the denominator does not move: an `async def` POST route on FastAPI
+that awaits the body and returns a constant ten-item JSON answer (orjson-encoded once, at import),
+sent as `Response(body, media_type="application/json")`; uvicorn with uvloop and httptools, one
+worker, access log off (loadtest.processes.ceiling_server starts it so). No parsing, no
+validation, no model: what a request costs the framework and the server on this machine. The
+answer has the real one's shape (variant, items with ids and scores), so the locustfile's checks
+pass. Standalone: imports nothing of slimrec.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+import orjson
+from fastapi import FastAPI, Request, Response
 
 VARIANT = "ceiling"
 
+BODY = orjson.dumps(
+    {
+        "variant": VARIANT,
+        "model_version": "ceiling-0",
+        "user_id": "ceiling",
+        "items": [{"item_id": str(i), "score": 1.0 - i / 100, "title": f"Item {i}"} for i in range(1, 11)],
+        "fallback": None,
+        "ignored_history": [],
+        "request_id": "ceiling",
+    }
+)
 
-class CeilingRequest(BaseModel):
-    """Parsed like the real request (user id, k); the rest of the body is accepted and ignored."""
-
-    model_config = ConfigDict(extra="allow")
-    user_id: str = Field(min_length=1, max_length=128)
-    k: int = Field(10, ge=1, le=200)
-
-
-class CeilingItem(BaseModel):
-    item_id: str
-    score: float | None
-    title: str
-
-
-class CeilingResponse(BaseModel):
-    variant: str
-    model_version: str
-    user_id: str
-    items: list[CeilingItem]
-    fallback: str | None = None
-    ignored_history: list[str] = Field(default_factory=list)
-    request_id: str
-
-
-ITEMS = [CeilingItem(item_id=str(i), score=1.0 - i / 100, title=f"Item {i}") for i in range(1, 11)]
-
-app = FastAPI(title="slimrec ceiling", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-def answer(user_id: str) -> CeilingResponse:
-    return CeilingResponse(
-        variant=VARIANT, model_version="ceiling-0", user_id=user_id, items=ITEMS, request_id="ceiling"
-    )
+app = FastAPI(title="slimrec trivial endpoint", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @app.post("/v1/recommend")
-async def recommend(request: CeilingRequest) -> CeilingResponse:
-    return answer(request.user_id)
+async def recommend(request: Request) -> Response:
+    await request.body()
+    return Response(BODY, media_type="application/json")
 
 
-@app.get("/v1/users/{user_id:path}/recommendations")  # ids may hold "/", as on the real server
-async def user_recommendations(user_id: str, k: int = 10) -> CeilingResponse:
-    return answer(user_id)
+@app.get("/v1/users/{user_id:path}/recommendations")  # the locust mix's GET route: same constant answer
+async def user_recommendations(user_id: str) -> Response:
+    return Response(BODY, media_type="application/json")
 
 
 @app.get("/healthz")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+async def healthz() -> Response:
+    return Response(b'{"status":"ok"}', media_type="application/json")
 
 
 @app.get("/readyz")
-async def readyz() -> dict[str, str]:
-    return {"status": "ready"}
+async def readyz() -> Response:
+    return Response(b'{"status":"ready"}', media_type="application/json")

@@ -123,10 +123,9 @@ def slimrec_server(variants: dict[str, str], split: str | None, logs: Path, serv
     return running(command, f"http://127.0.0.1:{port}", logs / "server.log")
 
 
-def ceiling_server(logs: Path):
-    """loadtest/ceiling_app.py under uvicorn on a free loopback port; a context manager yielding it."""
-    port = free_port()
-    command = [
+def ceiling_command(port: int) -> list[str]:
+    """The trivial endpoint as issue 16 fixes it: uvicorn, uvloop, httptools, one worker, no access log."""
+    return [
         sys.executable,
         "-m",
         "uvicorn",
@@ -135,9 +134,20 @@ def ceiling_server(logs: Path):
         "127.0.0.1",
         "--port",
         str(port),
+        "--loop",
+        "uvloop",
+        "--http",
+        "httptools",
+        "--workers",
+        "1",
+        "--no-access-log",
         "--log-level",
         "warning",
-        "--no-access-log",
-        "--no-server-header",
     ]
+
+
+def ceiling_server(logs: Path):
+    """The trivial endpoint (ceiling_app.py) on a free loopback port; a context manager yielding it."""
+    port = free_port()
+    command = ceiling_command(port)
     return running(command, f"http://127.0.0.1:{port}", logs / "ceiling.log")

@@ -1,9 +1,12 @@
 """Load-test report: per-variant rows from the per-request logs, compressed/full ratios, markdown, JSON, PNG.
 
 A row is one variant's figures over one measured window:
-    {"requests", "failures", "rps", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "seconds"}
+    {"requests", "failures", "rps", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "seconds",
+     "cpu_us_per_request", "cores_busy"}
 Percentiles are exact (numpy, linear interpolation) over the successful requests' latencies as the
 load generator saw them; locust's own CSVs (bucketed percentiles) and totals are kept for reference.
+With wrk they are wrk's (its histogram). The server's CPU per request and cores busy (loadtest.cpu)
+are there when the server's CPU could be read; the ceiling is quoted by CPU per request.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from pathlib import Path
 import numpy as np
 
 PERCENTILES = (50, 90, 95, 99)
-RATIO_METRICS = ("rps", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
+RATIO_METRICS = ("cpu_us_per_request", "rps", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
 COLUMNS = (
     ("requests", "requests", "{:,}"),
     ("failures", "failures", "{:,}"),
     ("rps", "RPS", "{:,.1f}"),
+    ("cpu_us_per_request", "server CPU us/req", "{:,.0f}"),
+    ("cores_busy", "cores busy", "{:.2f}"),
     ("p50_ms", "p50 ms", "{:.2f}"),
     ("p90_ms", "p90 ms", "{:.2f}"),
     ("p95_ms", "p95 ms", "{:.2f}"),
@@ -90,6 +95,14 @@ def phase_rows(
     return rows, latencies
 
 
+def measured_window(log: dict[str, np.ndarray], warmup_s: float = 0.0) -> tuple[float, float, np.ndarray]:
+    """(start, end, request ends) of the window phase_rows measures: the kept requests' first start
+    to their last end, and when each of them ended (epoch seconds)."""
+    keep = log["start"] >= log["start"].min() + warmup_s
+    ends = log["start"][keep] + log["response_ms"][keep] / 1000
+    return float(log["start"][keep].min()), float(ends.max()), ends
+
+
 def locust_totals(stats_json: Path) -> dict | None:
     """Locust's own counts from its --json-file (written at shutdown, so complete): totals and per variant.
 
@@ -148,8 +161,10 @@ def build_report(
     if ceiling is not None:
         for name in dict.fromkeys((candidate, baseline)):
             if name in rows:
-                rps = ratio(rows[name].get("rps"), ceiling.get("rps"))
-                report["ratios"][f"{name}/ceiling"] = {"rps": rps}
+                report["ratios"][f"{name}/ceiling"] = {
+                    metric: ratio(rows[name].get(metric), ceiling.get(metric))
+                    for metric in ("cpu_us_per_request", "rps")
+                }
     return report
 
 
@@ -198,12 +213,24 @@ def render_markdown(report: dict) -> str:
             "|" + "---:|" * len(RATIO_METRICS),
             "| " + " | ".join(fmt("{:.3f}", values[m]) for m in RATIO_METRICS) + " |",
         ]
-    ceiling_pairs = [(pair, v["rps"]) for pair, v in report["ratios"].items() if pair.endswith("/ceiling")]
+    ceiling_pairs = [(pair, v) for pair, v in report["ratios"].items() if pair.endswith("/ceiling")]
     if ceiling_pairs:
         lines += [
             "",
-            "Against the ceiling (a FastAPI endpoint returning ten constant items, same load): "
-            + "; ".join(f"{pair} RPS {fmt('{:.3f}', value)}" for pair, value in ceiling_pairs),
+            "Against the trivial endpoint (the ceiling: FastAPI answering ten constant items, same load), "
+            "server CPU per request and RPS: "
+            + "; ".join(
+                f"{pair} CPU/request {fmt('{:.2f}x', v.get('cpu_us_per_request'))}, "
+                f"RPS {fmt('{:.3f}', v['rps'])}"
+                for pair, v in ceiling_pairs
+            ),
+        ]
+    ab_cpu = (report.get("phases", {}).get("ab") or {}).get("server_cpu")
+    if ab_cpu:
+        lines += [
+            "",
+            f"Server CPU over the A/B phase (every variant): {fmt('{:,.0f}', ab_cpu['us_per_request'])} us "
+            f"per request, {fmt('{:.2f}', ab_cpu['cores_busy'])} cores busy.",
         ]
     for note in report.get("notes", []):
         lines += ["", f"Note: {note}"]
@@ -262,6 +289,9 @@ def write_report(out: Path, report: dict, latencies: dict[str, np.ndarray]) -> d
     }
     paths["json"].write_text(json.dumps(without_nan(report), indent=2, allow_nan=False) + "\n")
     paths["markdown"].write_text(render_markdown(report))
+    if not any(len(v) for v in latencies.values()):  # wrk: no per-request latencies to plot
+        del paths["png"]
+        return paths
     s = report["settings"]
     plot_latency(
         latencies,

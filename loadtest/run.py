@@ -1,9 +1,11 @@
 """`slimrec loadtest`'s work: start what is needed, run locust headless per phase, write the report.
 
-Every process started here (a `slimrec serve`, the ceiling app, locust, its master and workers)
-listens on 127.0.0.1 only, runs under a deadline, and is stopped by its own pid, also when
+Every process started here (a `slimrec serve`, the ceiling app, locust, its master and workers,
+wrk) listens on 127.0.0.1 only, runs under a deadline, and is stopped by its own pid, also when
 something fails (loadtest.processes). The load generator is told when to stop twice: locust's
---run-time and a request cap (--max-requests in the locustfile).
+--run-time and a request cap (--max-requests in the locustfile); wrk's -d and the deadline.
+The server's CPU time is read over each phase (loadtest.cpu): per request, it is the figure that
+holds when the machine is busy.
 
 Speaks HTTP to the server; imports nothing of it (nor locust: gevent's monkey-patching would
 change this process's threads and subprocesses).
@@ -20,6 +22,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from slimrec.loadtest import wrk
+from slimrec.loadtest.cpu import CpuSampler, CpuWindow, ProcessTreeCPU, cpu_window, server_cpu_reader
 from slimrec.loadtest.processes import Process, ceiling_server, free_port, slimrec_server, wait_ready
 from slimrec.loadtest.workload import RequestMix, Workload, get_json, workload_from_server
 
@@ -27,6 +31,8 @@ LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 LOCUST_START_S = 60.0  # import, workers connecting (--expect-workers-max-wait), first spawn, on a busy box
 LOCUST_STOP_S = 30.0
 MAX_RPS_PER_GENERATOR = 20_000  # above one locust process's ~13-14k/s: the default cap never binds early
+CPU_SAMPLE_S = 0.5  # server CPU read this often during a locust phase
+GENERATORS = ("locust", "wrk")
 
 
 @dataclass
@@ -44,10 +50,30 @@ class LoadConfig:
     ceiling: bool = False
     mix: RequestMix = field(default_factory=RequestMix)
     zipf: float = 1.0
+    generator: str = "locust"
+    wrk_threads: int = 1
 
     def __post_init__(self):
         if self.mode not in ("per-variant", "ab"):
             raise ValueError(f"--mode must be per-variant or ab, got {self.mode!r}")
+        if self.generator not in GENERATORS:
+            raise ValueError(f"--generator must be locust or wrk, got {self.generator!r}")
+        if self.generator == "wrk":
+            if self.mode != "per-variant":
+                raise ValueError(
+                    "--generator wrk does not read answers, so it cannot tell variants apart "
+                    "in --mode ab: use --mode per-variant, or --generator locust"
+                )
+            if self.rate is not None or self.workers:
+                raise ValueError(
+                    "--generator wrk runs at saturation in one process: --rate and "
+                    "--workers go with --generator locust"
+                )
+            wrk.wrk_path()  # a clear error now, not after the server has started
+            if not 1 <= self.wrk_threads <= self.users:
+                raise ValueError(
+                    f"--wrk-threads must be between 1 and --users ({self.users}), got {self.wrk_threads}"
+                )
         if self.users < 1 or self.spawn_rate <= 0 or self.duration_s < 1:
             raise ValueError("--users must be >= 1, --spawn-rate > 0 and --duration >= 1s")
         if self.rate is not None and self.rate <= 0:
@@ -79,6 +105,19 @@ class LoadConfig:
             if self.workers
             else "1 locust process"
         )
+        if self.generator == "wrk":
+            seconds = max(1, math.ceil(self.duration_s))
+            settings["mix"] = "POST /v1/recommend, every known user in turn (a seeded shuffle), k=10"
+            settings["duration"] = f"{seconds} s"
+            settings["warmup"] = (
+                f"a {max(1, math.ceil(self.warmup_s))} s wrk run before each measured one"
+                if self.warmup_s
+                else "none"
+            )
+            settings["generators"] = (
+                f"wrk, {self.wrk_threads} thread{'s' if self.wrk_threads > 1 else ''}, "
+                f"{self.users} connections"
+            )
         return settings
 
     def locustfile_flags(self, workload: Path, forced: str | None, request_log_dir: Path) -> list[str]:
@@ -106,7 +145,61 @@ class LoadConfig:
 
 
 def run_phase(
-    phase: str, url: str, config: LoadConfig, out: Path, workload: Path, forced: str | None
+    phase: str, url: str, config: LoadConfig, out: Path, workload: Path, forced: str | None, cpu=None
+) -> dict:
+    """One phase with the configured generator; `cpu` reads the server's CPU seconds (or None)."""
+    if config.generator == "wrk":
+        return run_wrk_phase(phase, url, config, out, workload, forced, cpu)
+    return run_locust_phase(phase, url, config, out, workload, forced, cpu)
+
+
+def run_wrk_phase(
+    phase: str, url: str, config: LoadConfig, out: Path, workload: Path, forced: str | None, cpu=None
+) -> dict:
+    """A wrk warm-up run, then the measured one between two reads of the server's CPU."""
+    script = wrk.write_script(out / f"wrk-{phase}.lua", Workload.load(workload).user_ids, forced)
+    wrk.check_one_request(url, wrk.request_bodies(Workload.load(workload).user_ids)[0], forced)
+    logs = out / "logs"
+    loadavg_before = os.getloadavg()
+    started = time.monotonic()
+
+    def run_wrk(seconds: float, log: Path) -> str:
+        command = wrk.wrk_command(url, script, config.wrk_threads, config.users, seconds)
+        process = Process(command, log, echo=phase)
+        try:
+            rc = process.wait(seconds + LOCUST_STOP_S)
+        finally:
+            process.stop()
+        if rc != 0:
+            raise RuntimeError(f"wrk ({phase}) exited with {rc}:\n{process.tail()}")
+        return log.read_text()
+
+    if config.warmup_s:
+        run_wrk(config.warmup_s, logs / f"wrk-{phase}-warmup.log")
+    cpu_before, t_before = (cpu.read() if cpu else None), time.time()
+    text = run_wrk(config.duration_s, logs / f"wrk-{phase}.log")
+    cpu_after, t_after = (cpu.read() if cpu else None), time.time()
+    parsed = wrk.parse_wrk_output(text)
+    row = wrk.wrk_row(parsed)
+    window = None
+    if cpu is not None:
+        window = CpuWindow(
+            cpu.description, cpu_after - cpu_before, t_after - t_before, row["requests"], cpu.processes
+        ).to_dict()
+    return {
+        "generator": "wrk",
+        "seconds": time.monotonic() - started,
+        "loadavg_before": loadavg_before,
+        "loadavg_after": os.getloadavg(),
+        "generator_cpu_warning": False,
+        "wrk": parsed,
+        "row": row,
+        "server_cpu": window,
+    }
+
+
+def run_locust_phase(
+    phase: str, url: str, config: LoadConfig, out: Path, workload: Path, forced: str | None, cpu=None
 ) -> dict:
     """One headless locust run (single process, or 1 master + N workers); returns what happened."""
     request_logs = out / "requests" / phase
@@ -165,7 +258,10 @@ def run_phase(
     loadavg_before = os.getloadavg()
     started = time.monotonic()
     processes: list[Process] = []
+    sampler = CpuSampler(cpu, CPU_SAMPLE_S) if cpu is not None else None
     try:
+        if sampler is not None:
+            sampler.start()
         master = Process(main, logs / f"locust-{phase}.log", echo=phase)
         processes.append(master)
         for i, command in enumerate(workers_cmd):
@@ -176,9 +272,14 @@ def run_phase(
     finally:
         for process in reversed(processes):
             process.stop()
+        if sampler is not None:
+            sampler.stop()
     if rc != 0:
         raise RuntimeError(f"locust ({phase}) exited with {rc}:\n{master.tail()}")
     return {
+        "generator": "locust",
+        "cpu_samples": sampler.samples if sampler else [],
+        "cpu_source": (cpu.description, cpu.processes) if cpu else None,
         "seconds": time.monotonic() - started,
         "loadavg_before": loadavg_before,
         "loadavg_after": os.getloadavg(),
@@ -228,9 +329,13 @@ def run_loadtest(
         if start:
             server = stack.enter_context(slimrec_server(start, split, out / "logs", serve_args))
             url, servers["slimrec"] = server.url, {"url": server.url, "pid": server.pid}
+            cpu = ProcessTreeCPU(
+                server.pid, f"slimrec serve (pid {server.pid}, started here) and its children (/proc)"
+            )
         else:
             url = host.rstrip("/")
             wait_ready(url, None, timeout_s=10.0)
+            cpu = server_cpu_reader(url, None)
         listing = get_json(f"{url}/v1/variants")
         names = [v["name"] for v in listing["variants"]]
         if config.mode == "per-variant" and not listing.get("overrides_allowed"):
@@ -242,12 +347,16 @@ def run_loadtest(
         workload = write_workload(out, url, listing["variants"], catalogue, start)
         phases = {name: name for name in names} if config.mode == "per-variant" else {"ab": None}
         runs = {
-            phase: run_phase(phase, url, config, out, workload, forced) for phase, forced in phases.items()
+            phase: run_phase(phase, url, config, out, workload, forced, cpu)
+            for phase, forced in phases.items()
         }
         if config.ceiling:
             ceiling = stack.enter_context(ceiling_server(out / "logs"))
             servers["ceiling"] = {"url": ceiling.url, "pid": ceiling.pid}
-            runs["ceiling"] = run_phase("ceiling", ceiling.url, config, out, workload, None)
+            ceiling_cpu = ProcessTreeCPU(
+                ceiling.pid, f"trivial endpoint (pid {ceiling.pid}, started here; /proc)"
+            )
+            runs["ceiling"] = run_phase("ceiling", ceiling.url, config, out, workload, None, ceiling_cpu)
     served = ", ".join(f"{n}={p}" for n, p in start.items()) if start else ""
     target = url if host else " ".join(["slimrec serve started here:", served, *serve_args])
     return finish_report(config, out, runs, names, listing, target, servers)
@@ -266,16 +375,28 @@ def finish_report(
 
     rows, latencies = {}, {}
     for phase, run in runs.items():
-        log = rep.read_request_log(run["request_logs"])
-        by_variant, phase_latencies = rep.phase_rows(log, config.warmup_s)
-        if phase == "ab":
-            rows.update(by_variant)
-            latencies.update(phase_latencies)
-        else:  # one variant per phase (forced); requests answered by another one are failures already
-            rows[phase] = by_variant.get(phase) or rep.summarize([], 0, 0, 0.0)
-            latencies[phase] = phase_latencies.get(phase, [])
-            run["other_variants"] = {k: v["requests"] for k, v in by_variant.items() if k != phase}
-        run["locust"] = rep.locust_totals(out / f"{phase}_locust.json")
+        if run["generator"] == "wrk":  # no per-request log: wrk's own figures, CPU read around its run
+            rows[phase] = dict(run["row"])
+            latencies[phase] = []
+        else:
+            log = rep.read_request_log(run["request_logs"])
+            by_variant, phase_latencies = rep.phase_rows(log, config.warmup_s)
+            if phase == "ab":
+                rows.update(by_variant)
+                latencies.update(phase_latencies)
+            else:  # one variant per phase (forced); requests answered by another one are failures already
+                rows[phase] = by_variant.get(phase) or rep.summarize([], 0, 0, 0.0)
+                latencies[phase] = phase_latencies.get(phase, [])
+                run["other_variants"] = {k: v["requests"] for k, v in by_variant.items() if k != phase}
+            run["locust"] = rep.locust_totals(out / f"{phase}_locust.json")
+            run["server_cpu"] = None
+            if run["cpu_source"] is not None and log["start"].size:
+                start, end, ends = rep.measured_window(log, config.warmup_s)
+                window = cpu_window(run["cpu_samples"], start, end, ends, *run["cpu_source"])
+                run["server_cpu"] = window.to_dict() if window else None
+        if run["server_cpu"] and phase != "ab":
+            rows[phase]["cpu_us_per_request"] = run["server_cpu"]["us_per_request"]
+            rows[phase]["cores_busy"] = run["server_cpu"]["cores_busy"]
     ceiling = rows.pop("ceiling", None)
     rows = {name: rows[name] for name in [*names, *sorted(set(rows) - set(names))] if name in rows}
     baseline = "full" if "full" in names else names[0]
@@ -304,6 +425,26 @@ def finish_report(
         notes.append(
             "locust warned that a load-generator process hit its CPU limit: RPS may be the "
             "generator's ceiling, not the server's (add --workers, or use wrk for ceilings)."
+        )
+    sources = {run["server_cpu"]["source"] for run in runs.values() if run["server_cpu"]}
+    if sources:
+        notes.append(
+            "server CPU: user + system seconds over the measured window, from "
+            + "; ".join(sorted(sources))
+            + ". CPU per request holds on a busy machine where RPS does not; 'cores busy' is CPU "
+            "seconds per wall second."
+        )
+    missing = [phase for phase, run in runs.items() if not run["server_cpu"]]
+    if missing:
+        notes.append(
+            f"server CPU not measured for {', '.join(missing)}: the server's /metrics exports no "
+            "process_cpu_seconds_total and it is not a process on this machine's loopback (or the "
+            "window held fewer than two CPU samples)."
+        )
+    if config.generator == "wrk":
+        notes.append(
+            "wrk does not read answers: one request per phase was checked before it (status, "
+            "items, the forced variant); non-2xx answers and socket errors are the failures."
         )
     notes.append(
         "load generator and server share this machine's cores; compare ratios and medians of repeated runs."

@@ -57,7 +57,15 @@ def check_report(out, report: dict, phases: tuple[str, ...]) -> None:
         assert f"| {name} | {row['requests']:,} | 0 |" in markdown
     ratios = report["ratios"]["compressed/full"]
     for metric in rep.RATIO_METRICS:
-        assert ratios[metric] == pytest.approx(rows["compressed"][metric] / rows["full"][metric])
+        if metric in rows["full"]:
+            assert ratios[metric] == pytest.approx(rows["compressed"][metric] / rows["full"][metric])
+        else:  # server CPU per variant: per-variant phases only
+            assert metric == "cpu_us_per_request" and ratios[metric] is None
+    for phase in phases:  # the server's CPU over every phase (a loopback server: its tree in /proc)
+        cpu = report["phases"][phase]["server_cpu"]
+        assert cpu["cpu_s"] > 0 and cpu["requests"] > 0 and cpu["us_per_request"] > 0, cpu
+        if phase in rows:
+            assert rows[phase]["cpu_us_per_request"] == cpu["us_per_request"]
     for phase in phases:
         with open(out / f"{phase}_stats.csv") as f:
             assert "Aggregated" in f.read()
@@ -181,6 +189,8 @@ FULL = {
     "p95_ms": 25.0,
     "p99_ms": 40.0,
     "max_ms": 80.0,
+    "cpu_us_per_request": 4000.0,
+    "cores_busy": 0.8,
 }
 COMPRESSED = {
     "requests": 1500,
@@ -192,6 +202,8 @@ COMPRESSED = {
     "p95_ms": 20.0,
     "p99_ms": 30.0,
     "max_ms": 100.0,
+    "cpu_us_per_request": 600.0,
+    "cores_busy": 0.18,
 }
 CEILING = {
     "requests": 6000,
@@ -203,6 +215,8 @@ CEILING = {
     "p95_ms": 2.5,
     "p99_ms": 4.0,
     "max_ms": 9.0,
+    "cpu_us_per_request": 75.0,
+    "cores_busy": 0.09,
 }
 
 
@@ -211,6 +225,7 @@ def test_build_report_ratios_by_hand():
         {"full": FULL, "compressed": COMPRESSED}, {"mode": "per-variant", "users": 8}, ceiling=CEILING
     )
     assert report["ratios"]["compressed/full"] == {
+        "cpu_us_per_request": pytest.approx(0.15),
         "rps": 1.5,
         "mean_ms": 0.5,
         "p50_ms": 0.5,
@@ -219,8 +234,9 @@ def test_build_report_ratios_by_hand():
         "p99_ms": 0.75,
         "max_ms": 1.25,
     }
-    assert report["ratios"]["compressed/ceiling"] == {"rps": 0.25}
-    assert report["ratios"]["full/ceiling"] == {"rps": 200 / 1200}
+    # The ceiling is quoted by CPU per request (600 / 75), RPS kept beside it.
+    assert report["ratios"]["compressed/ceiling"] == {"cpu_us_per_request": 8.0, "rps": 0.25}
+    assert report["ratios"]["full/ceiling"] == {"cpu_us_per_request": 4000 / 75, "rps": 200 / 1200}
     # A missing or zero baseline gives no ratio rather than a crash or an infinity.
     assert rep.build_report({"full": FULL}, {})["ratios"] == {}
     assert rep.build_report({"full": FULL}, {}, candidate="full")["ratios"] == {}  # one variant served
@@ -236,15 +252,18 @@ def test_render_markdown_table_by_hand():
     )
     lines = rep.render_markdown(report).splitlines()
     assert lines[0] == "# Load test: per-variant, 8 users, at 150 RPS offered"
-    header = "| variant | requests | failures | RPS | p50 ms | p90 ms | p95 ms | p99 ms | max ms |"
+    header = (
+        "| variant | requests | failures | RPS | server CPU us/req | cores busy | p50 ms | p90 ms | p95 ms "
+        "| p99 ms | max ms |"
+    )
     table = lines.index(header)
     assert lines[table + 2 : table + 5] == [
-        "| full | 1,000 | 0 | 200.0 | 10.00 | 20.00 | 25.00 | 40.00 | 80.00 |",
-        "| compressed | 1,500 | 2 | 300.0 | 5.00 | 10.00 | 20.00 | 30.00 | 100.00 |",
-        "| ceiling | 6,000 | 0 | 1,200.0 | 1.00 | 2.00 | 2.50 | 4.00 | 9.00 |",
+        "| full | 1,000 | 0 | 200.0 | 4,000 | 0.80 | 10.00 | 20.00 | 25.00 | 40.00 | 80.00 |",
+        "| compressed | 1,500 | 2 | 300.0 | 600 | 0.18 | 5.00 | 10.00 | 20.00 | 30.00 | 100.00 |",
+        "| ceiling | 6,000 | 0 | 1,200.0 | 75 | 0.09 | 1.00 | 2.00 | 2.50 | 4.00 | 9.00 |",
     ]
-    assert "| 1.500 | 0.500 | 0.500 | 0.500 | 0.800 | 0.750 | 1.250 |" in lines
-    assert any("compressed/ceiling RPS 0.250" in line for line in lines)
+    assert "| 0.150 | 1.500 | 0.500 | 0.500 | 0.500 | 0.800 | 0.750 | 1.250 |" in lines
+    assert any("compressed/ceiling CPU/request 8.00x, RPS 0.250" in line for line in lines)
 
 
 def test_phase_rows_from_a_request_log(tmp_path):
