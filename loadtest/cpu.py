@@ -55,22 +55,28 @@ class ProcessTreeCPU:
 
 
 def parse_process_cpu(exposition: str) -> tuple[float, int] | None:
-    """(sum, number of samples) of the process CPU counters in a Prometheus text exposition, or None.
+    """(sum, number of samples) of the process CPU counter in a Prometheus text exposition, or None.
+
+    `process_cpu_seconds_total` (prometheus_client's process collector, one sample per process
+    when labelled by pid) if present, else `slimrec_process_cpu_seconds_total` (a multiprocess
+    counter summed over workers); never both, which would count the same seconds twice.
 
     Example:
         >>> text = 'process_cpu_seconds_total{pid="7"} 1.5\\nprocess_cpu_seconds_total{pid="8"} 2\\n'
         >>> parse_process_cpu('# TYPE process_cpu_seconds_total counter\\n' + text)
         (3.5, 2)
     """
-    total, count = 0.0, 0
+    found: dict[str, list[float]] = {}
     for line in exposition.splitlines():
         if line.startswith("#"):
             continue
         name = line.split("{", 1)[0].split(" ", 1)[0]
         if name in METRIC_NAMES:
-            total += float(line.rsplit(" ", 1)[1])
-            count += 1
-    return (total, count) if count else None
+            found.setdefault(name, []).append(float(line.rsplit(" ", 1)[1]))
+    for name in METRIC_NAMES:
+        if name in found:
+            return sum(found[name]), len(found[name])
+    return None
 
 
 class MetricsCPU:

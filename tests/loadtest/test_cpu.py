@@ -127,6 +127,8 @@ def test_metrics_cpu_sums_process_cpu_seconds_from_a_real_exporter():
         server.shutdown()
         thread.join(5)
     assert parse_process_cpu("# HELP x\nslimrec_requests_total 5\n") is None
+    both = 'process_cpu_seconds_total{pid="1"} 2.0\nslimrec_process_cpu_seconds_total 2.0\n'
+    assert parse_process_cpu(both) == (2.0, 1)  # the same seconds under two names count once
 
 
 def test_host_mode_reads_the_listening_server_tree(tmp_path):
