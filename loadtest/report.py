@@ -2,11 +2,12 @@
 
 A row is one variant's figures over one measured window:
     {"requests", "failures", "rps", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "seconds",
-     "cpu_us_per_request", "cores_busy"}
+     "cpu_us_per_request", "cores_busy", "generator_cpu_us_per_request"}
 Percentiles are exact (numpy, linear interpolation) over the successful requests' latencies as the
 load generator saw them; locust's own CSVs (bucketed percentiles) and totals are kept for reference.
 With wrk they are wrk's (its histogram). The server's CPU per request and cores busy (loadtest.cpu)
-are there when the server's CPU could be read; the ceiling is quoted by CPU per request.
+are there when the server's CPU could be read; the ceiling is quoted by CPU per request. With wrk,
+the generator's own CPU per request too (the runner's reaped children around its run).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 PERCENTILES = (50, 90, 95, 99)
+OPTIONAL = {"generator_cpu_us_per_request"}  # a column only when some row has it (wrk phases)
 RATIO_METRICS = ("cpu_us_per_request", "rps", "mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms")
 COLUMNS = (
     ("requests", "requests", "{:,}"),
@@ -26,6 +28,7 @@ COLUMNS = (
     ("rps", "RPS", "{:,.1f}"),
     ("cpu_us_per_request", "server CPU us/req", "{:,.0f}"),
     ("cores_busy", "cores busy", "{:.2f}"),
+    ("generator_cpu_us_per_request", "generator CPU us/req", "{:,.0f}"),
     ("p50_ms", "p50 ms", "{:.2f}"),
     ("p90_ms", "p90 ms", "{:.2f}"),
     ("p95_ms", "p95 ms", "{:.2f}"),
@@ -175,12 +178,13 @@ def fmt(template: str, value) -> str:
 
 
 def markdown_table(rows: dict[str, dict]) -> list[str]:
+    columns = [c for c in COLUMNS if c[0] not in OPTIONAL or any(c[0] in row for row in rows.values())]
     lines = [
-        "| variant | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "|---|" + "---:|" * len(COLUMNS),
+        "| variant | " + " | ".join(title for _, title, _ in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for name, row in rows.items():
-        lines.append(f"| {name} | " + " | ".join(fmt(t, row.get(key)) for key, _, t in COLUMNS) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt(t, row.get(key)) for key, _, t in columns) + " |")
     return lines
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import resource
 import shutil
 import sys
 import time
@@ -177,10 +178,13 @@ def run_wrk_phase(
     if config.warmup_s:
         run_wrk(config.warmup_s, logs / f"wrk-{phase}-warmup.log")
     cpu_before, t_before = (cpu.read() if cpu else None), time.time()
+    children_before = children_cpu_s()  # wrk is the only child this process reaps meanwhile
     text = run_wrk(config.duration_s, logs / f"wrk-{phase}.log")
+    generator_cpu_s = children_cpu_s() - children_before
     cpu_after, t_after = (cpu.read() if cpu else None), time.time()
     parsed = wrk.parse_wrk_output(text)
     row = wrk.wrk_row(parsed)
+    row["generator_cpu_us_per_request"] = generator_cpu_s / row["requests"] * 1e6 if row["requests"] else None
     window = None
     if cpu is not None:
         window = CpuWindow(
@@ -196,6 +200,12 @@ def run_wrk_phase(
         "row": row,
         "server_cpu": window,
     }
+
+
+def children_cpu_s() -> float:
+    """User + system seconds of this process's reaped children (getrusage RUSAGE_CHILDREN)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_locust_phase(

@@ -161,6 +161,7 @@ def test_wrk_phases_read_server_cpu_against_the_trivial_endpoint(tmp_path):
         assert math.isfinite(row["cpu_us_per_request"]) and row["cpu_us_per_request"] > 0
         assert 0 < row["cores_busy"] <= psutil.cpu_count() + 0.5
     assert compressed["cpu_us_per_request"] > ceiling["cpu_us_per_request"]  # a model costs more than nothing
+    assert 0 < ceiling["generator_cpu_us_per_request"] < 1000  # wrk's own cost a request
     ratio = report["ratios"]["compressed/ceiling"]
     assert ratio["cpu_us_per_request"] == pytest.approx(
         compressed["cpu_us_per_request"] / ceiling["cpu_us_per_request"]
