@@ -26,6 +26,9 @@ class UserBatch:
     history: np.ndarray  # int64 [B, N] item codes, right-aligned
     exclude_indptr: np.ndarray  # int64 [B + 1]
     exclude_items: np.ndarray  # item indices: int32 from the fitted table, int64 from sent histories
+    # User-tower outputs known in advance (float32 [B, D]; rows of NaN are computed by the tower),
+    # or None: the tower computes every row.
+    embeddings: np.ndarray | None = None
 
 
 @dataclass
@@ -51,6 +54,7 @@ class ServedModel:
         self.fitted_indptr, self.fitted_items = tables["fitted_indptr"], tables["fitted_items"]
         self.popular_items = tables["popular_items"]
         self.n_users, self.n_items = self.space.n_users, self.space.n_items
+        self.user_embeddings: np.ndarray | None = None  # [n_users, D] once cache_user_embeddings ran
         if self.index.n_items != self.n_items:
             raise ValueError(
                 f"{artifact.path}: index holds {self.index.n_items} items, the feature space {self.n_items}"
@@ -77,14 +81,45 @@ class ServedModel:
             self.space.history_len,
         )
         exclude = csr_rows(indptr, self.fitted_items, users) if exclude_seen else empty_csr(len(users))
-        return UserBatch(*inputs, *exclude)
+        cached = self.user_embeddings[users] if self.user_embeddings is not None else None
+        return UserBatch(*inputs, *exclude, cached)
+
+    def cache_user_embeddings(self, max_users: int = 100_000) -> bool:
+        """Compute every known user's embedding once, so that requests from known users without a
+        sent or live history skip the user tower. Each user is embedded alone, as a lone request
+        would be: a dynamically quantized tower's output depends on what shares its batch.
+
+        Args:
+            max_users: above this many users nothing is cached (loading would take too long).
+        Returns:
+            Whether the cache was built ([n_users, D] float32, on `user_embeddings`).
+        """
+        if self.n_users > max_users:
+            return False
+        self.user_embeddings = None  # known_users below must run the tower
+        rows = [self.embed(self.known_users(np.array([user]))) for user in range(self.n_users)]
+        self.user_embeddings = np.concatenate(rows).astype(np.float32, copy=False)
+        return True
 
     # --- stages -------------------------------------------------------------------------------
 
     def embed(self, batch: UserBatch) -> np.ndarray:
+        """User-tower outputs [B, D] (the tower runs on every row; see `user_vectors`)."""
         return run_session(
             self.user_tower, user_code=batch.codes, user_features=batch.features, history=batch.history
         )
+
+    def user_vectors(self, batch: UserBatch) -> np.ndarray:
+        """The batch's user embeddings: those known in advance, the tower's for the rest."""
+        known = batch.embeddings
+        if known is None:
+            return self.embed(batch)
+        missing = np.flatnonzero(np.isnan(known[:, 0]))
+        if not len(missing):
+            return known
+        vectors = known.copy()
+        vectors[missing] = self.embed(_rows(batch, missing))
+        return vectors
 
     def retrieve(
         self, user_emb: np.ndarray, n: int, batch: UserBatch, allowed: np.ndarray | None = None
@@ -142,7 +177,7 @@ class ServedModel:
         import time
 
         t0 = time.perf_counter()
-        user_emb = self.embed(batch)
+        user_emb = self.user_vectors(batch)
         t1 = time.perf_counter()
         cands, cand_scores = self.retrieve(user_emb, n_candidates, batch, allowed)
         t2 = time.perf_counter()
@@ -170,7 +205,8 @@ FIRST_PASS_DEPTH = 1.5
 def _rows(batch: UserBatch, rows: np.ndarray) -> UserBatch:
     """The sub-batch of these rows."""
     indptr, excluded = csr_rows(batch.exclude_indptr, batch.exclude_items, rows)
-    return UserBatch(batch.codes[rows], batch.features[rows], batch.history[rows], indptr, excluded)
+    known = batch.embeddings[rows] if batch.embeddings is not None else None
+    return UserBatch(batch.codes[rows], batch.features[rows], batch.history[rows], indptr, excluded, known)
 
 
 # Below this many [rows x items] cells the member test uses a dense mask: fancy indexing

@@ -219,12 +219,22 @@ def concat_batches(batches: list[UserBatch]) -> UserBatch:
         return batches[0]
     offsets = np.cumsum([0] + [b.exclude_indptr[-1] for b in batches[:-1]])
     indptr = np.concatenate([[0]] + [b.exclude_indptr[1:] + o for b, o in zip(batches, offsets, strict=True)])
+    embeddings = None  # rows known in advance (cached known users); NaN rows for the tower
+    known = next((b.embeddings for b in batches if b.embeddings is not None), None)
+    if known is not None:
+        shape, dtype = known.shape[1:], known.dtype
+        parts = [
+            b.embeddings if b.embeddings is not None else np.full((len(b.codes), *shape), np.nan, dtype)
+            for b in batches
+        ]
+        embeddings = np.concatenate(parts)
     return UserBatch(
         np.concatenate([b.codes for b in batches]),
         np.concatenate([b.features for b in batches]),
         np.concatenate([b.history for b in batches]),
         indptr.astype(np.int64),
         np.concatenate([b.exclude_items for b in batches]),
+        embeddings,
     )
 
 

@@ -117,6 +117,7 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
         genre_masks=genre_masks(catalogue["genres"]),
     )
     smoke_test(variant)
+    model.cache_user_embeddings()  # after the smoke test, which checked the tower's output shape
     return variant
 
 
