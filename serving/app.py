@@ -56,7 +56,10 @@ def create_app(settings: Settings) -> FastAPI:
                 log.error("cannot serve: %s", exc)
             telemetry.stop()
             raise
+        cpu = asyncio.create_task(metrics.process_cpu.follow()) if metrics.process_cpu else None
         yield
+        if cpu is not None:
+            cpu.cancel()
         await service.stop()  # uvicorn has finished in-flight requests; drain batchers and shadows
         telemetry.stop()  # export the last spans
 

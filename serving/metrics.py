@@ -10,9 +10,18 @@ per-worker figures carry a `pid` label).
 
 from __future__ import annotations
 
+import asyncio
 import os
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 
 MODEL_INFO_LABELS = ("version", "path", "artifact_variant", "created_at", "promotable")
@@ -40,9 +49,38 @@ LATENCY_BUCKETS = (
     1.0,
     2.5,
 )
+PROCESS_CPU_EVERY_S = 1.0  # multiprocess mode: how often each process adds its CPU time
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 FRACTION_BUCKETS = tuple(i / 10 for i in range(11))
 NO_VARIANT = "none"  # requests refused before a variant was chosen (bad JSON, k out of range, ...)
+
+
+class ProcessCPU:
+    """Multiprocess mode (--workers, Ray replicas): prometheus_client's process collector has no
+    multiprocess form, so each process adds its own user + system CPU time to one counter,
+    `slimrec_process_cpu_seconds_total`, summed over the processes like any counter (those that
+    exited included, so it never goes back)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.counter = Counter(
+            "slimrec_process_cpu_seconds",
+            "User + system CPU seconds of the server's processes (each adds its own), summed",
+            registry=registry,
+        )
+        self.counted = 0.0
+
+    def count(self) -> None:
+        """Add this process's CPU time since the last call (all of it, the first time)."""
+        times = os.times()
+        used = times.user + times.system
+        self.counter.inc(max(0.0, used - self.counted))
+        self.counted = used
+
+    async def follow(self) -> None:
+        """count() every PROCESS_CPU_EVERY_S, until cancelled."""
+        while True:
+            self.count()
+            await asyncio.sleep(PROCESS_CPU_EVERY_S)
 
 
 class Metrics:
@@ -116,6 +154,11 @@ class Metrics:
             registry=r,
         )
         self.multiprocess = multiprocess()
+        # The server's CPU time, which load tests read from /metrics (loadtest/cpu.py): one process,
+        # prometheus_client's process_cpu_seconds_total; several, ProcessCPU's summed counter.
+        self.process_cpu = ProcessCPU(r) if self.multiprocess else None
+        if self.process_cpu is None:
+            ProcessCollector(registry=r)
         self.model_info: Gauge | Info
         if self.multiprocess:  # Info has no multiprocess form: the same sample as a gauge per worker
             self.model_info = Gauge(
@@ -263,6 +306,8 @@ class Metrics:
         """The text exposition format for GET /metrics (every worker's, summed, in multiprocess mode)."""
         if not self.multiprocess:
             return generate_latest(self.registry)
+        if self.process_cpu is not None:
+            self.process_cpu.count()  # the scraped process's own figure is current
         merged = CollectorRegistry()
         MultiProcessCollector(merged)
         return generate_latest(merged)

@@ -177,7 +177,7 @@ def reap(processes: list) -> None:
 
 
 def replica_count(settings: Settings, variant: str | None) -> str:
-    """"x2", or "x1-4 (autoscaling)": a deployment's replicas as the start-up line shows them."""
+    """A deployment's replicas as the start-up line shows them: "x2", or "x1-4 (autoscaling)"."""
     autoscaling = settings.autoscaling_of(variant)
     if autoscaling is not None:
         return f"x{autoscaling['min_replicas']}-{autoscaling['max_replicas']} (autoscaling)"

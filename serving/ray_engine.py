@@ -190,21 +190,23 @@ def build_application(settings: Settings, metrics_dir: Path | None = None) -> Ap
     registry = (
         deployment(VariantRegistry).options(name=REGISTRY, logging_config=quiet).bind(values["variants"])
     )
+    # Every replica of a node writes its samples under one directory (prometheus_client's
+    # multiprocess mode, as uvicorn's workers do): any ingress replica's /metrics shows the
+    # node's, model replicas' CPU time included.
+    metrics_env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir or new_metrics_dir())}
     model = deployment(ModelReplica)
     models = {
         name: model.options(
             name=model_deployment(name),
             **replica_options(settings, name),
-            ray_actor_options={"num_cpus": settings.model_num_cpus},
+            ray_actor_options={"num_cpus": settings.model_num_cpus, "runtime_env": {"env_vars": metrics_env}},
             # a few batches per replica: more waiting at one replica is better spent at another
             max_ongoing_requests=max(2, 2 * settings.batch_threads),
             logging_config=quiet,
         ).bind(name, values, registry)
         for name in settings.variants
     }
-    # Ingress replicas write their metrics under one directory per node (prometheus_client's
-    # multiprocess mode, as uvicorn's workers do): any replica's /metrics shows the node's.
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir or new_metrics_dir())}
+    env = dict(metrics_env)
     if settings.admin_token is not None:
         env["SLIMREC_ADMIN_TOKEN"] = settings.admin_token.get_secret_value()
     actor_options: dict[str, Any] = {"num_cpus": settings.ingress_num_cpus, "runtime_env": {"env_vars": env}}

@@ -47,7 +47,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from slimrec.artifact import ArtifactError
 from slimrec.artifact.index import drop_interrupt_checks, set_search_threads
-from slimrec.serving.metrics import Metrics
+from slimrec.serving.metrics import Metrics, ProcessCPU, multiprocess
 from slimrec.serving.observability import bind_request_ids, configure_logging
 from slimrec.serving.queries import Answer, Query, batch_request_ids, run_queries
 from slimrec.serving.ray_registry import RollRefused
@@ -104,6 +104,11 @@ class ModelReplica:
             initializer=set_search_threads,
             initargs=(settings.index_threads,),
         )
+        # Its CPU time joins the ingress replicas' in /metrics (slimrec_process_cpu_seconds_total).
+        self._cpu = None
+        if multiprocess():
+            os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)  # on this replica's node
+            self._cpu = asyncio.get_running_loop().create_task(ProcessCPU().follow())
         target = (await registry.targets.remote())[name]
         await self.prepare(target["path"], target["version"])
         log.info("model replica %s of %s: %s (%s) loaded", self.replica, name, target["path"], self.current)

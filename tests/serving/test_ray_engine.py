@@ -15,11 +15,13 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 
 ray = pytest.importorskip("ray")  # the ray extra
@@ -28,7 +30,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from ray import serve  # noqa: E402
 from ray_cluster import SERVE_CLI, local_ray_cluster, print_config, wait_until  # noqa: E402
 from redis_server import start_redis  # noqa: E402
-from serving_fixtures import ADMIN_TOKEN, copy_artifact  # noqa: E402
+from serving_fixtures import ADMIN_TOKEN, copy_artifact, metric_value  # noqa: E402
 from slimrec.loadtest.launch import free_port  # noqa: E402
 from slimrec.serving.app import create_app  # noqa: E402
 from slimrec.serving.deps import VARIANT_HEADER  # noqa: E402
@@ -245,6 +247,15 @@ def test_metrics_from_any_ingress_replica_count_every_replica(app):
         }
         assert len(replicas) == 2, "the scrape does not see both ingress replicas"
         assert requests_counted(text) - before == 100
+    # The node's CPU time: both ingress replicas and the 3 model replicas add theirs every second.
+    pids = {int(pid) for pid in replicas} | {
+        row["pid"] for name in ("compressed", "full") for row in states(model_deployment(name))
+    }
+    assert len(pids) == 5
+    used = sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in pids)
+    time.sleep(1.5)
+    exported = metric_value(httpx.get(f"{app}/metrics", timeout=30).text, "slimrec_process_cpu_seconds_total")
+    assert exported is not None and exported >= used - 0.2, (exported, used)
 
 
 def test_a_split_change_is_in_force_on_every_ingress_replica(app):
