@@ -22,7 +22,14 @@ import torch
 from slimrec.artifact import load_artifact, update_metrics
 from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.index import IndexSpec
-from slimrec.compression.distill import DistillConfig, TeacherCache, distill_ranker, distill_two_tower
+from slimrec.compression.distill import (
+    DistillConfig,
+    TeacherCache,
+    distill_ranker,
+    distill_two_tower,
+    ranker_from_teacher,
+    teacher_ranker_stage,
+)
 from slimrec.compression.pipeline_config import PipelineConfig
 from slimrec.compression.prune import PruneConfig, prune_
 from slimrec.compression.quantize_embeddings import EmbeddingQuantConfig, quantize_embeddings_
@@ -87,16 +94,19 @@ def distill_stage(
     if lap:
         lap("student_retrieval")
     two_tower = cast(TwoTower, retrieval.model)  # a StageResult holds its model as an nn.Module
-    ranking = distill_ranker(
-        teacher_ranker,
-        two_tower,
-        fold,
-        train_config,
-        config,
-        epochs[1],
-        weights,
-        checkpoint=checkpoint("student-ranker"),
-    )
+    if ranker_from_teacher(teacher_ranker, config):  # nothing to distil: start from the teacher's
+        ranking = teacher_ranker_stage(teacher_ranker, two_tower, fold, train_config, weights)
+    else:
+        ranking = distill_ranker(
+            teacher_ranker,
+            two_tower,
+            fold,
+            train_config,
+            config,
+            epochs[1],
+            weights,
+            checkpoint=checkpoint("student-ranker"),
+        )
     if lap:
         lap("student_ranker")
     weight = ranking.history[-1]["retrieval_weight"]

@@ -294,3 +294,48 @@ def test_teacher_cache_reuses_the_first_epochs_teacher_outputs():
 
     teacher.user_tower.forward = frozen
     assert loss_fn(student, inputs).item() == pytest.approx(first, rel=1e-6)
+
+
+def test_student_ranker_starts_as_the_teachers_when_it_is_the_students_size(tiny_teacher, ml100k):
+    from slimrec.artifact import load_artifact
+    from slimrec.compression.distill import ranker_from_teacher, teacher_ranker_stage
+    from slimrec.models.evaluate import evaluate_ranked, retrieve_candidates
+    from slimrec.models.fold import FIT_TRAIN, Fold
+    from slimrec.models.package import SELECTION_PREFIX, read_teacher
+    from slimrec.models.split import protocol_split
+
+    art = load_artifact(tiny_teacher)
+    space = FeatureSpace.from_dict(art.config["feature_space"])
+    fold = Fold.create(FIT_TRAIN, ml100k, protocol_split(ml100k), space)
+    train_config, two_tower, ranker = read_teacher(art, SELECTION_PREFIX, fold)
+    same = DistillConfig(student_ranker=ranker.config)
+    other = RankerConfig(id_dim=4, feature_dim=2, n_cross=1, deep=(8,))
+    assert ranker_from_teacher(ranker, same)
+    assert not ranker_from_teacher(ranker, DistillConfig(student_ranker=other))  # "auto": a smaller student
+    assert not ranker_from_teacher(ranker, DistillConfig(student_ranker=ranker.config, ranker_init="scratch"))
+    with pytest.raises(ValueError, match="ranker_init = 'teacher' needs student_ranker equal"):
+        ranker_from_teacher(ranker, DistillConfig(student_ranker=other, ranker_init="teacher"))
+    with pytest.raises(ValueError, match="ranker_init"):
+        DistillConfig(ranker_init="copy")
+
+    # Selection fold: a copy of the teacher's ranker, the blend weight chosen on validation.
+    weights = (0.0, 1.6, 6.4)
+    result = teacher_ranker_stage(ranker, two_tower, fold, train_config, weights)
+    assert result.model is not ranker and result.epochs == 0
+    by_weight = evaluate_ranked(
+        ranker, fold, retrieve_candidates(two_tower, fold, train_config.ranker_data.candidates), weights
+    )
+    best = max(by_weight, key=lambda w: by_weight[w]["ndcg@10"])
+    assert result.history[-1]["retrieval_weight"] == best
+    assert result.history[0]["valid"]["ndcg@10"] == pytest.approx(by_weight[best]["ndcg@10"])
+    inputs = {
+        "user_code": torch.tensor([1, 2]),
+        "user_features": torch.zeros(2, 4, dtype=torch.long),
+        "history": torch.tensor([[0] * (space.history_len - 2) + [5, 9]] * 2),
+        "candidates": torch.tensor([[1, 2, 3], [4, 5, 6]]),
+    }
+    with torch.no_grad():
+        assert torch.equal(result.model(**inputs), ranker(**inputs))
+    # Final fold: the weight given, nothing scored (its held-out rows are the test set).
+    fixed = teacher_ranker_stage(ranker, two_tower, fold, train_config, (best,))
+    assert fixed.history == [{"retrieval_weight": best}] and fixed.times == {}
