@@ -204,3 +204,29 @@ def test_export_cache_reuses_a_graph_for_other_weights_and_pruned_widths(tmp_pat
     module = Ranker(RankerConfig(id_dim=8, feature_dim=4, n_cross=2, cross_rank=4, deep=(16,)), SPACE, other)
     path = export_onnx(module.eval(), "ranker", tmp_path / "d.onnx", HISTORY_LEN, graphs)
     assert parity(module, "ranker", path, HISTORY_LEN) < PARITY_LIMIT
+
+
+def test_exports_share_one_op_registry_and_write_the_same_graph(tmp_path):
+    from slimrec.models import export
+    from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+    torch.manual_seed(0)
+    module = Ranker(RankerConfig(id_dim=8, feature_dim=4, n_cross=1, deep=(8,)), SPACE, TABLES).eval()
+    built = []
+    original = ONNXRegistry.__dict__["from_torchlib"]
+
+    def counting(cls, *args, **kwargs):
+        built.append(args)
+        return original.__func__(cls, *args, **kwargs)
+
+    export._REGISTRIES.clear()
+    ONNXRegistry.from_torchlib = classmethod(counting)
+    try:
+        for name in ("a", "b"):
+            export_onnx(module, "ranker", tmp_path / f"{name}.onnx", HISTORY_LEN)
+    finally:
+        ONNXRegistry.from_torchlib = original
+    assert len(built) == 1  # the second export reused the first one's registry
+    assert ONNXRegistry.__dict__["from_torchlib"] is original  # restored after each export
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    assert parity(module, "ranker", tmp_path / "b.onnx", HISTORY_LEN) < PARITY_LIMIT
