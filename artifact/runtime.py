@@ -13,6 +13,7 @@ import numpy as np
 from slimrec.artifact.features import FeatureSpace
 from slimrec.artifact.index import IndexSpec, ItemIndex
 from slimrec.artifact.load import Artifact
+from slimrec.artifact.manifest import MANIFEST, ArtifactError
 from slimrec.artifact.ort import run_session, session
 from slimrec.artifact.user_state import csr_rows, empty_csr, user_inputs
 
@@ -38,6 +39,27 @@ class Recommendations:
     timings: dict[str, float]  # seconds per stage for the batch: embed, retrieve, rank
 
 
+# Candidates handed to the ranker when the artifact names no budget of its own (see candidate_budget).
+DEFAULT_N_CANDIDATES = 200
+
+
+def candidate_budget(artifact: Artifact) -> int:
+    """The ranker's candidate budget the artifact was tuned for: manifest `serving.n_candidates`,
+    chosen on validation by `slimrec compress`; DEFAULT_N_CANDIDATES for an artifact without one.
+
+    Example:
+        >>> candidate_budget(load_artifact("artifacts/compressed"))
+        100
+    """
+    serving = artifact.manifest.get("serving") or {}
+    value = serving.get("n_candidates", DEFAULT_N_CANDIDATES) if isinstance(serving, dict) else None
+    if type(value) is not int or value < 1:
+        raise ArtifactError(
+            f"{artifact.path / MANIFEST}: serving.n_candidates must be a positive integer, got {value!r}"
+        )
+    return value
+
+
 class ServedModel:
     def __init__(self, artifact: Artifact, prefix: str = "", threads: int = 1):
         config = artifact.config
@@ -54,6 +76,7 @@ class ServedModel:
         self.fitted_indptr, self.fitted_items = tables["fitted_indptr"], tables["fitted_items"]
         self.popular_items = tables["popular_items"]
         self.n_users, self.n_items = self.space.n_users, self.space.n_items
+        self.n_candidates = candidate_budget(artifact)  # recommend's default
         self.user_embeddings: np.ndarray | None = None  # [n_users, D] once cache_user_embeddings ran
         if self.index.n_items != self.n_items:
             raise ValueError(
@@ -172,14 +195,21 @@ class ServedModel:
         return np.where(real, final, -np.inf).astype(np.float32)
 
     def recommend(
-        self, batch: UserBatch, k: int, n_candidates: int = 200, allowed: np.ndarray | None = None
+        self, batch: UserBatch, k: int, n_candidates: int | None = None, allowed: np.ndarray | None = None
     ) -> Recommendations:
+        """Top-k items of each row: the index's top-N candidates, ranked.
+
+        Args:
+            n_candidates: N; None: the artifact's budget (`self.n_candidates`). At least k are
+                ranked, so a request for more items than the budget still gets k.
+        """
         import time
 
+        n = max(self.n_candidates if n_candidates is None else n_candidates, k)
         t0 = time.perf_counter()
         user_emb = self.user_vectors(batch)
         t1 = time.perf_counter()
-        cands, cand_scores = self.retrieve(user_emb, n_candidates, batch, allowed)
+        cands, cand_scores = self.retrieve(user_emb, n, batch, allowed)
         t2 = time.perf_counter()
         final = self.rank(batch, cands, cand_scores)
         order = np.argsort(-final, axis=1, kind="stable")[:, :k]

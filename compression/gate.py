@@ -9,11 +9,24 @@ from dataclasses import dataclass
 class GateConfig:
     tolerance: float = 0.02  # relative: compressed >= teacher * (1 - tolerance)
     metrics: tuple[str, ...] = ("ndcg@10", "recall@200")
+    # The ranker's candidate budget (compression/tune_candidates.py): the smallest of these whose
+    # validation two-stage NDCG@10 is >= the largest's x (1 - candidate_tolerance). A quarter of
+    # the gate's tolerance, so the budget spends little of what the gate allows; () keeps 200.
+    candidate_budgets: tuple[int, ...] = (200, 150, 100, 50)
+    candidate_tolerance: float = 0.005
 
     def __post_init__(self):
         self.metrics = tuple(self.metrics)
+        self.candidate_budgets = tuple(sorted(set(self.candidate_budgets), reverse=True))
         if not 0 <= self.tolerance < 1:
             raise ValueError(f"gate.tolerance must be in [0, 1), got {self.tolerance}")
+        if not 0 <= self.candidate_tolerance < 1:
+            raise ValueError(f"gate.candidate_tolerance must be in [0, 1), got {self.candidate_tolerance}")
+        if any(type(n) is not int or n < 10 for n in self.candidate_budgets):
+            raise ValueError(
+                "gate.candidate_budgets must be integers >= 10 (NDCG@10 ranks 10), "
+                f"got {self.candidate_budgets}"
+            )
 
 
 def gate(teacher_metrics: dict, candidate_metrics: dict, config: GateConfig) -> list[str]:

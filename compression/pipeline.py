@@ -1,9 +1,10 @@
 """`slimrec compress`: teacher -> distil -> prune + fine-tune -> int8 -> compressed index.
 
 The stages run twice, as training does (PROTOCOL.md): on the teacher fitted on
-train ("selection/", early stopping, the ranking blend and the index's nprobe are
-chosen on validation, and the quality gate reads validation), then on the teacher
-fitted on train + valid with those choices fixed (the served model, scored on test).
+train ("selection/", early stopping, the ranking blend, the index's nprobe and the
+ranker's candidate budget are chosen on validation, and the quality gate reads
+validation), then on the teacher fitted on train + valid with those choices fixed
+(the served model, scored on test).
 
 Every stage is written as a complete artifact under `<out>.stages/<stage>/`, so
 each is evaluated and timed through the same served path; the last stage is the
@@ -34,6 +35,7 @@ from slimrec.compression.pipeline_config import PipelineConfig
 from slimrec.compression.prune import PruneConfig, prune_
 from slimrec.compression.quantize_embeddings import EmbeddingQuantConfig, quantize_embeddings_
 from slimrec.compression.report import measure_latency, stage_sizes, write_report
+from slimrec.compression.tune_candidates import tune_candidate_budget
 from slimrec.compression.tune_index import tune_index
 from slimrec.models.checkpoint import Checkpoints, StageCheckpoint
 from slimrec.models.data import Dataset
@@ -327,6 +329,9 @@ def compress(
                 dense_quant=dense,
                 graphs=graphs,
             )
+        if stage == "compressed":  # the ranker's candidate budget, chosen on validation
+            with times.stage("compressed/candidates"):
+                tune_candidate_budget(path, dataset, config.gate, torch.get_num_threads())
         with times.stage(f"{stage}/evaluate"):
             # ONNX Runtime on as many threads as torch: all cores would spin against the other work
             update_metrics(path, evaluate_artifact(load_artifact(path), dataset, torch.get_num_threads()))

@@ -17,12 +17,12 @@ def render_markdown(report: dict) -> str:
         "Sizes are bytes on disk of the served model parts (user tower, ranker with its embedding "
         "tables, item index); *served* adds the user data every variant carries (histories, features) "
         "and the catalogue. Memory is the RSS growth of a fresh process loading the served model. "
-        "Latency: one request at a time (batch 1, 1 thread), user tower + top-200 retrieval + ranking "
-        "+ top-10, all stages interleaved in one run.",
+        "Latency: one request at a time (batch 1, 1 thread), user tower + top-N retrieval + ranking "
+        "+ top-10 (N: the stage's candidate budget), all stages interleaved in one run.",
         "",
         "| stage | model MB | served MB | memory MB | params | index | B/item (index) | recall@200 vs exact "
-        "| p50 ms | p99 ms | embed / retrieve / rank p50 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | p50 ms | p99 ms | embed / retrieve / rank p50 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         params = (
@@ -35,7 +35,7 @@ def render_markdown(report: dict) -> str:
         lines.append(
             f"| {r['stage']} | {_mb(r['model_bytes'])} | {_mb(r['served_bytes'])} | {_mb(r['memory_bytes'])} "
             f"| {params:,} | {index} | {r['bytes_per_item_index']:.0f} | {r['index_recall@200']:.4f} "
-            f"| {r['total_p50_ms']:.3f} | {r['total_p99_ms']:.3f} "
+            f"| {r.get('n_candidates', 200)} | {r['total_p50_ms']:.3f} | {r['total_p99_ms']:.3f} "
             f"| {r['embed_p50_ms']:.3f} / {r['retrieve_p50_ms']:.3f} / {r['rank_p50_ms']:.3f} |"
         )
     for fold in ("valid", "test"):
@@ -56,6 +56,7 @@ def render_markdown(report: dict) -> str:
                 f"| {t['recall@200']:.4f} | {t['hr@10']:.4f} | {t['mrr@10']:.4f} "
                 f"| {s['ndcg@10']:.4f} | {s['recall@200']:.4f} | {auc:.4f} | {new_users:.4f} |"
             )
+    lines += render_candidates(report.get("candidates") or {})
     ratios = report["ratios"]
     gate = report["gate"]
     lines += [
@@ -74,6 +75,37 @@ def render_markdown(report: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def render_candidates(serving: dict) -> list[str]:
+    """The candidate budget section: the figures per budget on validation, the cost on test."""
+    record = serving.get("candidate_budget")
+    if not record:
+        return []
+    chosen, reference = serving["n_candidates"], record["reference"]
+    lines = [
+        "",
+        "## Ranker candidate budget (chosen on validation)",
+        "",
+        f"The ranker ranks the index's top N. N = **{chosen}**: the smallest budget whose validation "
+        f"two-stage NDCG@10 (selection models, k=10) is >= the {reference}-candidate figure x "
+        f"(1 - {record['tolerance']:g}). Requests for more than N items rank as many as they ask for, "
+        "so the deeper metrics above (R@50, R@200) are unchanged; NDCG@10, R@10, HR@10 and MRR@10 "
+        "are those of N.",
+        "",
+        f"| fold | N | two-stage NDCG@10 | change vs {reference} (paired SE) | R@10 | HR@10 | MRR@10 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for fold in ("valid", "test"):
+        for r in record[fold]:
+            mark = " (chosen)" if r["n_candidates"] == chosen else ""
+            lines.append(
+                f"| {fold} | {r['n_candidates']}{mark} | {r['ndcg@10']:.4f} "
+                f"| {r['ndcg@10_change']:+.4f} ({r['ndcg@10_change_se']:.4f}) | {r['recall@10']:.4f} "
+                f"| {r['hr@10']:.4f} | {r['mrr@10']:.4f} |"
+            )
+    lines.append(f"\nChosen in {record['seconds']:.1f} s (both folds).")
+    return lines
 
 
 def render_plot(report: dict) -> bytes:
