@@ -69,6 +69,13 @@ def register(subparsers) -> None:
         "one line per /v1 request instead of uvicorn's access log (default: text)",
     )
     serve.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="uvicorn's access line per request (text logs at info/debug; default off: the exposure "
+        "log and /metrics record every recommendation)",
+    )
+    serve.add_argument(
         "--tracing",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -170,6 +177,7 @@ def settings_from_args(args: argparse.Namespace):
             "allow_variant_override",
             "log_level",
             "log_format",
+            "access_log",
             "tracing",
             "split",
             "state",
@@ -252,18 +260,7 @@ def run_serve(args: argparse.Namespace) -> int:
         else:
             print(f"slimrec serve: warning: {warning}", file=sys.stderr)
     os.environ.update(settings.to_env())  # workers (separate processes) rebuild the same Settings
-    # Access lines are info records: above info uvicorn would still format each one's arguments
-    # (client address, quoted path) only for the logger to drop it.
-    options = dict(
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        access_log=settings.log_level in ("info", "debug"),
-        timeout_graceful_shutdown=30,
-        server_header=False,
-    )
-    if settings.log_format == "json":  # uvicorn's lines as JSON; our request line replaces its access log
-        options.update(log_config=observability.logging_config("json", settings.log_level), access_log=False)
+    options = uvicorn_options(settings)
     if settings.workers > 1:
         # Every worker writes its metrics under this directory; any worker's /metrics sums them.
         with tempfile.TemporaryDirectory(prefix="slimrec-metrics-") as metrics_dir:
@@ -277,3 +274,22 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     server.run()
     return 0 if server.started else 3  # 3: startup failed (uvicorn's code), e.g. an artifact refused
+
+
+def uvicorn_options(settings) -> dict:
+    """uvicorn.run's options for these settings (host, port, logging, shutdown)."""
+    from slimrec.serving import observability
+
+    # Access lines are info records: above info uvicorn would still format each one's arguments
+    # (client address, quoted path) only for the logger to drop it.
+    options = dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log and settings.log_level in ("info", "debug"),
+        timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+    if settings.log_format == "json":  # uvicorn's lines as JSON; our request line replaces its access log
+        options.update(log_config=observability.logging_config("json", settings.log_level), access_log=False)
+    return options

@@ -216,7 +216,10 @@ def build_application(settings: Settings, metrics_dir: Path | None = None) -> Ap
         ray_actor_options=actor_options,
         # the app's own admission (max_in_flight, then 503) decides, not a queue in front of it
         max_ongoing_requests=settings.max_in_flight + 32,
-        logging_config={"log_level": level, "enable_access_log": level in ("INFO", "DEBUG")},
+        logging_config={
+            "log_level": level,
+            "enable_access_log": settings.access_log and level in ("INFO", "DEBUG"),
+        },
     )
     return ingress.bind(values, registry, models)
 

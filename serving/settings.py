@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="json: every log line a JSON object, plus one line per /v1 request"
     )
+    access_log: bool = Field(
+        False,
+        description="uvicorn's access line per request (text format, at info or debug). Off by default: "
+        "the exposure log and /metrics record every recommendation, and the line costs 8-16% of a "
+        "compressed request's CPU; JSON logs write their own request line instead",
+    )
     tracing: bool | None = Field(
         None,
         description="OpenTelemetry traces (the otel extra); unset: on when OTEL_TRACES_EXPORTER "

@@ -105,6 +105,7 @@ def test_the_token_never_appears_in_logs_or_responses(layout, tmp_path, caplog):
         {"full": root / "v1"},
         "--log-level",
         "debug",
+        "--access-log",
         "--artifacts-root",
         str(root),
         env={"SLIMREC_ADMIN_TOKEN": ADMIN_TOKEN},

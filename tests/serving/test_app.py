@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 from serving_fixtures import copy_artifact
 from slimrec.artifact import ArtifactError
 from slimrec.serving.app import create_app
+from slimrec.serving.cli import uvicorn_options
 from slimrec.serving.settings import Settings
 from slimrec.serving.shadow import overlap_at_k, rank_biased_overlap
 
@@ -345,3 +346,18 @@ def test_routes_answer_alike_through_the_direct_dispatch_and_through_fastapi(tin
     routed.user_middleware = [m for m in routed.user_middleware if m.cls is not DirectDispatch]
     assert len(routed.user_middleware) == len(direct.user_middleware) - 1
     assert answers(direct) == answers(routed)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "access_log"),
+    [
+        ({}, False),  # off by default: the exposure log and /metrics record every recommendation
+        ({"access_log": True}, True),
+        ({"access_log": True, "log_level": "warning"}, False),  # uvicorn would format lines it drops
+        ({"access_log": True, "log_format": "json"}, False),  # JSON writes its own request line
+    ],
+)
+def test_uvicorns_access_line_only_when_asked(tiny_teacher, clean_env, kwargs, access_log):
+    options = uvicorn_options(Settings(variants={"full": tiny_teacher}, **kwargs))
+    assert options["access_log"] is access_log
+    # On a real server: tests/reliability/test_security.py reads the lines `--access-log` writes.
