@@ -36,20 +36,32 @@ def clean_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def test_more_than_one_ingress_replica_without_shared_state_is_refused_in_one_line(tmp_path):
+def serve_ray(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    """`slimrec serve --engine ray` on a copy of the golden artifact, run to its end."""
     artifact = copy_artifact(GOLDEN, tmp_path / "compressed")
-    started = time.monotonic()
-    result = subprocess.run(
-        serve_ray_command("--variant", f"compressed={artifact}", "--ingress-replicas", "2"),
+    return subprocess.run(
+        serve_ray_command("--variant", f"compressed={artifact}", *args),
         cwd=REPO,
         env=clean_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ingress-replicas", "2"], "ingress_replicas=2 needs --state redis://"),
+        (["--ingress-max-replicas", "3"], "ingress_max_replicas=3 needs --state redis://"),
+    ],
+)
+def test_more_than_one_ingress_replica_without_shared_state_is_refused_in_one_line(tmp_path, args, message):
+    started = time.monotonic()
+    result = serve_ray(tmp_path, *args)
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()
-    assert "ingress_replicas=2 needs --state redis://" in line and "live histories" in line
+    assert message in line and "live histories" in line
     assert time.monotonic() - started < 60  # refused before any Ray process started
 
 
@@ -146,19 +158,3 @@ def test_max_replicas_make_the_printed_deployments_autoscale(tmp_path):
     assert autoscaling.target_ongoing_requests == 2.0
     assert deployments["ingress"]._deployment_config.autoscaling_config is None
     assert deployments["ingress"].num_replicas == 1
-
-
-def test_an_autoscaled_ingress_without_shared_state_is_refused(tmp_path):
-    artifact = copy_artifact(GOLDEN, tmp_path / "compressed")
-    result = subprocess.run(
-        serve_ray_command(
-            "--variant", f"compressed={artifact}", "--ingress-max-replicas", "3", "--print-config"
-        ),
-        cwd=REPO,
-        env=clean_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "ingress_max_replicas=3 needs --state redis://" in result.stderr
