@@ -30,7 +30,12 @@ def register(subparsers) -> None:
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int, help="uvicorn worker processes (each loads every variant)")
     serve.add_argument("--salt", help="A/B hash salt")
-    serve.add_argument("--n-candidates", type=int, help="FAISS top-N passed to the ranker (default 200)")
+    serve.add_argument(
+        "--n-candidates",
+        type=int,
+        help="FAISS top-N passed to the ranker, for every variant (default: each artifact's "
+        "budget chosen on validation, else 200)",
+    )
     serve.add_argument("--batch-max-size", type=int, help="max queries per model call; 1 = no batching")
     serve.add_argument("--batch-max-wait-ms", type=float, help="max wait for a batch to fill")
     serve.add_argument("--batch-threads", type=int, help="batches each variant runs at once (default 1)")

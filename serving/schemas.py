@@ -97,6 +97,11 @@ class VariantInfo(BaseModel):
     n_users: int
     n_items: int
     genres: list[str]
+    n_candidates: int = Field(description="candidates the ranker ranks per request (at least its k)")
+    n_candidates_from: Literal["artifact", "default", "settings"] = Field(
+        description="artifact: the budget `slimrec compress` chose on validation; default: 200, the "
+        "artifact names none; settings: the server's n_candidates, which overrides the artifact's"
+    )
     summary: dict = Field(description="manifest summary: sizes, metrics, promotable, created_at")
     replicas: list[ReplicaInfo] | None = Field(
         None, description="its model replicas (`--engine ray`); null when it runs in this process"

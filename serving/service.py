@@ -19,7 +19,7 @@ import logging
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -216,15 +216,17 @@ class Service:
 
     def _install(self, variant: Variant, runner: ModelRunner) -> Served:
         settings = self.settings
+        if settings.n_candidates is not None:  # the operator's budget wins over the artifact's
+            variant = replace(variant, n_candidates=settings.n_candidates, n_candidates_from="settings")
         batch_sizes = self.metrics.batch_size.labels(variant.name)
         delay_s = settings.inject_delay_ms / 1000
-        answer = runner.run
+        answer, n_candidates = runner.run, variant.n_candidates
 
         def run_batch(queries: list[Query]) -> list[Answer]:
             with bind_request_ids(batch_request_ids(queries)):
                 if delay_s:
                     time.sleep(delay_s)  # test hook: slow requests for shutdown and overload tests
-                return answer(queries, settings.n_candidates)
+                return answer(queries, n_candidates)
 
         batcher = Batcher(
             run_batch,
@@ -384,7 +386,7 @@ class Service:
                 log.warning("variant %s: reload from %s refused: %s", name, path, reason)
                 raise ReloadError(422, f"artifact refused, still serving the previous one: {reason}") from exc
             previous = self.variants[name]
-            self._install(variant, runner)
+            variant = self._install(variant, runner).variant  # with the budget in force
             drain = asyncio.create_task(previous.retire())
             self._draining.add(drain)
             drain.add_done_callback(self._draining.discard)

@@ -98,7 +98,13 @@ class Settings(BaseSettings):
         description="OpenTelemetry traces (the otel extra); unset: on when OTEL_TRACES_EXPORTER "
         "or an OTLP endpoint is set; OTEL_SDK_DISABLED=true turns them off",
     )
-    n_candidates: int = Field(200, ge=1, le=100_000, description="FAISS top-N handed to the ranker")
+    n_candidates: int | None = Field(
+        None,
+        ge=1,
+        le=100_000,
+        description="FAISS top-N handed to the ranker, for every variant; unset: each variant's "
+        "artifact's (chosen on validation by `slimrec compress`), else 200",
+    )
     batch_max_size: int = Field(16, ge=1, le=4096, description="1 turns the batcher off")
     # 0: never wait on purpose; a batch is whatever queued while the previous one ran, so a
     # lone request pays nothing and batches grow with load. >0 trades latency for batch size.

@@ -39,6 +39,11 @@ class Variant:
     titles: list[str]
     genre_masks: dict[str, np.ndarray]  # genre -> bool [n_items], precomputed for filters
     loaded_at: float = field(default_factory=time.time)
+    # The ranker's candidate budget (index top-N per request) and where it comes from: the
+    # artifact's (chosen on validation by `slimrec compress`), the default 200 for an artifact
+    # without one, or the server's `n_candidates` setting, which overrides both.
+    n_candidates: int = 200
+    n_candidates_from: str = "default"
 
     def describe(self) -> dict:
         """What `GET /v1/variants` says about this variant: version, path, manifest summary."""
@@ -50,6 +55,8 @@ class Variant:
             "n_users": len(self.user_index),
             "n_items": len(self.item_ids),
             "genres": sorted(self.genre_masks),
+            "n_candidates": self.n_candidates,
+            "n_candidates_from": self.n_candidates_from,
             "summary": self.artifact.summary(),
         }
 
@@ -94,6 +101,7 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
     path = Path(path)
     artifact = load_artifact(path)  # format version + sha256 of every listed file
     model = ServedModel(artifact, "", threads=ort_threads)
+    manifest_serving = artifact.manifest.get("serving")  # the budget chosen on validation, if any
     check_signatures(model)
     check_tables(model)
     catalogue = artifact.read_json(CATALOGUE)
@@ -115,6 +123,8 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
         item_ids=item_ids,
         titles=[str(t) for t in catalogue["titles"]],
         genre_masks=genre_masks(catalogue["genres"]),
+        n_candidates=model.n_candidates,
+        n_candidates_from="artifact" if "n_candidates" in (manifest_serving or {}) else "default",
     )
     smoke_test(variant)
     model.cache_user_embeddings()  # after the smoke test, which checked the tower's output shape
