@@ -68,7 +68,8 @@ def render_markdown(report: dict) -> str:
         "",
         *(f"- {k}: {v:.4f}" for k, v in ratios.items()),
         "",
-        f"## Quality gate (validation, tolerance {gate['tolerance']:g} relative)",
+        f"## Quality gate (validation, tolerance {gate['tolerance']:g} relative; the compressed "
+        f"model's K=10 metrics at its candidate budget, N={gate.get('n_candidates', 200)})",
         "",
         "promotable: **yes**" if gate["promotable"] else "promotable: **no**",
         *(f"- {f}" for f in gate["failures"]),
@@ -89,18 +90,21 @@ def render_candidates(serving: dict) -> list[str]:
         "",
         f"The ranker ranks the index's top N. N = **{chosen}**: the smallest budget whose validation "
         f"two-stage NDCG@10 (selection models, k=10) is >= the {reference}-candidate figure x "
-        f"(1 - {record['tolerance']:g}). Requests for more than N items rank as many as they ask for, "
-        "so the deeper metrics above (R@50, R@200) are unchanged; NDCG@10, R@10, HR@10 and MRR@10 "
+        f"(1 - {record['tolerance']:g}), for the users known and sent as new users (history only). "
+        "Requests for more than N items rank as many as they ask for, so the deeper metrics "
+        "above (R@50, R@200) are unchanged; NDCG@10, R@10, HR@10 and MRR@10 "
         "are those of N.",
         "",
         f"| fold | N | two-stage NDCG@10 | change vs {reference} (paired SE) | R@10 | HR@10 | MRR@10 |",
         "|---|---|---|---|---|---|---|",
     ]
-    for fold in ("valid", "test"):
-        for r in record[fold]:
+    folds = {"valid": "valid", "valid_history_only": "valid, new users", "test": "test"}
+    folds["test_history_only"] = "test, new users"
+    for fold, label in folds.items():
+        for r in record.get(fold, []):
             mark = " (chosen)" if r["n_candidates"] == chosen else ""
             lines.append(
-                f"| {fold} | {r['n_candidates']}{mark} | {r['ndcg@10']:.4f} "
+                f"| {label} | {r['n_candidates']}{mark} | {r['ndcg@10']:.4f} "
                 f"| {r['ndcg@10_change']:+.4f} ({r['ndcg@10_change_se']:.4f}) | {r['recall@10']:.4f} "
                 f"| {r['hr@10']:.4f} | {r['mrr@10']:.4f} |"
             )

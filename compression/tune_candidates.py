@@ -4,9 +4,11 @@ The ranker is most of a compressed request's model time, and its cost grows with
 of candidates (ml-100k, one request, 1 thread: 250-290 us at 200, 108-110 us at 100). So the
 budget is one more compression knob: `slimrec compress` scores validation two-stage NDCG@10
 (the served path, PROTOCOL.md) at each budget of `GateConfig.candidate_budgets` with the
-selection fold's models, keeps the smallest whose figure is within `candidate_tolerance` of
-the largest budget's, records it in the compressed artifact's manifest (`serving.n_candidates`,
-which the server uses unless told otherwise) and says what it costs on test.
+selection fold's models, for the validation users as known users and sent as new users (their
+history alone, as `slimrec evaluate`'s history_only), keeps the smallest budget whose two
+figures are both within `candidate_tolerance` of the largest budget's, records it in the
+compressed artifact's manifest (`serving.n_candidates`, which the server uses unless told
+otherwise) and says what it costs on test.
 
 Each batch of users is embedded and searched once, at the largest budget; every budget ranks
 a prefix of those candidates (a row's first n kept items do not depend on how deep it was
@@ -26,20 +28,25 @@ from slimrec.compression.gate import GateConfig
 from slimrec.models.data import Dataset
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX
 from slimrec.models.ranking_metrics import per_user_ndcg_at_10, ranking_metrics
-from slimrec.models.served_eval import BATCH, relevant_sets
+from slimrec.models.served_eval import BATCH, anonymous, relevant_sets
 from slimrec.models.split import TEST, VALID, protocol_split
 from slimrec.models.train import log
 
 K = 10  # NDCG@10, the figure the budget is chosen on: what a k=10 request is served
 
 
-def budget_lists(model: ServedModel, users: np.ndarray, budgets: tuple[int, ...]) -> dict[int, np.ndarray]:
+def budget_lists(
+    model: ServedModel, users: np.ndarray, budgets: tuple[int, ...], as_new_users: bool = False
+) -> dict[int, np.ndarray]:
     """Each budget's served top-K of `users` (int [B, K] item indices, -1 padded), as
-    `model.recommend(batch, K, n)` answers, retrieving once at the largest budget."""
+    `model.recommend(batch, K, n)` answers, retrieving once at the largest budget.
+    `as_new_users`: as `slimrec.models.served_eval.served_lists`."""
     deepest = max(budgets)
     lists: dict[int, list[np.ndarray]] = {n: [] for n in budgets}
     for s in range(0, len(users), BATCH):
         batch = model.known_users(users[s : s + BATCH])
+        if as_new_users:
+            batch = anonymous(model, batch)
         cands, scores = model.retrieve(model.user_vectors(batch), deepest, batch)
         for n in budgets:
             final = model.rank(batch, cands[:, :n], scores[:, :n])
@@ -49,14 +56,14 @@ def budget_lists(model: ServedModel, users: np.ndarray, budgets: tuple[int, ...]
 
 
 def budget_figures(
-    model: ServedModel, dataset: Dataset, fold: int, budgets: tuple[int, ...]
+    model: ServedModel, dataset: Dataset, fold: int, budgets: tuple[int, ...], as_new_users: bool = False
 ) -> list[dict[str, float]]:
     """Two-stage metrics at K=10 of `fold`'s users per budget, largest first; each row also gives
     its NDCG@10 change against the largest budget and the paired standard error of that change."""
     split = protocol_split(dataset)
     users = np.unique(split.user[split.fold == fold])
     relevant = relevant_sets(dataset, fold, users)
-    lists = budget_lists(model, users, budgets)
+    lists = budget_lists(model, users, budgets, as_new_users)
     budgets = tuple(sorted(budgets, reverse=True))
     reference = per_user_ndcg_at_10(lists[budgets[0]], *relevant)
     rows = []
@@ -75,17 +82,23 @@ def budget_figures(
     return rows
 
 
-def choose_budget(rows: list[dict[str, float]], tolerance: float) -> int:
-    """The smallest budget whose NDCG@10 is >= the largest budget's x (1 - tolerance).
+def choose_budget(row_sets: list[list[dict[str, float]]], tolerance: float) -> int:
+    """The smallest budget whose NDCG@10 is >= the largest budget's x (1 - tolerance) in every
+    set of rows (known users, new users); each set has a row per budget.
 
     Example (tolerance 0.005: a budget needs NDCG@10 >= 0.2000 x 0.995 = 0.1990):
-        >>> choose_budget([{"n_candidates": 200, "ndcg@10": 0.2000}, {"n_candidates": 100,
-        ...     "ndcg@10": 0.1995}, {"n_candidates": 50, "ndcg@10": 0.1980}], 0.005)
+        >>> choose_budget([[{"n_candidates": 200, "ndcg@10": 0.2000}, {"n_candidates": 100,
+        ...     "ndcg@10": 0.1995}, {"n_candidates": 50, "ndcg@10": 0.1980}]], 0.005)
         100
     """
-    by_size = sorted(rows, key=lambda r: r["n_candidates"])
-    floor = by_size[-1]["ndcg@10"] * (1 - tolerance)
-    return next(int(r["n_candidates"]) for r in by_size if r["ndcg@10"] >= floor)
+    passing = None
+    for rows in row_sets:
+        floor = max(rows, key=lambda r: r["n_candidates"])["ndcg@10"] * (1 - tolerance)
+        ok = {int(r["n_candidates"]) for r in rows if r["ndcg@10"] >= floor}
+        passing = ok if passing is None else passing & ok
+    if not passing:  # the largest budget always passes its own floor
+        raise ValueError("choose_budget: no budget common to every set of rows")
+    return min(passing)
 
 
 def at_budget(metrics: dict, serving: dict | None, fold: str) -> dict:
@@ -117,24 +130,36 @@ def tune_candidate_budget(path: Path, dataset: Dataset, config: GateConfig, thre
         return {}
     t0 = time.perf_counter()
     artifact = load_artifact(path)
-    valid = budget_figures(ServedModel(artifact, SELECTION_PREFIX, threads), dataset, VALID, budgets)
-    chosen = choose_budget(valid, config.candidate_tolerance)
-    reference = max(budgets)
-    test = budget_figures(ServedModel(artifact, SERVED_PREFIX, threads), dataset, TEST, (reference, chosen))
+    selection = ServedModel(artifact, SELECTION_PREFIX, threads)
+    valid = budget_figures(selection, dataset, VALID, budgets)
+    valid_new = budget_figures(selection, dataset, VALID, budgets, as_new_users=True)
+    chosen = choose_budget([valid, valid_new], config.candidate_tolerance)
+    reference, served = max(budgets), ServedModel(artifact, SERVED_PREFIX, threads)
+    test = budget_figures(served, dataset, TEST, (reference, chosen))
+    test_new = budget_figures(served, dataset, TEST, (reference, chosen), as_new_users=True)
     record = {
         "n_candidates": chosen,
         "candidate_budget": {
-            "chosen_on": f"validation two-stage NDCG@10 of the {SELECTION_PREFIX} models (PROTOCOL.md)",
-            "rule": f"smallest budget with NDCG@10 >= the {reference}-candidate figure x (1 - tolerance)",
+            "chosen_on": f"validation two-stage NDCG@10 of the {SELECTION_PREFIX} models (PROTOCOL.md), "
+            "users known and sent as new users (history only)",
+            "rule": f"smallest budget with NDCG@10 >= the {reference}-candidate figure x (1 - tolerance), "
+            "known and new users alike",
             "tolerance": config.candidate_tolerance,
             "reference": reference,
             "valid": valid,
             "test": test,
+            "valid_history_only": valid_new,
+            "test_history_only": test_new,
             "seconds": time.perf_counter() - t0,
         },
     }
     amend_artifact(path, fields={"serving": record})
-    for fold, rows in (("valid", valid), ("test", test)):
+    for fold, rows in (
+        ("valid", valid),
+        ("valid new users", valid_new),
+        ("test", test),
+        ("test new users", test_new),
+    ):
         for r in rows:
             log(
                 f"candidate budget {r['n_candidates']:>4}: {fold} two-stage NDCG@10 {r['ndcg@10']:.4f} "

@@ -20,12 +20,15 @@ def rows(*pairs):
 def test_the_smallest_budget_within_the_tolerance_of_the_largest_is_chosen():
     # 200 scores 0.2000; tolerance 0.005 sets the floor at 0.1990: 100 (0.1992) passes, 50 (0.1989) does not.
     figures = rows((200, 0.2000), (150, 0.2003), (100, 0.1992), (50, 0.1989))
-    assert choose_budget(figures, 0.005) == 100
-    assert choose_budget(figures, 0.0) == 150  # only budgets at least as good as 200
-    assert choose_budget(figures, 0.01) == 50
+    assert choose_budget([figures], 0.005) == 100
+    assert choose_budget([figures], 0.0) == 150  # only budgets at least as good as 200
+    assert choose_budget([figures], 0.01) == 50
     # Not monotone: the smallest that passes wins, even past one that fails.
-    assert choose_budget(rows((200, 0.2), (100, 0.18), (50, 0.2)), 0.005) == 50
-    assert choose_budget(rows((200, 0.2), (100, 0.1)), 0.005) == 200  # the reference always passes
+    assert choose_budget([rows((200, 0.2), (100, 0.18), (50, 0.2))], 0.005) == 50
+    assert choose_budget([rows((200, 0.2), (100, 0.1))], 0.005) == 200  # the reference always passes
+    # Known and new users: a budget must pass both (new users: floor 0.1500 x 0.995 = 0.14925).
+    new_users = rows((200, 0.1500), (150, 0.1490), (100, 0.1495), (50, 0.1400))
+    assert choose_budget([figures, new_users], 0.005) == 100
 
 
 def test_gate_config_checks_the_budgets_and_their_tolerance():
@@ -46,21 +49,26 @@ def test_at_budget_replaces_only_the_top_10_metrics_of_that_fold():
     assert at_budget(metrics, None, "valid") == metrics  # an artifact from before budgets
 
 
-def test_each_budget_scores_what_the_server_would_answer(ml100k):
+@pytest.mark.parametrize("as_new_users", [False, True], ids=["known", "new-users"])
+def test_each_budget_scores_what_the_server_would_answer(ml100k, as_new_users):
     """Retrieving once and ranking prefixes gives the lists `recommend(batch, 10, n)` gives."""
     from slimrec.artifact import load_artifact
     from slimrec.artifact.runtime import ServedModel
     from slimrec.compression.tune_candidates import budget_lists
+    from slimrec.models.served_eval import anonymous
     from slimrec.models.split import VALID, protocol_split
 
     model = ServedModel(load_artifact(GOLDEN), "selection/")
     split = protocol_split(ml100k)
     users = np.unique(split.user[split.fold == VALID])[:300]  # two batches of the evaluation
-    lists = budget_lists(model, users, (200, 100, 50))
+    lists = budget_lists(model, users, (200, 100, 50), as_new_users)
+
+    def batch(s):
+        known = model.known_users(users[s : s + 256])
+        return anonymous(model, known) if as_new_users else known
+
     for n in (200, 100, 50):
-        served = np.concatenate(
-            [model.recommend(model.known_users(users[s : s + 256]), 10, n).items for s in range(0, 300, 256)]
-        )
+        served = np.concatenate([model.recommend(batch(s), 10, n).items for s in range(0, 300, 256)])
         np.testing.assert_array_equal(lists[n], served)
     assert (lists[50] != lists[200]).any()  # the budgets really differ, else this proves nothing
 
@@ -80,15 +88,21 @@ def test_tuning_records_the_budget_the_server_then_uses(ml100k, tmp_path):
     assert reloaded.manifest["serving"] == record
     chosen = record["n_candidates"]
     assert candidate_budget(reloaded) == chosen == ServedModel(reloaded).n_candidates
-    valid = {r["n_candidates"]: r for r in record["candidate_budget"]["valid"]}
-    assert sorted(valid) == [50, 100, 200]
-    assert valid[chosen]["ndcg@10"] >= valid[200]["ndcg@10"] * (1 - 0.005)
-    assert all(valid[n]["ndcg@10"] < valid[200]["ndcg@10"] * 0.995 for n in valid if n < chosen)
+    tuned = record["candidate_budget"]
+    valid = {r["n_candidates"]: r for r in tuned["valid"]}
+    new_users = {r["n_candidates"]: r for r in tuned["valid_history_only"]}
+    assert sorted(valid) == sorted(new_users) == [50, 100, 200]
+
+    def passes(figures, n):
+        return figures[n]["ndcg@10"] >= figures[200]["ndcg@10"] * (1 - 0.005)
+
+    assert passes(valid, chosen) and passes(new_users, chosen)
+    assert not any(passes(valid, n) and passes(new_users, n) for n in valid if n < chosen)
     # The 200-candidate figure is the one `slimrec evaluate` reports for the selection models.
     full = evaluate_model(ServedModel(reloaded, "selection/"), ml100k, VALID)
     assert valid[200]["ndcg@10"] == pytest.approx(full["two_stage"]["ndcg@10"], abs=1e-12)
-    test = [r["n_candidates"] for r in record["candidate_budget"]["test"]]
-    assert test == sorted({200, chosen}, reverse=True)
+    for fold in ("test", "test_history_only"):
+        assert [r["n_candidates"] for r in tuned[fold]] == sorted({200, chosen}, reverse=True)
 
 
 def test_the_report_says_which_budget_was_chosen_and_its_cost_on_test():
