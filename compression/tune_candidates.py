@@ -82,6 +82,11 @@ def budget_figures(
     return rows
 
 
+def known_and_new(model: ServedModel, dataset: Dataset, fold: int, budgets: tuple[int, ...]):
+    """`budget_figures` of `fold`'s users as known users, then sent as new users."""
+    return tuple(budget_figures(model, dataset, fold, budgets, new) for new in (False, True))
+
+
 def choose_budget(row_sets: list[list[dict[str, float]]], tolerance: float) -> int:
     """The smallest budget whose NDCG@10 is >= the largest budget's x (1 - tolerance) in every
     set of rows (known users, new users); each set has a row per budget.
@@ -131,12 +136,13 @@ def tune_candidate_budget(path: Path, dataset: Dataset, config: GateConfig, thre
     t0 = time.perf_counter()
     artifact = load_artifact(path)
     selection = ServedModel(artifact, SELECTION_PREFIX, threads)
-    valid = budget_figures(selection, dataset, VALID, budgets)
-    valid_new = budget_figures(selection, dataset, VALID, budgets, as_new_users=True)
+    valid, valid_new = known_and_new(selection, dataset, VALID, budgets)
+    # One model at a time: a ranker session's arena holds ~400 MiB at 256 users x 200 candidates.
+    del selection
     chosen = choose_budget([valid, valid_new], config.candidate_tolerance)
-    reference, served = max(budgets), ServedModel(artifact, SERVED_PREFIX, threads)
-    test = budget_figures(served, dataset, TEST, (reference, chosen))
-    test_new = budget_figures(served, dataset, TEST, (reference, chosen), as_new_users=True)
+    reference = max(budgets)
+    served = ServedModel(artifact, SERVED_PREFIX, threads)
+    test, test_new = known_and_new(served, dataset, TEST, (reference, chosen))
     record = {
         "n_candidates": chosen,
         "candidate_budget": {
