@@ -18,6 +18,7 @@ import gc
 import logging
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -120,6 +121,25 @@ class ChildProcessModels:
         except ModelProcessError as exc:
             raise ArtifactError(f"{variant.path}: {exc}") from exc
         return variant, processes
+
+
+def run_by_depth(
+    answer: Callable[[list[Query], int], list[Answer]], queries: list[Query], n_candidates: int
+) -> list[Answer]:
+    """`answer(queries, n_candidates)`, with requests for more items than the budget run apart, one
+    call per such k: a model call ranks max(budget, its largest k) candidates, so a request batched
+    with a deeper one would otherwise get another answer than alone. With k <= the budget for
+    every request (the default budget 200 is MAX_K): one call, as before.
+    """
+    depths = {max(query.k, n_candidates) for query in queries}
+    if len(depths) == 1:
+        return answer(queries, n_candidates)
+    answers: list[Answer | None] = [None] * len(queries)
+    for depth in sorted(depths):
+        rows = [i for i, query in enumerate(queries) if max(query.k, n_candidates) == depth]
+        for i, result in zip(rows, answer([queries[i] for i in rows], n_candidates), strict=True):
+            answers[i] = result
+    return answers  # type: ignore[return-value]
 
 
 def model_backend(settings: Settings, metrics: Metrics) -> ModelBackend:
@@ -226,7 +246,7 @@ class Service:
             with bind_request_ids(batch_request_ids(queries)):
                 if delay_s:
                     time.sleep(delay_s)  # test hook: slow requests for shutdown and overload tests
-                return answer(queries, n_candidates)
+                return run_by_depth(answer, queries, n_candidates)
 
         batcher = Batcher(
             run_batch,

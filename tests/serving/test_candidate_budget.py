@@ -92,3 +92,36 @@ def test_a_malformed_budget_is_refused_naming_the_manifest(tmp_path):
     amend_artifact(artifact, fields={"serving": {"n_candidates": 0}})
     with pytest.raises(ArtifactError, match=r"manifest.json: serving.n_candidates must be a positive int"):
         load_variant("compressed", artifact)
+
+
+def test_a_deeper_request_in_the_batch_leaves_the_others_ranked_within_the_budget(budgeted):
+    """A model call ranks max(budget, its largest k) candidates, so requests for more items than the
+    budget run apart: the others' answers come from their top-budget candidates, as alone.
+    (Exact equality with a lone answer is not the test: this ranker quantizes per batch.)"""
+    from slimrec.serving.queries import build_query
+    from slimrec.serving.service import InProcessRunner, run_by_depth
+    from slimrec.serving.variants import load_variant
+
+    variant = load_variant("compressed", budgeted)
+    model, run = variant.model, InProcessRunner(variant).run
+    budget = 10  # k=10 requests then only reorder their candidates: deeper ones are easy to see
+
+    def within_budget(user: str, items) -> bool:
+        batch = model.known_users(np.array([variant.user_index[user]]))
+        top = model.retrieve(model.user_vectors(batch), budget, batch)[0][0]
+        return set(items.tolist()) <= set(top.tolist())
+
+    deeper_in_one_call = 0
+    for user in (str(u) for u in range(1, 41)):
+        shallow, deep, other = (build_query(variant, u, k) for u, k in ((user, 10), ("5", 50), ("7", 10)))
+        batched = run_by_depth(run, [shallow, deep, other], budget)
+        # The same as the two calls it makes: the k <= budget requests together, the deep one apart.
+        apart = run([shallow, other], budget)
+        assert [a.items.tolist() for a in batched] == [
+            apart[0].items.tolist(),
+            run([deep], budget)[0].items.tolist(),
+            apart[1].items.tolist(),
+        ]
+        assert within_budget(user, batched[0].items) and len(batched[1].items) == 50
+        deeper_in_one_call += not within_budget(user, run([shallow, deep], budget)[0].items)
+    assert deeper_in_one_call > 0  # one call for the whole batch ranks deeper: the test can fail
