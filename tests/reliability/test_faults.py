@@ -121,16 +121,19 @@ def test_client_errors_are_not_masked_by_the_fallback(app, monkeypatch):
 
 def test_a_broken_onnx_session_fails_mid_batch_and_falls_back(app, tiny_teacher):
     # A real graph, loaded by ONNX Runtime, whose 8-dim output no longer fits the 16-dim index:
-    # FAISS raises inside the batch, for every request in it.
+    # FAISS raises inside the batch, for every request in it. Every request sends a history, so
+    # each runs the tower (a known user without one is answered from the embedding cached at load).
     config = load_artifact(tiny_teacher, verify=False).config["feature_space"]
     tower = fake_user_tower(config["n_users"], config["history_len"], dim=8)
     model = app.state.service.variants["full"].variant.model
     model.user_tower = ort.InferenceSession(tower, providers=["CPUExecutionProvider"])
     client = app.state.client
     for user in ("1", "2", "new-user"):
-        body = {"user_id": user, "k": 5, **({"history": ["50", "181"]} if user == "new-user" else {})}
+        body = {"user_id": user, "k": 5, "history": ["50", "181"]}
         answer = client.post("/v1/recommend", json=body, headers=FULL).json()
         assert answer["fallback"] == "variant:compressed" and len(answer["items"]) == 5
+    cached = client.post("/v1/recommend", json={"user_id": "1", "k": 5}, headers=FULL).json()
+    assert cached["fallback"] is None  # no tower call: its embedding was computed at load
     text = client.get("/metrics").text
     errors = {line for line in text.splitlines() if line.startswith("slimrec_model_errors_total{")}
     assert any('variant="full"' in line for line in errors), errors
