@@ -5,8 +5,9 @@ of candidates (ml-100k, one request, 1 thread: 250-290 us at 200, 108-110 us at 
 budget is one more compression knob: `slimrec compress` scores validation two-stage NDCG@10
 (the served path, PROTOCOL.md) at each budget of `GateConfig.candidate_budgets` with the
 selection fold's models, for the validation users as known users and sent as new users (their
-history alone, as `slimrec evaluate`'s history_only), keeps the smallest budget whose two
-figures are both within `candidate_tolerance` of the largest budget's, records it in the
+history alone, as `slimrec evaluate`'s history_only), walks down from the largest budget while
+both figures stay within `candidate_tolerance` of the largest budget's and keeps the last that
+did (a smaller budget is never chosen past a larger one that failed), records it in the
 compressed artifact's manifest (`serving.n_candidates`, which the server uses unless told
 otherwise) and says what it costs on test.
 
@@ -88,22 +89,31 @@ def known_and_new(model: ServedModel, dataset: Dataset, fold: int, budgets: tupl
 
 
 def choose_budget(row_sets: list[list[dict[str, float]]], tolerance: float) -> int:
-    """The smallest budget whose NDCG@10 is >= the largest budget's x (1 - tolerance) in every
-    set of rows (known users, new users); each set has a row per budget.
+    """The smallest budget that passes, walking down from the largest and stopping at the first
+    that fails: a budget passes when its NDCG@10 is >= the largest budget's x (1 - tolerance) in
+    every set of rows (known users, new users; each set has a row per budget). A smaller budget
+    that passes after a larger one failed is noise around the floor, not a safe choice.
 
     Example (tolerance 0.005: a budget needs NDCG@10 >= 0.2000 x 0.995 = 0.1990):
         >>> choose_budget([[{"n_candidates": 200, "ndcg@10": 0.2000}, {"n_candidates": 100,
-        ...     "ndcg@10": 0.1995}, {"n_candidates": 50, "ndcg@10": 0.1980}]], 0.005)
-        100
+        ...     "ndcg@10": 0.1985}, {"n_candidates": 50, "ndcg@10": 0.1995}]], 0.005)
+        200
     """
-    passing = None
+    if not row_sets:
+        raise ValueError("choose_budget: no rows")
+    budgets = [sorted(int(r["n_candidates"]) for r in rows) for rows in row_sets]
+    if any(b != budgets[0] for b in budgets):
+        raise ValueError(f"choose_budget: the sets of rows score different budgets ({budgets})")
+    passing = set(budgets[0])
     for rows in row_sets:
         floor = max(rows, key=lambda r: r["n_candidates"])["ndcg@10"] * (1 - tolerance)
-        ok = {int(r["n_candidates"]) for r in rows if r["ndcg@10"] >= floor}
-        passing = ok if passing is None else passing & ok
-    if not passing:  # the largest budget always passes its own floor
-        raise ValueError("choose_budget: no budget common to every set of rows")
-    return min(passing)
+        passing &= {int(r["n_candidates"]) for r in rows if r["ndcg@10"] >= floor}
+    chosen = budgets[0][-1]  # the largest always passes its own floor
+    for n in reversed(budgets[0][:-1]):
+        if n not in passing:
+            break
+        chosen = n
+    return chosen
 
 
 def at_budget(metrics: dict, serving: dict | None, fold: str) -> dict:
@@ -148,8 +158,8 @@ def tune_candidate_budget(path: Path, dataset: Dataset, config: GateConfig, thre
         "candidate_budget": {
             "chosen_on": f"validation two-stage NDCG@10 of the {SELECTION_PREFIX} models (PROTOCOL.md), "
             "users known and sent as new users (history only)",
-            "rule": f"smallest budget with NDCG@10 >= the {reference}-candidate figure x (1 - tolerance), "
-            "known and new users alike",
+            "rule": f"smallest budget which, with every larger one, has NDCG@10 >= the {reference}-candidate "
+            "figure x (1 - tolerance), known and new users alike",
             "tolerance": config.candidate_tolerance,
             "reference": reference,
             "valid": valid,

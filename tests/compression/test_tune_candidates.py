@@ -23,12 +23,31 @@ def test_the_smallest_budget_within_the_tolerance_of_the_largest_is_chosen():
     assert choose_budget([figures], 0.005) == 100
     assert choose_budget([figures], 0.0) == 150  # only budgets at least as good as 200
     assert choose_budget([figures], 0.01) == 50
-    # Not monotone: the smallest that passes wins, even past one that fails.
-    assert choose_budget([rows((200, 0.2), (100, 0.18), (50, 0.2))], 0.005) == 50
     assert choose_budget([rows((200, 0.2), (100, 0.1))], 0.005) == 200  # the reference always passes
+    # Row order does not matter: budgets are walked from the largest down.
+    assert choose_budget([list(reversed(figures))], 0.005) == 100
     # Known and new users: a budget must pass both (new users: floor 0.1500 x 0.995 = 0.14925).
-    new_users = rows((200, 0.1500), (150, 0.1490), (100, 0.1495), (50, 0.1400))
+    new_users = rows((200, 0.1500), (150, 0.1495), (100, 0.1493), (50, 0.1400))
     assert choose_budget([figures, new_users], 0.005) == 100
+
+
+def test_no_budget_is_chosen_past_a_larger_one_that_failed():
+    # Floor 0.1990: 100 (0.1985) fails, so 50 (0.1995) is not chosen although it passes alone
+    # (the old rule, the smallest passing budget, chose 50 here).
+    figures = rows((200, 0.2000), (150, 0.1998), (100, 0.1985), (50, 0.1995))
+    assert choose_budget([figures], 0.005) == 150
+    assert choose_budget([rows((200, 0.2), (150, 0.18), (100, 0.2), (50, 0.2))], 0.005) == 200
+    # A failure in either set stops the walk: 100 fails for new users only (floor 0.14925).
+    new_users = rows((200, 0.1500), (150, 0.1500), (100, 0.1480), (50, 0.1500))
+    passing = rows((200, 0.2000), (150, 0.2000), (100, 0.2000), (50, 0.2000))
+    assert choose_budget([passing], 0.005) == 50
+    assert choose_budget([passing, new_users], 0.005) == 150
+    # 150 fails for new users (0.1490), 100 passes both: the old rule chose 100, the walk stops at 200.
+    known = rows((200, 0.2000), (150, 0.2003), (100, 0.1992), (50, 0.1989))
+    new_users = rows((200, 0.1500), (150, 0.1490), (100, 0.1495), (50, 0.1400))
+    assert choose_budget([known, new_users], 0.005) == 200
+    with pytest.raises(ValueError, match="different budgets"):
+        choose_budget([passing, new_users[:2]], 0.005)
 
 
 def test_gate_config_checks_the_budgets_and_their_tolerance():
@@ -96,8 +115,12 @@ def test_tuning_records_the_budget_the_server_then_uses(ml100k, tmp_path):
     def passes(figures, n):
         return figures[n]["ndcg@10"] >= figures[200]["ndcg@10"] * (1 - 0.005)
 
-    assert passes(valid, chosen) and passes(new_users, chosen)
-    assert not any(passes(valid, n) and passes(new_users, n) for n in valid if n < chosen)
+    def passes_both(n):
+        return passes(valid, n) and passes(new_users, n)
+
+    assert all(passes_both(n) for n in valid if n >= chosen)  # chosen and every larger budget
+    smaller = [n for n in valid if n < chosen]
+    assert not smaller or not passes_both(max(smaller))  # the walk stopped at a failure
     # The 200-candidate figure is the one `slimrec evaluate` reports for the selection models.
     full = evaluate_model(ServedModel(reloaded, "selection/"), ml100k, VALID)
     assert valid[200]["ndcg@10"] == pytest.approx(full["two_stage"]["ndcg@10"], abs=1e-12)
