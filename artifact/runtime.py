@@ -8,6 +8,7 @@ and so does `slimrec evaluate`, so the quality measured offline is the quality s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from slimrec.artifact.features import FeatureSpace
@@ -41,23 +42,42 @@ class Recommendations:
 
 # Candidates handed to the ranker when the artifact names no budget of its own (see candidate_budget).
 DEFAULT_N_CANDIDATES = 200
+BudgetSource = Literal["artifact", "default"]
 
 
 def candidate_budget(artifact: Artifact) -> int:
-    """The ranker's candidate budget the artifact was tuned for: manifest `serving.n_candidates`,
-    chosen on validation by `slimrec compress`; DEFAULT_N_CANDIDATES for an artifact without one.
+    """The ranker's candidate budget the artifact was tuned for (see `candidate_budget_and_source`).
 
     Example:
         >>> candidate_budget(load_artifact("artifacts/compressed"))
         100
     """
+    return candidate_budget_and_source(artifact)[0]
+
+
+def candidate_budget_and_source(artifact: Artifact) -> tuple[int, BudgetSource]:
+    """The ranker's candidate budget and where it comes from: manifest `serving.n_candidates`,
+    chosen on validation by `slimrec compress` ("artifact"), or DEFAULT_N_CANDIDATES for an
+    artifact without one ("default").
+
+    Raises:
+        ArtifactError: `serving.n_candidates` is not a positive integer (names the manifest).
+
+    Example:
+        >>> candidate_budget_and_source(load_artifact("artifacts/teacher"))
+        (200, 'default')
+    """
     serving = artifact.manifest.get("serving") or {}
-    value = serving.get("n_candidates", DEFAULT_N_CANDIDATES) if isinstance(serving, dict) else None
+    if not isinstance(serving, dict):
+        raise ArtifactError(f"{artifact.path / MANIFEST}: serving must be an object, got {serving!r}")
+    if "n_candidates" not in serving:
+        return DEFAULT_N_CANDIDATES, "default"
+    value = serving["n_candidates"]
     if type(value) is not int or value < 1:
         raise ArtifactError(
             f"{artifact.path / MANIFEST}: serving.n_candidates must be a positive integer, got {value!r}"
         )
-    return value
+    return value, "artifact"
 
 
 class ServedModel:
@@ -76,7 +96,8 @@ class ServedModel:
         self.fitted_indptr, self.fitted_items = tables["fitted_indptr"], tables["fitted_items"]
         self.popular_items = tables["popular_items"]
         self.n_users, self.n_items = self.space.n_users, self.space.n_items
-        self.n_candidates = candidate_budget(artifact)  # recommend's default
+        # recommend's default, and where it comes from (the artifact's, or the default)
+        self.n_candidates, self.n_candidates_from = candidate_budget_and_source(artifact)
         self.user_embeddings: np.ndarray | None = None  # [n_users, D] once cache_user_embeddings ran
         if self.index.n_items != self.n_items:
             raise ValueError(

@@ -12,6 +12,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from slimrec.artifact import Artifact, ArtifactError, load_artifact
@@ -43,7 +44,7 @@ class Variant:
     # artifact's (chosen on validation by `slimrec compress`), the default 200 for an artifact
     # without one, or the server's `n_candidates` setting, which overrides both.
     n_candidates: int = 200
-    n_candidates_from: str = "default"
+    n_candidates_from: Literal["artifact", "default", "settings"] = "default"
 
     def describe(self) -> dict:
         """What `GET /v1/variants` says about this variant: version, path, manifest summary."""
@@ -101,7 +102,6 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
     path = Path(path)
     artifact = load_artifact(path)  # format version + sha256 of every listed file
     model = ServedModel(artifact, "", threads=ort_threads)
-    manifest_serving = artifact.manifest.get("serving")  # the budget chosen on validation, if any
     check_signatures(model)
     check_tables(model)
     catalogue = artifact.read_json(CATALOGUE)
@@ -124,7 +124,7 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
         titles=[str(t) for t in catalogue["titles"]],
         genre_masks=genre_masks(catalogue["genres"]),
         n_candidates=model.n_candidates,
-        n_candidates_from="artifact" if "n_candidates" in (manifest_serving or {}) else "default",
+        n_candidates_from=model.n_candidates_from,
     )
     smoke_test(variant)
     model.cache_user_embeddings()  # after the smoke test, which checked the tower's output shape

@@ -85,6 +85,20 @@ def test_an_artifact_without_a_budget_serves_200(offline):
         assert served(client, users[0], 10) == answer(users[0], 10, 200)
 
 
+def test_the_budget_and_its_source_come_from_the_manifest(budgeted, tmp_path):
+    from slimrec.artifact.runtime import candidate_budget, candidate_budget_and_source
+
+    assert candidate_budget_and_source(load_artifact(budgeted)) == (BUDGET, "artifact")
+    assert candidate_budget_and_source(load_artifact(GOLDEN)) == (200, "default")
+    assert candidate_budget(load_artifact(budgeted)) == BUDGET
+    artifact = shutil.copytree(GOLDEN, tmp_path / "other")
+    amend_artifact(artifact, fields={"serving": {"note": "no budget"}})
+    assert candidate_budget_and_source(load_artifact(artifact)) == (200, "default")
+    amend_artifact(artifact, fields={"serving": [30]})
+    with pytest.raises(ArtifactError, match=r"manifest.json: serving must be an object"):
+        candidate_budget_and_source(load_artifact(artifact))
+
+
 def test_a_malformed_budget_is_refused_naming_the_manifest(tmp_path):
     from slimrec.serving.variants import load_variant
 
