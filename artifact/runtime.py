@@ -43,6 +43,8 @@ class Recommendations:
 # Candidates handed to the ranker when the artifact names no budget of its own (see candidate_budget).
 DEFAULT_N_CANDIDATES = 200
 BudgetSource = Literal["artifact", "default"]
+# Users embedded together and alone to tell whether the user tower is batch-independent.
+PROBE_USERS = 32
 
 
 def candidate_budget(artifact: Artifact) -> int:
@@ -128,22 +130,42 @@ class ServedModel:
         cached = self.user_embeddings[users] if self.user_embeddings is not None else None
         return UserBatch(*inputs, *exclude, cached)
 
-    def cache_user_embeddings(self, max_users: int = 100_000) -> bool:
+    def cache_user_embeddings(self, max_users: int = 100_000, batch_size: int = 256) -> bool:
         """Compute every known user's embedding once, so that requests from known users without a
-        sent or live history skip the user tower. Each user is embedded alone, as a lone request
-        would be: a dynamically quantized tower's output depends on what shares its batch.
+        sent or live history skip the user tower. Each cached row equals what the tower returns
+        for that user alone (a lone request): batch_size users a call where the tower's rows do
+        not depend on what shares their batch, one user a call where they do (a dynamically
+        quantized tower scales its activations per batch: batched, every row of the ml-100k int8
+        tower differs from its lone one). `batch_independent` tells the two apart on a probe.
 
         Args:
             max_users: above this many users nothing is cached (loading would take too long).
+            batch_size: users per tower call for a batch-independent tower.
         Returns:
             Whether the cache was built ([n_users, D] float32, on `user_embeddings`).
         """
         if self.n_users > max_users:
             return False
         self.user_embeddings = None  # known_users below must run the tower
-        rows = [self.embed(self.known_users(np.array([user]))) for user in range(self.n_users)]
+        step = batch_size if self.batch_independent() else 1
+        rows = [
+            self.embed(self.known_users(np.arange(s, min(s + step, self.n_users))))
+            for s in range(0, self.n_users, step)
+        ]
         self.user_embeddings = np.concatenate(rows).astype(np.float32, copy=False)
         return True
+
+    def batch_independent(self, n_probe: int = PROBE_USERS) -> bool:
+        """Whether the user tower's rows for known users are bit-for-bit the same embedded in one
+        batch as one at a time, on up to n_probe users spread over the catalogue (one call for
+        the batch, one per user). A dynamically quantized tower fails on every row in practice
+        (its activation scale is the batch's range); the fp32 towers tried pass (ml-100k: every
+        row of a 256-user batch equals its lone one).
+        """
+        users = np.unique(np.linspace(0, self.n_users - 1, min(n_probe, self.n_users)).astype(np.int64))
+        together = self.embed(self.known_users(users))
+        alone = np.concatenate([self.embed(self.known_users(users[i : i + 1])) for i in range(len(users))])
+        return bool(np.array_equal(together, alone))
 
     # --- stages -------------------------------------------------------------------------------
 

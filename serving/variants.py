@@ -78,13 +78,19 @@ def model_version(artifact: Artifact) -> str:
     return f"{artifact.variant}-{hashlib.sha256(files.encode()).hexdigest()[:12]}"
 
 
-def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
+def load_variant(
+    name: str, path: str | Path, ort_threads: int = 1, *, cache_embeddings: bool = False
+) -> Variant:
     """Verify and load an artifact for serving, then run a smoke query through it.
 
     Args:
         name: the variant name it is served under ("full", "compressed", ...).
         path: artifact directory; its manifest and the sha256 of every file are checked.
         ort_threads: ONNX Runtime intra-op threads per session.
+        cache_embeddings: compute known users' embeddings now
+            (`ServedModel.cache_user_embeddings`): for a copy that runs batches (in process, a
+            model process, a Ray model replica), not for one that only checks requests and
+            answers the popularity fallback (the `--model-process` parent, a Ray ingress).
 
     Returns:
         The loaded Variant.
@@ -127,7 +133,8 @@ def load_variant(name: str, path: str | Path, ort_threads: int = 1) -> Variant:
         n_candidates_from=model.n_candidates_from,
     )
     smoke_test(variant)
-    model.cache_user_embeddings()  # after the smoke test, which checked the tower's output shape
+    if cache_embeddings:  # after the smoke test, which checked the tower's output shape
+        model.cache_user_embeddings()
     return variant
 
 

@@ -1,7 +1,10 @@
 """Known users' embeddings computed once at load: lone answers are bit-for-bit those of the tower.
 
 The golden compressed artifact's user tower quantizes its activations per batch, so the cache
-must hold what a lone request computes (each user embedded alone), not a batch's rows.
+must hold what a lone request computes (each user embedded alone), not a batch's rows; the fp32
+teacher's rows do not depend on their batch, so its users are embedded many a call. The cache is
+built only where batches run: in process, in each model process, not in the `--model-process`
+parent.
 """
 
 from __future__ import annotations
@@ -10,8 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from slimrec.artifact.runtime import UserBatch
+from slimrec.serving.app import create_app
+from slimrec.serving.model_process import ModelProcesses
 from slimrec.serving.queries import build_query, run_queries, user_batch
+from slimrec.serving.settings import Settings
 from slimrec.serving.variants import load_variant
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "ml100k-tiny-compressed"
@@ -19,7 +26,12 @@ GOLDEN = Path(__file__).parents[1] / "golden" / "ml100k-tiny-compressed"
 
 @pytest.fixture(scope="module")
 def variant():
-    return load_variant("compressed", GOLDEN)
+    return load_variant("compressed", GOLDEN, cache_embeddings=True)
+
+
+def lone_embeddings(model) -> np.ndarray:
+    """[n_users, D]: each known user through the tower alone, as a lone request."""
+    return np.concatenate([model.embed(model.known_users(np.array([u]))) for u in range(model.n_users)])
 
 
 def test_the_cache_holds_each_known_users_lone_embedding(variant):
@@ -28,9 +40,53 @@ def test_the_cache_holds_each_known_users_lone_embedding(variant):
         model.n_users,
         model.index.dim,
     )
-    for user in (0, 195, model.n_users - 1):
-        alone = model.embed(model.known_users(np.array([user])))
-        np.testing.assert_array_equal(model.user_embeddings[user], alone[0])
+    assert not model.batch_independent()  # int8 activations scaled per batch: one user a call
+    np.testing.assert_array_equal(model.user_embeddings, lone_embeddings(model))
+    together = model.embed(model.known_users(np.arange(256)))
+    assert (together != model.user_embeddings[:256]).any(axis=1).all()  # batched rows all differ
+
+
+def test_a_batch_independent_tower_is_cached_many_users_a_call(tiny_teacher):
+    model = load_variant("full", tiny_teacher, cache_embeddings=True).model
+    assert model.batch_independent()  # fp32: a row does not depend on the rest of its batch
+    assert model.user_embeddings is not None
+    np.testing.assert_array_equal(model.user_embeddings, lone_embeddings(model))
+    # A batch size that leaves a short last call gives the same cache.
+    kept = model.user_embeddings
+    assert model.cache_user_embeddings(batch_size=100) and model.n_users % 100
+    np.testing.assert_array_equal(model.user_embeddings, kept)
+    rebuilt = model.user_embeddings
+    assert not model.cache_user_embeddings(max_users=model.n_users - 1)  # too many users: not built
+    assert model.user_embeddings is rebuilt
+
+
+def test_a_variant_loaded_without_the_cache_has_none(tiny_teacher):
+    assert load_variant("full", tiny_teacher).model.user_embeddings is None
+
+
+def fastest_embed(run, queries, repeats: int = 5) -> float:
+    """The least embed time of `repeats` runs of `queries` (the noise of a busy machine only adds)."""
+    return min(run(queries, 200)[0].timings["embed"] for _ in range(repeats))
+
+
+@pytest.mark.parametrize("model_process", [False, True], ids=["in-process", "model-process"])
+def test_the_cache_is_built_where_batches_run(tiny_teacher, model_process):
+    app = create_app(Settings(variants={"full": tiny_teacher}, model_process=model_process))
+    with TestClient(app):
+        served = app.state.service.variants["full"].variant
+        # The model-process parent only checks requests and answers the popularity fallback.
+        assert (served.model.user_embeddings is None) == model_process
+    if not model_process:
+        return
+    # Each child has it: a known user without a history skips the tower, one with a history runs it.
+    processes = ModelProcesses("full", served.path, size=1, ort_threads=1, index_threads=1)
+    try:
+        item = served.item_ids[0]
+        cached = fastest_embed(processes.run, [build_query(served, "196", 10)])
+        tower = fastest_embed(processes.run, [build_query(served, "196", 10, history=[item])])
+        assert cached * 5 < tower, (cached, tower)
+    finally:
+        processes.close()
 
 
 def test_lone_answers_are_unchanged_by_the_cache(variant):
