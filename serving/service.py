@@ -101,7 +101,7 @@ class InProcessModels:
         self.settings = settings
 
     def load(self, name: str, path: Path) -> tuple[Variant, ModelRunner]:
-        variant = load_variant(name, path, self.settings.ort_threads)
+        variant = load_variant(name, path, self.settings.ort_threads, cache_embeddings=True)
         return variant, InProcessRunner(variant)
 
 
