@@ -242,6 +242,29 @@ def test_redis_append_is_one_round_trip_without_script_exists(redis_server):
     assert stats["cmdstat_evalsha"]["calls"] == 8  # 6 events, plus the first batch resent after NOSCRIPT
 
 
+def test_redis_reads_of_one_loop_turn_go_in_one_round_trip(redis_server):
+    # Requests read histories concurrently; their reads are pipelined together, each answered its own.
+    async def body(store):
+        await store.append([event("e1", "u", "a"), event("e2", "u", "b"), event("e3", "v", "c")])
+        raw = aioredis.Redis.from_url(redis_server.url, decode_responses=True)
+        try:
+            await raw.config_resetstat()
+            got = await asyncio.gather(*(store.get(user) for user in ["u", "v", "w", "u"]))
+            stats = await raw.info("commandstats")
+            connections = (await raw.info("stats"))["total_connections_received"]
+            later = await store.get("v")  # a read on a later turn is sent on its own
+            return got, stats, connections, later
+        finally:
+            await raw.aclose()
+
+    got, stats, connections, later = using(RedisHistoryStore(redis_server.url), body)
+    assert got == [["a", "b"], ["c"], [], ["a", "b"]]
+    assert got[0] is not got[3]  # each caller owns its list
+    assert stats["cmdstat_lrange"]["calls"] == 3  # u, v, w: the repeated user is read once
+    assert connections == 0  # one pipeline on the append's connection; reads sent apart open more
+    assert later == ["c"]
+
+
 def test_redis_down_raises_state_unavailable_fast_then_recovers(redis_server):
     async def body(store):
         await store.append([event("e1", "u", "a")])
