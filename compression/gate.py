@@ -9,9 +9,10 @@ from dataclasses import dataclass
 class GateConfig:
     tolerance: float = 0.02  # relative: compressed >= teacher * (1 - tolerance)
     metrics: tuple[str, ...] = ("ndcg@10", "recall@200")
-    # The ranker's candidate budget (compression/tune_candidates.py): the smallest of these whose
-    # validation two-stage NDCG@10 is >= the largest's x (1 - candidate_tolerance). A quarter of
-    # the gate's tolerance, so the budget spends little of what the gate allows; () keeps 200.
+    # The ranker's candidate budget (compression/tune_candidates.py): walking down from the largest,
+    # the last of these before the first whose validation two-stage NDCG@10 falls below the
+    # largest's x (1 - candidate_tolerance). A quarter of the gate's tolerance, so the budget
+    # spends little of what the gate allows; () keeps 200.
     candidate_budgets: tuple[int, ...] = (200, 150, 100, 50)
     candidate_tolerance: float = 0.005
 

@@ -88,9 +88,10 @@ def render_candidates(serving: dict) -> list[str]:
         "",
         "## Ranker candidate budget (chosen on validation)",
         "",
-        f"The ranker ranks the index's top N. N = **{chosen}**: the smallest budget whose validation "
-        f"two-stage NDCG@10 (selection models, k=10) is >= the {reference}-candidate figure x "
-        f"(1 - {record['tolerance']:g}), for the users known and sent as new users (history only). "
+        f"The ranker ranks the index's top N. N = **{chosen}**: walking down from {reference}, the "
+        "smallest budget reached before one whose validation two-stage NDCG@10 (selection models, "
+        f"k=10) falls below the {reference}-candidate figure x (1 - {record['tolerance']:g}), for the "
+        "users known and sent as new users (history only). "
         "Requests for more than N items rank as many as they ask for, so the deeper metrics "
         "above (R@50, R@200) are unchanged; NDCG@10, R@10, HR@10 and MRR@10 "
         "are those of N.",
