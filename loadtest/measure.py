@@ -128,13 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     catalogue = json.loads((Path(next(iter(variants.values()))) / "catalogue.json").read_text())
     users = [str(u) for u in catalogue["user_ids"]]
     rows = []
-    with local_server(variants) as (url, _):  # default settings: batcher on, max batch 16, no deliberate wait
+    with local_server(variants) as (url, _):  # default settings: batcher on, max batch 16, 2 ms under load
         for name in variants:
             rows.append((f"sequential {name}", measure_sequential(url, name, users, args.requests)))
     if args.concurrency:
         configurations = (
-            ("batcher on (max 16, 0 ms)", ("--batch-max-size", "16")),
-            ("batcher on (max 16, 2 ms)", ("--batch-max-wait-ms", "2")),
+            ("batcher on (max 16, 0 ms)", ("--batch-max-wait-ms", "0")),
+            ("batcher on (max 16, 2 ms under load)", ("--batch-max-size", "16")),
             ("batcher off (thread pool)", ("--batch-max-size", "1")),
         )
         for label, flags in configurations:

@@ -106,9 +106,9 @@ class Settings(BaseSettings):
         "artifact's (chosen on validation by `slimrec compress`), else 200",
     )
     batch_max_size: int = Field(16, ge=1, le=4096, description="1 turns the batcher off")
-    # 0: never wait on purpose; a batch is whatever queued while the previous one ran, so a
-    # lone request pays nothing and batches grow with load. >0 trades latency for batch size.
-    batch_max_wait_ms: float = Field(0.0, ge=0, le=1000)
+    # Under concurrent load a batch waits up to this long to fill (serving/batcher.py); a lone
+    # request never waits. 0: a batch is whatever queued while the previous one ran.
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000)
     batch_threads: int = Field(1, ge=1, le=64, description="batches each variant runs at once")
     model_threads: int = Field(
         2,

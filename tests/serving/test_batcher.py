@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from slimrec.serving import batcher as batcher_module
 from slimrec.serving.batcher import Batcher, BatcherClosed
 from slimrec.serving.queries import build_query, run_queries
 from slimrec.serving.variants import load_variant
@@ -116,6 +117,51 @@ def test_lone_request_waits_at_most_max_wait(executor):
 
     assert asyncio.run(main()) < 0.5
     assert run.sizes == [1]
+
+
+def test_a_lone_request_never_waits_for_company(executor):
+    # max_wait is a cap for batches under concurrent load, not a delay for a request alone.
+    run = Recorder(delay_s=0)
+
+    async def main():
+        batcher = Batcher(run, executor, max_batch_size=64, max_wait_s=2.0)
+        took = []
+        for x in range(3):
+            started = time.perf_counter()
+            assert await batcher.submit(x) == 2 * x
+            took.append(time.perf_counter() - started)
+        await batcher.close()
+        return took
+
+    assert max(asyncio.run(main())) < 0.5
+    assert run.sizes == [1, 1, 1]
+
+
+def test_under_load_a_batch_fills_until_arrivals_pause(executor, monkeypatch):
+    # After a batch of several (concurrent load), the next batch waits for queries that keep
+    # arriving (here 20 ms apart, within a widened arrival gap) and closes when they stop,
+    # long before max_wait. Taking whatever was queued would have run [2] and then [2].
+    monkeypatch.setattr(batcher_module, "ARRIVAL_GAP_S", 0.1)
+    run = Recorder(delay_s=0)
+
+    async def main():
+        batcher = Batcher(run, executor, max_batch_size=64, max_wait_s=5.0)
+        await asyncio.gather(*(batcher.submit(x) for x in range(4)))
+        started = time.perf_counter()
+
+        async def later(x):
+            await asyncio.sleep(0.02)
+            return await batcher.submit(x)
+
+        answers = await asyncio.gather(batcher.submit(10), batcher.submit(11), later(12), later(13))
+        took = time.perf_counter() - started
+        await batcher.close()
+        return answers, took
+
+    answers, took = asyncio.run(main())
+    assert answers == [20, 22, 24, 26]
+    assert run.sizes[-1] == 4, run.sizes
+    assert took < 2.0  # closed by the pause in arrivals, not by max_wait (5 s)
 
 
 def test_batch_size_one_turns_batching_off(executor):
