@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from pathlib import Path
 from urllib.parse import quote
 
 import gevent
 from locust import FastHttpUser, events, task
 from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, WorkerRunner
-from locust.user.wait_time import constant_throughput
 from slimrec.loadtest.workload import DEFAULT_K_MIX, RequestMix, Workload, ZipfSampler, workload_from_server
 
 VARIANT_HEADER = "X-Slimrec-Variant"
@@ -91,10 +91,22 @@ class RecommendUser(FastHttpUser):
         self.forced = options.force_variant or None
         self.headers = {VARIANT_HEADER: self.forced} if self.forced else {}
         users = max(1, options.num_users or 1)
-        self.pace = constant_throughput(options.target_rps / users) if options.target_rps > 0 else None
+        # A fixed rate: each user sends one request per period, at a random phase of its own.
+        # (locust's constant_throughput paces every user from its spawn time: users spawned
+        # together sent their requests in bursts of `users`, which the batcher ran as one batch,
+        # so a fixed rate measured burst latency.)
+        self.period = users / options.target_rps if options.target_rps > 0 else None
+        if self.period is not None:
+            self.next_at = time.monotonic() + self.rng.uniform(0.0, self.period)
+            gevent.sleep(self.next_at - time.monotonic())
 
     def wait_time(self):
-        return self.pace(self) if self.pace else 0.0
+        if self.period is None:
+            return 0.0
+        now = time.monotonic()
+        # The next slot of this user's schedule; after a stall, restart from now, not in a burst.
+        self.next_at = max(self.next_at + self.period, now - self.period)
+        return max(0.0, self.next_at - now)
 
     @task(9)
     def recommend(self):
