@@ -128,6 +128,20 @@ def test_tuning_records_the_budget_the_server_then_uses(ml100k, tmp_path):
         assert [r["n_candidates"] for r in tuned[fold]] == sorted({200, chosen}, reverse=True)
 
 
+def test_tuning_that_keeps_the_largest_budget_scores_test_once(ml100k, tmp_path):
+    # The chosen budget is also the reference: test is scored at it once (make demo crashed when
+    # (200, 200) was scored as two budgets, every user twice against one set of relevant items).
+    from slimrec.compression.tune_candidates import tune_candidate_budget
+
+    artifact = shutil.copytree(GOLDEN, tmp_path / "compressed")
+    record = tune_candidate_budget(artifact, ml100k, GateConfig(candidate_budgets=(200,)))
+    assert record["n_candidates"] == 200
+    for fold in ("valid", "test", "valid_history_only", "test_history_only"):
+        rows = record["candidate_budget"][fold]
+        assert [r["n_candidates"] for r in rows] == [200]
+        assert rows[0]["ndcg@10_change"] == 0.0 and 0 < rows[0]["ndcg@10"] < 1
+
+
 def test_the_report_says_which_budget_was_chosen_and_its_cost_on_test():
     from slimrec.compression.report_render import render_candidates
 
