@@ -42,7 +42,6 @@ def budget_lists(
     """Each budget's served top-K of `users` (int [B, K] item indices, -1 padded), as
     `model.recommend(batch, K, n)` answers, retrieving once at the largest budget.
     `as_new_users`: as `slimrec.models.served_eval.served_lists`."""
-    budgets = tuple(dict.fromkeys(budgets))  # a budget named twice is scored once
     deepest = max(budgets)
     lists: dict[int, list[np.ndarray]] = {n: [] for n in budgets}
     for s in range(0, len(users), BATCH):
@@ -65,8 +64,8 @@ def budget_figures(
     split = protocol_split(dataset)
     users = np.unique(split.user[split.fold == fold])
     relevant = relevant_sets(dataset, fold, users)
+    budgets = tuple(sorted(set(budgets), reverse=True))  # a budget named twice is scored once
     lists = budget_lists(model, users, budgets, as_new_users)
-    budgets = tuple(sorted(set(budgets), reverse=True))
     reference = per_user_ndcg_at_10(lists[budgets[0]], *relevant)
     rows = []
     for n in budgets:

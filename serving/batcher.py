@@ -13,8 +13,8 @@ batch waits to fill: it closes when it holds `max_batch_size` queries, when its 
 has waited `max_wait_s`, or when no query has arrived for ARRIVAL_GAP_S (the event loop has
 delivered what it had), whichever comes first. Taking whatever is queued at once made a thread
 with a free core run batches of ~7 at 16 concurrent requests (ml-100k, compressed): each batch
-pays ONNX Runtime's per-call cost and two thread hand-offs, and server CPU per request was
-617-646 us; waiting up to 2 ms (batches of 11-16) measured 429-557 us at the same throughput.
+pays ONNX Runtime's per-call cost and two thread hand-offs: server CPU per request 672-739 us;
+with this rule and a 2 ms cap, batches of 8.8-9.5 and 586-639 us at the same throughput.
 With `max_wait_s=0` nothing waits: a batch is whatever queued while the previous one ran.
 
 `max_batch_size=1` turns batching off: each query goes straight to the thread pool.
