@@ -16,8 +16,9 @@ a random sample of the fitted interactions (every fitted item keeps its own id r
 embeddings and index structure cover the catalogue), one ranker epoch on the lists of a
 sample of users (`RankerData.max_users`), then the student the same way, distilled with
 `teacher_candidates=0` (a teacher top-M over a million items per batch costs more than
-the step). No PROTOCOL evaluation at scale (the quality figures come from ml-100k): only
-the index's recall@200 and a two-stage recall@10 on a sample of users as a sanity check.
+the step), its ranker over its own candidates. Each variant's blend weight is chosen on the
+tuning users. No PROTOCOL evaluation at scale (the quality figures come from ml-100k): only
+the index's recall@200 and a two-stage recall@10 on other users as a sanity check.
 Nothing here builds an [n_users, n_items] matrix: exact search runs in FAISS on sampled
 users, and training's exact top-k scores users in blocks sized to the catalogue.
 An earlier run's data and artifacts are reused when their parameters match (`--fresh` rebuilds).
@@ -133,6 +134,7 @@ def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: di
     from slimrec.artifact.index import IndexSpec
     from slimrec.bench.scale_models import (
         build_indexes,
+        choose_retrieval_weight_,
         served_checks,
         shape_summary,
         stage_summary,
@@ -171,6 +173,15 @@ def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: di
     users = rng.permutation(fold.eval_users)  # disjoint samples: tune nprobe on some, report recall on others
     tune_users = users[: config.tune_users]
     recall_users = users[config.tune_users : config.tune_users + config.recall_users]
+    blend_weights = {
+        variant: choose_retrieval_weight_(models, tune_users, config.retrieval_weights)
+        for variant, models in (("full", teacher), ("compressed", student))
+    }
+    log(
+        "blend weight of the retrieval score (tuning users' NDCG@10): "
+        + ", ".join(f"{v} {b['chosen']}" for v, b in blend_weights.items())
+    )
+    clock.lap("blend_weight")
     spec, index_info = build_indexes(teacher, student, fold, tune_users, config, clock)
 
     data = {
@@ -207,6 +218,7 @@ def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: di
             )
         },
         "index": index_info,
+        "blend_weight": blend_weights,
         **checks,
         "seconds": clock.seconds,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -34,13 +34,14 @@ def training_view(fold, n_rows: int | None, rng: np.random.Generator):
 
 def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
     """Teacher (retrieval on `sample`, ranker on `fold`), then the compression pipeline's stages on a
-    student: distilled from it, its rare ids on the shared row (`config.embedding_min_count`), its
-    embedding tables int8. One epoch per model. Returns (teacher, student) as FoldModels."""
+    student: distilled from it (its ranker over its own candidates), its rare ids on the shared row
+    (`config.embedding_min_count`), its embedding tables int8. One epoch per model. Returns
+    (teacher, student) as FoldModels, their blend weights still to choose (`choose_retrieval_weight_`)."""
     from slimrec.compression.pipeline import PipelineConfig, distill_stage, prune_stage_, quantize_stage_
     from slimrec.compression.prune import PruneConfig
     from slimrec.models.train import FoldModels, train_ranker, train_retrieval
 
-    w = config.retrieval_weight
+    w = config.retrieval_weights[0]  # a placeholder: `choose_retrieval_weight_` sets each variant's
     retrieval = train_retrieval(sample, train_config, epochs=1)
     clock.lap("teacher_retrieval")
     ranking = train_ranker(fold, retrieval.model, train_config, epochs=1, retrieval_weights=(w,))
@@ -66,6 +67,43 @@ def train_models(fold, sample, train_config, config: ScaleConfig, clock: Clock):
         )
     quantize_stage_(student, PipelineConfig().embeddings)
     return teacher, student
+
+
+def choose_retrieval_weight_(models, users: np.ndarray, weights: tuple[float, ...]) -> dict:
+    """Set `models.retrieval_weight` to the blend weight with the best two-stage NDCG@10 on
+    `users` (test users of `models.fold`, disjoint from those the sanity check reports on), over
+    exact retrieval of K candidates. Returns {"chosen": weight, "ndcg@10_by_weight": {...}}."""
+    from slimrec.artifact.user_state import csr_rows
+    from slimrec.models.evaluate import (
+        blend,
+        exact_top_k,
+        item_embeddings,
+        ranker_logits,
+        top_k_of_candidates,
+        user_embeddings,
+    )
+    from slimrec.models.ranking_metrics import ranking_metrics
+
+    fold, model = models.fold, models.two_tower
+    rows = np.searchsorted(fold.eval_users, users)  # eval_users is sorted
+    items, scores = exact_top_k(
+        user_embeddings(model, fold, users),
+        item_embeddings(model, fold.dataset.n_items),
+        K,
+        csr_rows(*fold.eval_exclude, rows),
+    )
+    logits = ranker_logits(models.ranker, fold, users, items)
+    relevant = csr_rows(*fold.eval_relevant, rows)
+    by_weight = {
+        w: ranking_metrics(
+            top_k_of_candidates(items, blend(logits, scores / model.config.temperature, w), 10),
+            *relevant,
+            ks=(10,),
+        )["ndcg@10"]
+        for w in weights
+    }
+    models.retrieval_weight = max(by_weight, key=lambda w: by_weight[w])
+    return {"chosen": models.retrieval_weight, "ndcg@10_by_weight": {str(w): v for w, v in by_weight.items()}}
 
 
 def stage_summary(result) -> dict:

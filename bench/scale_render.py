@@ -143,11 +143,12 @@ def sanity_rows(runs: list[dict]) -> list[str]:
     lines = [
         "Sanity, not PROTOCOL: two-stage recall@10 of the served path on "
         f"{runs[-1]['build']['sanity_users']} sampled test users, next to popularity; the IVF "
-        "tuning curve (recall@200 vs exact with ties within the tolerance counted, tuning users).",
+        "tuning curve (recall@200 vs exact with ties within the tolerance counted, tuning users); "
+        "each variant's blend weight of the retrieval score, chosen on the tuning users.",
         "",
-        "| catalogue | full | compressed | popularity | items fitted / in the retrieval epoch "
-        "| nprobe: recall |",
-        "|---|---:|---:|---:|---:|---|",
+        "| catalogue | full | compressed | popularity | blend weight full / compressed "
+        "| items fitted / in the retrieval epoch | nprobe: recall |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for run in runs:
         build = run["build"]
@@ -155,10 +156,16 @@ def sanity_rows(runs: list[dict]) -> list[str]:
         curve = ", ".join(f"{c['nprobe']}: {c['recall']:.3f}" for c in build["index"]["compressed"]["tuning"])
         lines.append(
             f"| {run['size']['label']} | {sanity['full']:.4f} | {sanity['compressed']:.4f} | "
-            f"{sanity['popularity']:.4f} | {shape['items_with_fitted_interactions']:,} / "
+            f"{sanity['popularity']:.4f} | {blend_weights(build)} | "
+            f"{shape['items_with_fitted_interactions']:,} / "
             f"{shape['items_in_retrieval_epoch']:,} | {curve} |"
         )
     return lines
+
+
+def blend_weights(build: dict) -> str:
+    chosen = build.get("blend_weight")  # builds before it was chosen used 0.4 for both
+    return " / ".join(f"{chosen[v]['chosen']:g}" for v in ("full", "compressed")) if chosen else "0.4 / 0.4"
 
 
 def plot_scale(report: dict) -> bytes:

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from slimrec.bench.scale_config import ScaleConfig
 
 from slimrec.cli import main
 
@@ -93,6 +94,13 @@ def test_bench_catalogue_tiny_end_to_end(tmp_path):
     rows = build["shape"]["compressed_id_rows"]
     for table in ("user_tower.history.embedding", "ranker.item_embedding"):
         assert 2 <= rows[table] < build["shape"]["items_with_fitted_interactions"], rows
+    # Each variant's blend weight is the grid's best on the tuning users, and the artifact serves it.
+    for variant, blend in build["blend_weight"].items():
+        by_weight = blend["ndcg@10_by_weight"]
+        assert set(by_weight) == {str(w) for w in ScaleConfig().retrieval_weights}
+        assert by_weight[str(blend["chosen"])] == max(by_weight.values())
+        manifest = json.loads((out / "2k" / variant / "manifest.json").read_text())
+        assert manifest["config"]["models"][""]["retrieval_weight"] == blend["chosen"]
     variants = run["bench"]["variants"]
     assert variants["full"]["embedding_dim"] > variants["compressed"]["embedding_dim"]
     assert variants["compressed"]["index"]["kind"] == "ivf_sq6"
@@ -102,7 +110,6 @@ def test_bench_catalogue_tiny_end_to_end(tmp_path):
     assert (out / "2k" / "bench.json").is_file()
     # Asked again with the same parameters, the build reuses the data and artifacts it left.
     from slimrec.bench.scale import build_size, parse_sizes
-    from slimrec.bench.scale_config import ScaleConfig
 
     (size,) = parse_sizes("2k")
     assert build_size(size, out / "2k", ScaleConfig.for_preset("tiny")) == build
