@@ -244,6 +244,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from slimrec.serving import observability
     from slimrec.serving.app import GracefulServer
+    from slimrec.serving.workers import serve_workers
 
     settings = settings_from_args(args)
     if settings.engine == "ray" or args.print_config:
@@ -270,10 +271,14 @@ def run_serve(args: argparse.Namespace) -> int:
         # Every worker writes its metrics under this directory; any worker's /metrics sums them.
         with tempfile.TemporaryDirectory(prefix="slimrec-metrics-") as metrics_dir:
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-            uvicorn.run(
-                "slimrec.serving.app:create_app_from_env", factory=True, workers=settings.workers, **options
+            return serve_workers(
+                uvicorn.Config(
+                    "slimrec.serving.app:create_app_from_env",
+                    factory=True,
+                    workers=settings.workers,
+                    **options,
+                )
             )
-        return 0
     server = GracefulServer(
         uvicorn.Config("slimrec.serving.app:create_app_from_env", factory=True, **options)
     )
