@@ -37,7 +37,11 @@ def register(subparsers) -> None:
         "budget chosen on validation, else 200)",
     )
     serve.add_argument("--batch-max-size", type=int, help="max queries per model call; 1 = no batching")
-    serve.add_argument("--batch-max-wait-ms", type=float, help="max wait for a batch to fill")
+    serve.add_argument(
+        "--batch-max-wait-ms",
+        type=float,
+        help="max wait for a batch to fill (default 2 with one worker, 0 with --workers > 1)",
+    )
     serve.add_argument("--batch-threads", type=int, help="batches each variant runs at once (default 1)")
     serve.add_argument(
         "--model-threads", type=int, help="threads running model calls when batching is off (default 2)"

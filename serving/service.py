@@ -252,7 +252,7 @@ class Service:
             run_batch,
             self._executor,
             settings.batch_max_size,
-            settings.batch_max_wait_ms / 1000,
+            settings.batch_wait_s,
             on_batch=batch_sizes.observe,
             name=f"slimrec-batcher-{variant.name}",
             threads=settings.batch_threads,

@@ -58,6 +58,17 @@ def test_settings_round_trip_through_env_for_workers(tmp_path, clean_env):
     assert rebuilt.admin_token.get_secret_value() == "x" * 20
 
 
+def test_batches_wait_to_fill_in_one_process_only_unless_set(tmp_path, clean_env):
+    # One process: waiting makes bigger batches, less CPU per request. Each of several workers
+    # sees a share of the requests, and waiting idles its core.
+    assert Settings(variants=f"full={tmp_path}").batch_wait_s == 0.002
+    assert Settings(variants=f"full={tmp_path}", workers=2).batch_wait_s == 0.0
+    assert Settings(variants=f"full={tmp_path}", workers=2, batch_max_wait_ms=3).batch_wait_s == 0.003
+    assert Settings(variants=f"full={tmp_path}", batch_max_wait_ms=0).batch_wait_s == 0.0
+    clean_env.setenv("SLIMREC_WORKERS", "2")  # as a worker process rebuilds its settings
+    assert Settings(variants=f"full={tmp_path}").batch_wait_s == 0.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
