@@ -16,9 +16,10 @@ a random sample of the fitted interactions (every fitted item keeps its own id r
 embeddings and index structure cover the catalogue), one ranker epoch on the lists of a
 sample of users (`RankerData.max_users`), then the student the same way, distilled with
 `teacher_candidates=0` (a teacher top-M over a million items per batch costs more than
-the step), its ranker over its own candidates. Each variant's blend weight is chosen on the
-tuning users. No PROTOCOL evaluation at scale (the quality figures come from ml-100k): only
-the index's recall@200 and a two-stage recall@10 on other users as a sanity check.
+the step), its ranker over its own candidates. Each variant's blend weight, and the compressed
+ranker's candidate budget (`slimrec compress`'s rule), are chosen on the tuning users. No
+PROTOCOL evaluation at scale (the quality figures come from ml-100k): only the index's
+recall@200 and a two-stage recall@10 on other users as a sanity check.
 Nothing here builds an [n_users, n_items] matrix: exact search runs in FAISS on sampled
 users, and training's exact top-k scores users in blocks sized to the catalogue.
 An earlier run's data and artifacts are reused when their parameters match (`--fresh` rebuilds).
@@ -134,6 +135,7 @@ def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: di
     from slimrec.artifact.index import IndexSpec
     from slimrec.bench.scale_models import (
         build_indexes,
+        choose_candidate_budget_,
         choose_retrieval_weight_,
         served_checks,
         shape_summary,
@@ -203,6 +205,8 @@ def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: di
         work / "compressed", "compressed", student, spec, pipeline.dense, data, {**meta, "pipeline": steps}
     )
     clock.lap("write_compressed")
+    budget = choose_candidate_budget_(work / "compressed", dataset, split, tune_users, threads)
+    clock.lap("candidate_budget")
     checks = served_checks(work, dataset, split, recall_users, threads, config.recall_tolerance)
     clock.lap("recall_sanity")
     return {
@@ -219,6 +223,7 @@ def build_fresh(size: CatalogueSize, work: Path, config: ScaleConfig, params: di
         },
         "index": index_info,
         "blend_weight": blend_weights,
+        "candidate_budget": budget,
         **checks,
         "seconds": clock.seconds,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

@@ -193,27 +193,77 @@ def write_served(out: Path, variant: str, models, spec, dense_quant, data: dict,
         raise
 
 
-def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, tolerance: float) -> dict:
-    """Through the written artifacts, on held-out test users: the compressed index's recall@K
-    against exact search over its own item vectors, and (sanity, not PROTOCOL) two-stage
-    recall@10 of both variants next to popularity."""
-    from slimrec.artifact import load_artifact
-    from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k, recall_within
-    from slimrec.artifact.runtime import ServedModel
+def test_relevant(dataset, split, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR over `users` (in order): each one's test items."""
     from slimrec.models.csr import csr_from_pairs
-    from slimrec.models.ranking_metrics import ranking_metrics
-    from slimrec.models.served_eval import item_vectors
     from slimrec.models.split import TEST
 
     slot = np.full(dataset.n_users, -1)
     slot[users] = np.arange(len(users))
     rows = np.flatnonzero((split.fold == TEST) & (slot[split.user] >= 0))
-    relevant = csr_from_pairs(slot[split.user[rows]], split.item[rows], len(users))
+    return csr_from_pairs(slot[split.user[rows]], split.item[rows], len(users))
+
+
+def choose_candidate_budget_(path: Path, dataset, split, users: np.ndarray, threads: int) -> dict:
+    """The compressed artifact's ranker candidate budget, chosen by `slimrec compress`'s rule
+    (compression/tune_candidates.py: walk down from the largest budget while two-stage NDCG@10,
+    users known and sent as new users, stays within the gate's candidate tolerance) on `users`
+    (tuning users' test items: nothing is fitted on train alone at scale), and written to its
+    manifest (`serving.n_candidates`, what the server ranks). Returns build.json's entry."""
+    from slimrec.artifact import amend_artifact, load_artifact
+    from slimrec.artifact.runtime import ServedModel
+    from slimrec.compression.gate import GateConfig
+    from slimrec.compression.tune_candidates import budget_lists, choose_budget
+    from slimrec.models.ranking_metrics import ranking_metrics
+
+    gate = GateConfig()
+    model = ServedModel(load_artifact(path), threads=threads)
+    relevant = test_relevant(dataset, split, users)
+    row_sets = []
+    for as_new_users in (False, True):
+        lists = budget_lists(model, users, gate.candidate_budgets, as_new_users)
+        row_sets.append(
+            [
+                {"n_candidates": n, "ndcg@10": ranking_metrics(lists[n], *relevant, ks=(10,))["ndcg@10"]}
+                for n in gate.candidate_budgets
+            ]
+        )
+    del model
+    chosen = choose_budget(row_sets, gate.candidate_tolerance)
+    record = {
+        "chosen_on": "two-stage NDCG@10 of the scale bench's tuning users (test items), known and new",
+        "tolerance": gate.candidate_tolerance,
+        "known": row_sets[0],
+        "new_users": row_sets[1],
+    }
+    amend_artifact(path, fields={"serving": {"n_candidates": chosen, "candidate_budget": record}})
+    log(
+        f"candidate budget {chosen} (tuning users' NDCG@10 known / new by budget: "
+        + ", ".join(
+            f"{k['n_candidates']}: {k['ndcg@10']:.4f} / {n['ndcg@10']:.4f}"
+            for k, n in zip(*row_sets, strict=True)
+        )
+        + ")"
+    )
+    return {"chosen": chosen, **record}
+
+
+def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, tolerance: float) -> dict:
+    """Through the written artifacts, on held-out test users: the compressed index's recall@K
+    against exact search over its own item vectors, and (sanity, not PROTOCOL) two-stage
+    recall@10 of both variants, each at its served candidate budget, next to popularity."""
+    from slimrec.artifact import load_artifact
+    from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k, recall_within
+    from slimrec.artifact.runtime import ServedModel
+    from slimrec.models.ranking_metrics import ranking_metrics
+    from slimrec.models.served_eval import item_vectors
+
+    relevant = test_relevant(dataset, split, users)
     out = {"sanity_recall@10": {}, "sanity_users": int(len(users))}
     for variant in ("full", "compressed"):
         model = ServedModel(load_artifact(work / variant), threads=threads)
         tops = [
-            model.recommend(model.known_users(users[s : s + 100]), k=10, n_candidates=K).items
+            model.recommend(model.known_users(users[s : s + 100]), k=10).items  # its served budget
             for s in range(0, len(users), 100)
         ]
         metrics = ranking_metrics(np.concatenate(tops), *relevant, ks=(10,))

@@ -144,11 +144,12 @@ def sanity_rows(runs: list[dict]) -> list[str]:
         "Sanity, not PROTOCOL: two-stage recall@10 of the served path on "
         f"{runs[-1]['build']['sanity_users']} sampled test users, next to popularity; the IVF "
         "tuning curve (recall@200 vs exact with ties within the tolerance counted, tuning users); "
-        "each variant's blend weight of the retrieval score, chosen on the tuning users.",
+        "each variant's blend weight of the retrieval score and the compressed variant's ranker "
+        "candidate budget (full: 200), chosen on the tuning users.",
         "",
         "| catalogue | full | compressed | popularity | blend weight full / compressed "
-        "| items fitted / in the retrieval epoch | nprobe: recall |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| candidate budget | items fitted / in the retrieval epoch | nprobe: recall |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in runs:
         build = run["build"]
@@ -157,6 +158,7 @@ def sanity_rows(runs: list[dict]) -> list[str]:
         lines.append(
             f"| {run['size']['label']} | {sanity['full']:.4f} | {sanity['compressed']:.4f} | "
             f"{sanity['popularity']:.4f} | {blend_weights(build)} | "
+            f"{build.get('candidate_budget', {}).get('chosen', 200)} | "
             f"{shape['items_with_fitted_interactions']:,} / "
             f"{shape['items_in_retrieval_epoch']:,} | {curve} |"
         )

@@ -7,6 +7,8 @@ import json
 import numpy as np
 import pytest
 from slimrec.bench.scale_config import ScaleConfig
+from slimrec.compression.gate import GateConfig
+from slimrec.compression.tune_candidates import choose_budget
 
 from slimrec.cli import main
 
@@ -101,6 +103,12 @@ def test_bench_catalogue_tiny_end_to_end(tmp_path):
         assert by_weight[str(blend["chosen"])] == max(by_weight.values())
         manifest = json.loads((out / "2k" / variant / "manifest.json").read_text())
         assert manifest["config"]["models"][""]["retrieval_weight"] == blend["chosen"]
+    # The compressed artifact serves the candidate budget chosen by compress's rule on the tuning users.
+    budget = build["candidate_budget"]
+    assert budget["chosen"] in GateConfig().candidate_budgets
+    manifest = json.loads((out / "2k" / "compressed" / "manifest.json").read_text())
+    assert manifest["serving"]["n_candidates"] == budget["chosen"]
+    assert choose_budget([budget["known"], budget["new_users"]], budget["tolerance"]) == budget["chosen"]
     variants = run["bench"]["variants"]
     assert variants["full"]["embedding_dim"] > variants["compressed"]["embedding_dim"]
     assert variants["compressed"]["index"]["kind"] == "ivf_sq6"
