@@ -73,34 +73,13 @@ def choose_retrieval_weight_(models, users: np.ndarray, weights: tuple[float, ..
     """Set `models.retrieval_weight` to the blend weight with the best two-stage NDCG@10 on
     `users` (test users of `models.fold`, disjoint from those the sanity check reports on), over
     exact retrieval of K candidates. Returns {"chosen": weight, "ndcg@10_by_weight": {...}}."""
-    from slimrec.artifact.user_state import csr_rows
-    from slimrec.models.evaluate import (
-        blend,
-        exact_top_k,
-        item_embeddings,
-        ranker_logits,
-        top_k_of_candidates,
-        user_embeddings,
-    )
-    from slimrec.models.ranking_metrics import ranking_metrics
+    from slimrec.models.evaluate import evaluate_ranked, retrieve_candidates
 
-    fold, model = models.fold, models.two_tower
-    rows = np.searchsorted(fold.eval_users, users)  # eval_users is sorted
-    items, scores = exact_top_k(
-        user_embeddings(model, fold, users),
-        item_embeddings(model, fold.dataset.n_items),
-        K,
-        csr_rows(*fold.eval_exclude, rows),
-    )
-    logits = ranker_logits(models.ranker, fold, users, items)
-    relevant = csr_rows(*fold.eval_relevant, rows)
+    rows = np.searchsorted(models.fold.eval_users, users)  # eval_users is sorted
+    candidates = retrieve_candidates(models.two_tower, models.fold, K, rows)
     by_weight = {
-        w: ranking_metrics(
-            top_k_of_candidates(items, blend(logits, scores / model.config.temperature, w), 10),
-            *relevant,
-            ks=(10,),
-        )["ndcg@10"]
-        for w in weights
+        w: metrics["ndcg@10"]
+        for w, metrics in evaluate_ranked(models.ranker, models.fold, candidates, weights, rows).items()
     }
     models.retrieval_weight = max(by_weight, key=lambda w: by_weight[w])
     return {"chosen": models.retrieval_weight, "ndcg@10_by_weight": {str(w): v for w, v in by_weight.items()}}
@@ -193,17 +172,6 @@ def write_served(out: Path, variant: str, models, spec, dense_quant, data: dict,
         raise
 
 
-def test_relevant(dataset, split, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """CSR over `users` (in order): each one's test items."""
-    from slimrec.models.csr import csr_from_pairs
-    from slimrec.models.split import TEST
-
-    slot = np.full(dataset.n_users, -1)
-    slot[users] = np.arange(len(users))
-    rows = np.flatnonzero((split.fold == TEST) & (slot[split.user] >= 0))
-    return csr_from_pairs(slot[split.user[rows]], split.item[rows], len(users))
-
-
 def choose_candidate_budget_(path: Path, dataset, split, users: np.ndarray, threads: int) -> dict:
     """The compressed artifact's ranker candidate budget, chosen by `slimrec compress`'s rule
     (compression/tune_candidates.py: walk down from the largest budget while two-stage NDCG@10,
@@ -213,21 +181,14 @@ def choose_candidate_budget_(path: Path, dataset, split, users: np.ndarray, thre
     from slimrec.artifact import amend_artifact, load_artifact
     from slimrec.artifact.runtime import ServedModel
     from slimrec.compression.gate import GateConfig
-    from slimrec.compression.tune_candidates import budget_lists, choose_budget
-    from slimrec.models.ranking_metrics import ranking_metrics
+    from slimrec.compression.tune_candidates import budget_rows, choose_budget
+    from slimrec.models.served_eval import fold_items
+    from slimrec.models.split import TEST
 
     gate = GateConfig()
     model = ServedModel(load_artifact(path), threads=threads)
-    relevant = test_relevant(dataset, split, users)
-    row_sets = []
-    for as_new_users in (False, True):
-        lists = budget_lists(model, users, gate.candidate_budgets, as_new_users)
-        row_sets.append(
-            [
-                {"n_candidates": n, "ndcg@10": ranking_metrics(lists[n], *relevant, ks=(10,))["ndcg@10"]}
-                for n in gate.candidate_budgets
-            ]
-        )
+    relevant = fold_items(split, dataset.n_users, TEST, users)
+    row_sets = [budget_rows(model, users, relevant, gate.candidate_budgets, new) for new in (False, True)]
     del model
     chosen = choose_budget(row_sets, gate.candidate_tolerance)
     record = {
@@ -256,9 +217,10 @@ def served_checks(work: Path, dataset, split, users: np.ndarray, threads: int, t
     from slimrec.artifact.index import IndexSpec, build_item_index, recall_at_k, recall_within
     from slimrec.artifact.runtime import ServedModel
     from slimrec.models.ranking_metrics import ranking_metrics
-    from slimrec.models.served_eval import item_vectors
+    from slimrec.models.served_eval import fold_items, item_vectors
+    from slimrec.models.split import TEST
 
-    relevant = test_relevant(dataset, split, users)
+    relevant = fold_items(split, dataset.n_users, TEST, users)
     out = {"sanity_recall@10": {}, "sanity_users": int(len(users))}
     for variant in ("full", "compressed"):
         model = ServedModel(load_artifact(work / variant), threads=threads)

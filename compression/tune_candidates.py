@@ -29,7 +29,7 @@ from slimrec.compression.gate import GateConfig
 from slimrec.models.data import Dataset
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX
 from slimrec.models.ranking_metrics import per_user_ndcg_at_10, ranking_metrics
-from slimrec.models.served_eval import BATCH, anonymous, relevant_sets
+from slimrec.models.served_eval import BATCH, anonymous, fold_items
 from slimrec.models.split import TEST, VALID, protocol_split
 from slimrec.models.train import log
 
@@ -59,11 +59,23 @@ def budget_lists(
 def budget_figures(
     model: ServedModel, dataset: Dataset, fold: int, budgets: tuple[int, ...], as_new_users: bool = False
 ) -> list[dict[str, float]]:
-    """Two-stage metrics at K=10 of `fold`'s users per budget, largest first; each row also gives
-    its NDCG@10 change against the largest budget and the paired standard error of that change."""
+    """Two-stage metrics at K=10 of `fold`'s users per budget (`budget_rows`)."""
     split = protocol_split(dataset)
     users = np.unique(split.user[split.fold == fold])
-    relevant = relevant_sets(dataset, fold, users)
+    relevant = fold_items(split, dataset.n_users, fold, users)  # the split once, not again inside
+    return budget_rows(model, users, relevant, budgets, as_new_users)
+
+
+def budget_rows(
+    model: ServedModel,
+    users: np.ndarray,
+    relevant: tuple[np.ndarray, np.ndarray],
+    budgets: tuple[int, ...],
+    as_new_users: bool = False,
+) -> list[dict[str, float]]:
+    """Two-stage metrics at K=10 of `users` (their relevant items: CSR in their order) per budget,
+    largest first; each row also gives its NDCG@10 change against the largest budget and the
+    paired standard error of that change."""
     budgets = tuple(sorted(set(budgets), reverse=True))  # a budget named twice is scored once
     lists = budget_lists(model, users, budgets, as_new_users)
     reference = per_user_ndcg_at_10(lists[budgets[0]], *relevant)

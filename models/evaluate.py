@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from slimrec.artifact.user_state import csr_rows
 from slimrec.models.device import module_device
 from slimrec.models.fold import Fold
 from slimrec.models.ranker import Ranker
@@ -93,16 +94,25 @@ def top_k_of_candidates(candidates: np.ndarray, final_scores: np.ndarray, k: int
 
 
 def retrieve_candidates(
-    model: TwoTower, fold: Fold, n_candidates: int = 200
+    model: TwoTower, fold: Fold, n_candidates: int = 200, rows: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The first stage for the fold's scored users: (items [U, C] -1 padded, scores / temperature [U, C])."""
+    """The first stage for the fold's scored users: (items [U, C] -1 padded, scores / temperature [U, C]).
+    `rows`: only these positions of `fold.eval_users`, in this order."""
+    users, exclude = eval_subset(fold, rows)
     cands, cand_scores = exact_top_k(
-        user_embeddings(model, fold, fold.eval_users),
+        user_embeddings(model, fold, users),
         item_embeddings(model, fold.dataset.n_items),
         n_candidates,
-        fold.eval_exclude,
+        exclude,
     )
     return cands, cand_scores / model.config.temperature
+
+
+def eval_subset(fold: Fold, rows: np.ndarray | None) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """(users, their excluded items) of the fold's scored users, or of these positions among them."""
+    if rows is None:
+        return fold.eval_users, fold.eval_exclude
+    return fold.eval_users[rows], csr_rows(*fold.eval_exclude, rows)
 
 
 def evaluate_ranked(
@@ -110,15 +120,19 @@ def evaluate_ranked(
     fold: Fold,
     candidates: tuple[np.ndarray, np.ndarray],
     retrieval_weights: tuple[float, ...] = (0.0,),
+    rows: np.ndarray | None = None,
 ) -> dict[float, dict[str, float]]:
     """Two-stage metrics per retrieval weight, the first stage given (`retrieve_candidates`): a
-    ranker trained on one retrieval model re-ranks the same candidates every epoch."""
+    ranker trained on one retrieval model re-ranks the same candidates every epoch. `rows`: as
+    the candidates were retrieved (positions of `fold.eval_users`)."""
     cands, scaled = candidates
-    logits = ranker_logits(ranker, fold, fold.eval_users, cands)
+    users, _ = eval_subset(fold, rows)
+    relevant = fold.eval_relevant if rows is None else csr_rows(*fold.eval_relevant, rows)
+    logits = ranker_logits(ranker, fold, users, cands)
     return {
         w: ranking_metrics(
             top_k_of_candidates(cands, blend(logits, scaled, w), max(RETRIEVAL_KS)),
-            *fold.eval_relevant,
+            *relevant,
             ks=RETRIEVAL_KS,
         )
         for w in retrieval_weights

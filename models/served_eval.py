@@ -22,7 +22,7 @@ from slimrec.models.data import Dataset
 from slimrec.models.evaluate import RETRIEVAL_KS
 from slimrec.models.package import SELECTION_PREFIX, SERVED_PREFIX
 from slimrec.models.ranking_metrics import per_user_ndcg_at_10, ranking_metrics
-from slimrec.models.split import TEST, VALID, protocol_split
+from slimrec.models.split import TEST, VALID, Split, protocol_split
 from slimrec.models.top_k import top_k_excluding
 
 BATCH = 256
@@ -41,12 +41,16 @@ def check_dataset(artifact: Artifact, dataset: Dataset) -> None:
 
 def relevant_sets(dataset: Dataset, fold: int, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """CSR over `users` of their items in `fold`."""
+    return fold_items(protocol_split(dataset), dataset.n_users, fold, users)
+
+
+def fold_items(split: Split, n_users: int, fold: int, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """CSR over `users` (in order) of their items in `fold` of `split`; other users' are left out."""
     from slimrec.models.csr import csr_from_pairs
 
-    split = protocol_split(dataset)
-    slot = np.full(dataset.n_users, -1)
+    slot = np.full(n_users, -1)
     slot[users] = np.arange(len(users))
-    rows = np.flatnonzero(split.fold == fold)
+    rows = np.flatnonzero((split.fold == fold) & (slot[split.user] >= 0))
     return csr_from_pairs(slot[split.user[rows]], split.item[rows], len(users))
 
 

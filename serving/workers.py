@@ -56,7 +56,6 @@ def reuse_port_sockets(host: str, port: int, n: int) -> list[socket.socket]:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
-            port = sock.getsockname()[1]
             sock.set_inheritable(True)
     except OSError:
         for sock in sockets:
