@@ -10,7 +10,7 @@ a served model. `compact_lookup_tables(model)`, in place:
 - packs a 0/1 byte table (multi-hot) into bits, unpacked after the lookup.
 
 The rest of the graph sees the same values and types: a lookup reads a few rows, so the
-added Cast / BitShift nodes cost little. `export.parity` checks the result like any export.
+added Cast / unpacking nodes cost little. `export.parity` checks the result like any export.
 """
 
 from __future__ import annotations
@@ -140,33 +140,40 @@ def _cast_back(lookup: onnx.NodeProto) -> onnx.NodeProto:
 
 
 def _unpack_bits(graph: onnx.GraphProto, lookup: onnx.NodeProto, width: int) -> list[onnx.NodeProto]:
-    """Nodes turning the looked-up packed rows [..., ceil(width/8)] back into 0/1 bytes [..., width]."""
+    """Nodes turning the looked-up packed rows [..., ceil(width/8)] back into 0/1 bytes [..., width].
+
+    Each packed byte selects its row of a 256 x 8 table of bits (a row copy), and the rows are
+    laid end to end. Selecting every bit's byte with a Gather along the last axis and shifting
+    it out, as before, copied element by element: ~70 us of a ~750 us ml-100k ranker call at
+    9 x 150 candidates, for the same bytes.
+    """
     output = name = lookup.output[0]  # output names are unique; node names need not be
-    lookup.output[0] = f"{output}__packed"
-    column = np.arange(width)
+    packed = lookup.output[0] = f"{output}__packed"
+    n_bits = 8 * -(-width // 8)
+    byte_bits = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little")
     constants = {
-        f"{name}__byte": column // 8,
-        f"{name}__shift": (column % 8).astype(np.uint8),
-        f"{name}__one": np.ones(1, np.uint8),
+        f"{name}__bit_table": byte_bits,
+        f"{name}__n_bits": np.array([n_bits], np.int64),
+        f"{name}__zero": np.array([0], np.int64),
+        f"{name}__width": np.array([width], np.int64),
+        f"{name}__last": np.array([-1], np.int64),
     }
-    graph.initializer.extend(numpy_helper.from_array(np.asarray(v), k) for k, v in constants.items())
-    return [
-        helper.make_node(
-            "Gather",
-            [lookup.output[0], f"{name}__byte"],
-            [f"{output}__bytes"],
-            name=f"{name}__bytes",
-            axis=-1,
-        ),
-        helper.make_node(
-            "BitShift",
-            [f"{output}__bytes", f"{name}__shift"],
-            [f"{output}__shifted"],
-            name=f"{name}__shift",
-            direction="RIGHT",
-        ),
-        helper.make_node("BitwiseAnd", [f"{output}__shifted", f"{name}__one"], [output], name=f"{name}__bit"),
+    graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in constants.items())
+    laid_out = f"{output}__laid_out" if width < n_bits else output
+
+    def node(op: str, inputs: list[str], out: str, **attributes) -> onnx.NodeProto:
+        return helper.make_node(op, inputs, [out], name=f"{out}__node", **attributes)
+
+    nodes = [
+        node("Cast", [packed], f"{output}__byte", to=TensorProto.INT32),
+        node("Gather", [f"{name}__bit_table", f"{output}__byte"], f"{output}__bits"),  # [..., bytes, 8]
+        node("Shape", [packed], f"{output}__leading", end=-1),
+        node("Concat", [f"{output}__leading", f"{name}__n_bits"], f"{output}__shape", axis=0),
+        node("Reshape", [f"{output}__bits", f"{output}__shape"], laid_out),  # [..., 8 * bytes]
     ]
+    if width < n_bits:  # drop the last byte's padding bits
+        nodes.append(node("Slice", [laid_out, f"{name}__zero", f"{name}__width", f"{name}__last"], output))
+    return nodes
 
 
 def _size(tensor: onnx.TensorProto) -> int:

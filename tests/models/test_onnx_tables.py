@@ -87,3 +87,23 @@ def test_narrowest_type_holds_every_value(values):
 
     narrow = _narrowest(values)
     assert narrow is None if values.max() > 2**31 else np.array_equal(values.astype(narrow), values)
+
+
+@pytest.mark.parametrize("width", [9, 16, 19])
+def test_packed_multi_hot_rows_unpack_to_the_same_bytes_for_a_batch_of_lists(width):
+    """Candidates come as [B, C] ids; every width, with and without padding bits in the last byte."""
+    genres = (np.random.default_rng(width).random((N, width)) < 0.3).astype(np.uint8)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["genres", "ids"], ["out"], axis=0)],
+        "lists",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["B", "C"])],
+        [helper.make_tensor_value_info("out", TensorProto.UINT8, ["B", "C", width])],
+        [numpy_helper.from_array(genres, "genres")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    assert compact_lookup_tables(model)["packed"] == 1
+    onnx.checker.check_model(model)
+    ids = np.array([[0, N - 1, 7], [7, 3, 3]], np.int64)
+    (got,) = run(model, ids)
+    assert got.dtype == np.uint8 and got.shape == (2, 3, width)
+    np.testing.assert_array_equal(got, genres[ids])
