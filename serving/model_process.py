@@ -50,7 +50,7 @@ def _child_main(conn: Connection, name: str, path: str, ort_threads: int, index_
     try:
         set_search_threads(index_threads)
         drop_interrupt_checks()
-        variant = load_variant(name, path, ort_threads, cache_embeddings=True)
+        variant = load_variant(name, path, ort_threads, cache_known_users=True)
     except Exception as exc:
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
         return

@@ -235,7 +235,26 @@ def concat_batches(batches: list[UserBatch]) -> UserBatch:
         indptr.astype(np.int64),
         np.concatenate([b.exclude_items for b in batches]),
         embeddings,
+        concat_candidates(batches),
     )
+
+
+def concat_candidates(batches: list[UserBatch]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The batches' cached retrieval rows stacked, NaN-score rows (searched) for batches without."""
+    known = next((b.candidates for b in batches if b.candidates is not None), None)
+    if known is None:
+        return None
+    depth = known[0].shape[1]
+    parts = [
+        b.candidates
+        if b.candidates is not None
+        else (
+            np.full((len(b.codes), depth), -1, np.int32),
+            np.full((len(b.codes), depth), np.nan, np.float32),
+        )
+        for b in batches
+    ]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def run_queries(variant: Variant, queries: list[Query], n_candidates: int) -> list[Answer]:

@@ -160,7 +160,7 @@ class ModelReplica:
                 self.loading = version or path
                 try:
                     variant = await asyncio.to_thread(
-                        load_variant, self.name, path, self.settings.ort_threads, cache_embeddings=True
+                        load_variant, self.name, path, self.settings.ort_threads, cache_known_users=True
                     )
                 finally:
                     self.loading = None

@@ -101,7 +101,7 @@ class InProcessModels:
         self.settings = settings
 
     def load(self, name: str, path: Path) -> tuple[Variant, ModelRunner]:
-        variant = load_variant(name, path, self.settings.ort_threads, cache_embeddings=True)
+        variant = load_variant(name, path, self.settings.ort_threads, cache_known_users=True)
         return variant, InProcessRunner(variant)
 
 

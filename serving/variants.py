@@ -79,7 +79,7 @@ def model_version(artifact: Artifact) -> str:
 
 
 def load_variant(
-    name: str, path: str | Path, ort_threads: int = 1, *, cache_embeddings: bool = False
+    name: str, path: str | Path, ort_threads: int = 1, *, cache_known_users: bool = False
 ) -> Variant:
     """Verify and load an artifact for serving, then run a smoke query through it.
 
@@ -87,10 +87,11 @@ def load_variant(
         name: the variant name it is served under ("full", "compressed", ...).
         path: artifact directory; its manifest and the sha256 of every file are checked.
         ort_threads: ONNX Runtime intra-op threads per session.
-        cache_embeddings: compute known users' embeddings now
-            (`ServedModel.cache_user_embeddings`): for a copy that runs batches (in process, a
-            model process, a Ray model replica), not for one that only checks requests and
-            answers the popularity fallback (the `--model-process` parent, a Ray ingress).
+        cache_known_users: compute known users' embeddings and retrieval candidates now
+            (`ServedModel.cache_user_embeddings`, `cache_user_candidates`): for a copy that
+            runs batches (in process, a model process, a Ray model replica), not for one that
+            only checks requests and answers the popularity fallback (the `--model-process`
+            parent, a Ray ingress).
 
     Returns:
         The loaded Variant.
@@ -133,8 +134,9 @@ def load_variant(
         n_candidates_from=model.n_candidates_from,
     )
     smoke_test(variant)
-    if cache_embeddings:  # after the smoke test, which checked the tower's output shape
+    if cache_known_users:  # after the smoke test, which checked the tower's output shape
         model.cache_user_embeddings()
+        model.cache_user_candidates()
     return variant
 
 

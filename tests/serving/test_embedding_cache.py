@@ -1,4 +1,5 @@
-"""Known users' embeddings computed once at load: lone answers are bit-for-bit those of the tower.
+"""Known users' embeddings and retrieval candidates computed once at load: answers are
+bit-for-bit those of the tower and the index.
 
 The golden compressed artifact's user tower quantizes its activations per batch, so the cache
 must hold what a lone request computes (each user embedded alone), not a batch's rows; the fp32
@@ -26,7 +27,7 @@ GOLDEN = Path(__file__).parents[1] / "golden" / "ml100k-tiny-compressed"
 
 @pytest.fixture(scope="module")
 def variant():
-    return load_variant("compressed", GOLDEN, cache_embeddings=True)
+    return load_variant("compressed", GOLDEN, cache_known_users=True)
 
 
 def lone_embeddings(model) -> np.ndarray:
@@ -47,7 +48,7 @@ def test_the_cache_holds_each_known_users_lone_embedding(variant):
 
 
 def test_a_batch_independent_tower_is_cached_many_users_a_call(tiny_teacher):
-    model = load_variant("full", tiny_teacher, cache_embeddings=True).model
+    model = load_variant("full", tiny_teacher, cache_known_users=True).model
     assert model.batch_independent()  # fp32: a row does not depend on the rest of its batch
     assert model.user_embeddings is not None
     np.testing.assert_array_equal(model.user_embeddings, lone_embeddings(model))
@@ -128,3 +129,92 @@ def test_rows_with_a_history_go_through_the_tower_beside_cached_rows(variant):
     tower = model.embed(UserBatch(batch.codes[rest], batch.features[rest], batch.history[rest], *empty))
     np.testing.assert_array_equal(vectors[rest], tower)
     assert not np.isnan(vectors).any()
+
+
+def answers_without_candidate_cache(variant, batches, n_candidates):
+    kept, variant.model.user_candidates = variant.model.user_candidates, None
+    try:
+        return [run_queries(variant, batch, n_candidates) for batch in batches]
+    finally:
+        variant.model.user_candidates = kept
+
+
+def test_the_candidate_cache_holds_each_known_users_lone_retrieval(variant):
+    model = variant.model
+    assert model.user_candidates is not None
+    items, scores = model.user_candidates
+    assert items.shape == scores.shape == (model.n_users, model.n_candidates)
+    kept, model.user_candidates = model.user_candidates, None
+    try:
+        for user in (0, 1, 195, model.n_users - 1):
+            batch = model.known_users(np.array([user]))
+            alone = model.retrieve(model.user_vectors(batch), model.n_candidates, batch)
+            np.testing.assert_array_equal(items[user], alone[0][0])
+            np.testing.assert_array_equal(scores[user], alone[1][0])
+    finally:
+        model.user_candidates = kept
+    seen = model.fitted_items[model.fitted_indptr[195] : model.fitted_indptr[196]]
+    assert not np.isin(items[195], seen).any()  # fitted items excluded
+
+
+def test_answers_are_unchanged_by_the_candidate_cache(variant):
+    """Cached rows beside rows that must be searched: a sent history, exclude_seen off, a genre
+    filter, more items than the budget."""
+    ids = variant.item_ids
+    budget = variant.model.n_candidates
+    batches = [
+        [build_query(variant, u, k) for u, k in (("1", 10), ("22", 50), ("943", 100))],
+        [
+            build_query(variant, "1", 10),
+            build_query(variant, "196", 10, history=[ids[0]]),
+            build_query(variant, "new-a", 20, history=[ids[10], ids[20]]),
+            build_query(variant, "5", 10, exclude_seen=False),
+            build_query(variant, "7", 10, include_genres=["Comedy"]),
+            build_query(variant, "300", 30),
+        ],
+        [build_query(variant, "2", budget + 5), build_query(variant, "3", 10)],
+    ]
+    for n_candidates in (budget, budget // 2, budget + 10):
+        cached = [run_queries(variant, batch, n_candidates) for batch in batches]
+        searched = answers_without_candidate_cache(variant, batches, n_candidates)
+        for got, want in zip(sum(cached, []), sum(searched, []), strict=True):
+            np.testing.assert_array_equal(got.items, want.items)
+            np.testing.assert_array_equal(got.scores, want.scores)
+
+
+def test_only_plain_known_users_carry_cached_candidates(variant):
+    ids = variant.item_ids
+    queries = [
+        build_query(variant, "1", 10),
+        build_query(variant, "196", 10, history=[ids[0]]),
+        build_query(variant, "5", 10, exclude_seen=False),
+        build_query(variant, "2", 10),
+    ]
+    batch, order = user_batch(variant, queries)
+    assert batch.candidates is not None
+    carried = ~np.isnan(batch.candidates[1][:, 0])
+    assert sorted(order[i] for i in np.flatnonzero(carried)) == [0, 3]
+
+
+def test_a_cache_over_its_byte_budget_is_not_built(tiny_teacher):
+    model = load_variant("full", tiny_teacher, cache_known_users=True).model
+    assert model.user_candidates is not None
+    needed = model.n_users * model.n_candidates * 8
+    assert not model.cache_user_candidates(max_bytes=needed - 1)
+    assert model.cache_user_candidates(max_bytes=needed)
+    assert load_variant("full", tiny_teacher).model.user_candidates is None
+
+
+def test_retrieve_takes_carried_rows_without_searching(variant):
+    model = variant.model
+    kept = model.user_candidates
+    assert kept is not None
+    marked = (np.roll(kept[0], 1, axis=1), kept[1] - 1.0)  # not what the index would return
+    model.user_candidates = marked
+    try:
+        batch = model.known_users(np.array([3, 4]))
+        items, scores = model.retrieve(model.user_vectors(batch), 50, batch)
+    finally:
+        model.user_candidates = kept
+    np.testing.assert_array_equal(items, marked[0][[3, 4], :50])
+    np.testing.assert_array_equal(scores, marked[1][[3, 4], :50])
