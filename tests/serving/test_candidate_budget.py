@@ -116,7 +116,7 @@ def test_a_deeper_request_in_the_batch_leaves_the_others_ranked_within_the_budge
     from slimrec.serving.service import InProcessRunner, run_by_depth
     from slimrec.serving.variants import load_variant
 
-    variant = load_variant("compressed", budgeted, cache_embeddings=True)  # as InProcessModels loads it
+    variant = load_variant("compressed", budgeted, cache_known_users=True)  # as InProcessModels loads it
     model, run = variant.model, InProcessRunner(variant).run
     budget = 10  # k=10 requests then only reorder their candidates: deeper ones are easy to see
 
