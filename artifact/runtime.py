@@ -166,7 +166,7 @@ class ServedModel:
         """Retrieve every known user's candidates once (their fitted items excluded, no filter),
         so that requests from known users without a sent or live history skip the index search.
         A user's row is what `retrieve` gives them in any batch: each row is searched on its own
-        (ml-100k compressed, 9 users a batch: the search and the exclusions were ~45 of ~150 us
+        (ml-100k compressed, 9 users a batch: the search and the exclusions were ~57 of ~148 us
         of model-thread time per request). `retrieve` takes a prefix of a row for a smaller
         budget and searches for a larger one or with a filter.
 
