@@ -7,6 +7,7 @@ and so does `slimrec evaluate`, so the quality measured offline is the quality s
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Literal
 
@@ -162,7 +163,9 @@ class ServedModel:
         self.user_embeddings = np.concatenate(rows).astype(np.float32, copy=False)
         return True
 
-    def cache_user_candidates(self, max_bytes: int = 64 << 20, batch_size: int = 256) -> bool:
+    def cache_user_candidates(
+        self, max_bytes: int = 64 << 20, batch_size: int = 256, max_seconds: float = 10.0
+    ) -> bool:
         """Retrieve every known user's candidates once (their fitted items excluded, no filter),
         so that requests from known users without a sent or live history skip the index search.
         A user's row is what `retrieve` gives them in any batch: each row is searched on its own
@@ -173,6 +176,8 @@ class ServedModel:
         Args:
             max_bytes: above this size (n_users x budget x 8 bytes) nothing is cached.
             batch_size: users per retrieval call while building.
+            max_seconds: nothing is cached when the first call says that building would take
+                longer (an exact index over a large catalogue: a slow start, a slow reload).
         Returns:
             Whether the cache was built (`user_candidates`: items int32 and scores float32,
             [n_users, budget]).
@@ -182,9 +187,12 @@ class ServedModel:
             return False
         self.user_candidates = None  # known_users below must not hand the old rows on
         rows = []
+        started = time.perf_counter()
         for start in range(0, self.n_users, batch_size):
             batch = self.known_users(np.arange(start, min(start + batch_size, self.n_users)))
             rows.append(self.retrieve(self.user_vectors(batch), depth, batch))
+            if start == 0 and (time.perf_counter() - started) * self.n_users / len(batch.codes) > max_seconds:
+                return False
         items = np.concatenate([r[0] for r in rows]).astype(np.int32)
         self.user_candidates = (items, np.concatenate([r[1] for r in rows]).astype(np.float32))
         return True
@@ -296,8 +304,6 @@ class ServedModel:
             n_candidates: N; None: the artifact's budget (`self.n_candidates`). At least k are
                 ranked, so a request for more items than the budget still gets k.
         """
-        import time
-
         n = max(self.n_candidates if n_candidates is None else n_candidates, k)
         t0 = time.perf_counter()
         user_emb = self.user_vectors(batch)

@@ -203,6 +203,8 @@ def test_a_cache_over_its_byte_budget_is_not_built(tiny_teacher):
     assert not model.cache_user_candidates(max_bytes=needed - 1)
     assert model.cache_user_candidates(max_bytes=needed)
     assert load_variant("full", tiny_teacher).model.user_candidates is None
+    assert not model.cache_user_candidates(max_seconds=0.0)  # building would take too long
+    assert model.user_candidates is None
 
 
 def test_retrieve_takes_carried_rows_without_searching(variant):
