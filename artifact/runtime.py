@@ -8,6 +8,7 @@ and so does `slimrec evaluate`, so the quality measured offline is the quality s
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -296,19 +297,34 @@ class ServedModel:
         return np.where(real, final, -np.inf).astype(np.float32)
 
     def recommend(
-        self, batch: UserBatch, k: int, n_candidates: int | None = None, allowed: np.ndarray | None = None
+        self,
+        batch: UserBatch,
+        k: int,
+        n_candidates: int | None = None,
+        allowed: np.ndarray | None = None,
+        filters: Sequence[tuple[np.ndarray, np.ndarray | None]] | None = None,
     ) -> Recommendations:
         """Top-k items of each row: the index's top-N candidates, ranked.
 
         Args:
             n_candidates: N; None: the artifact's budget (`self.n_candidates`). At least k are
                 ranked, so a request for more items than the budget still gets k.
+            allowed: bool [n_items], the items every row may get (None: all).
+            filters: instead of `allowed`, (rows, allowed) pairs covering the batch: each row is
+                retrieved under its own filter, and all are embedded and ranked in one call each
+                (requests with different genre filters share the model calls of their batch).
         """
         n = max(self.n_candidates if n_candidates is None else n_candidates, k)
         t0 = time.perf_counter()
         user_emb = self.user_vectors(batch)
         t1 = time.perf_counter()
-        cands, cand_scores = self.retrieve(user_emb, n, batch, allowed)
+        if filters is None:
+            cands, cand_scores = self.retrieve(user_emb, n, batch, allowed)
+        else:
+            cands = np.full((len(user_emb), n), -1, np.int64)
+            cand_scores = np.full((len(user_emb), n), -np.inf, np.float32)
+            for rows, mask in filters:
+                cands[rows], cand_scores[rows] = self.retrieve(user_emb[rows], n, _rows(batch, rows), mask)
         t2 = time.perf_counter()
         final = self.rank(batch, cands, cand_scores)
         order = np.argsort(-final, axis=1, kind="stable")[:, :k]

@@ -258,29 +258,39 @@ def concat_candidates(batches: list[UserBatch]) -> tuple[np.ndarray, np.ndarray]
 
 
 def run_queries(variant: Variant, queries: list[Query], n_candidates: int) -> list[Answer]:
-    """Answer queries in as few model calls as possible: one `recommend` per filter group.
+    """Answer queries in one `recommend`: each row retrieved under its query's filter, all
+    embedded and ranked together, with the batch's largest k.
 
-    Each group runs with its largest k; a query keeps the first k of its row, which is what it
-    would have got alone (the final sort is stable, so top-k is a prefix of top-K). Runs in a
-    worker thread, never on the event loop.
+    A query keeps the first k of its row, which is what it would have got alone (the final sort
+    is stable, so top-k is a prefix of top-K). Runs in a worker thread, never on the event loop.
     """
     started = time.perf_counter()
     answers: list[Answer | None] = [None] * len(queries)
-    groups: dict[FilterKey | None, list[int]] = {}
+    modelled = []
     for i, query in enumerate(queries):
         if query.popular_only:
             items = variant.model.popular(query.k, allowed=query.allowed)
             answers[i] = Answer(items, None, "popular", {"queue": started - query.submitted_at}, len(queries))
         else:
-            groups.setdefault(query.filter_key, []).append(i)
-    for members in groups.values():
-        group = [queries[i] for i in members]
-        batch, order = user_batch(variant, group)
-        recs = variant.model.recommend(batch, max(q.k for q in group), n_candidates, allowed=group[0].allowed)
+            modelled.append(i)
+    if not modelled:
+        return answers  # type: ignore[return-value]
+    group = [queries[i] for i in modelled]
+    batch, order = user_batch(variant, group)
+    k = max(q.k for q in group)
+    keys = {group[position].filter_key for position in order}
+    if len(keys) == 1:  # one filter (or none) for the whole batch
+        recs = variant.model.recommend(batch, k, n_candidates, allowed=group[order[0]].allowed)
+    else:
+        rows_of: dict[FilterKey | None, list[int]] = {}
         for row, position in enumerate(order):
-            i, query = members[position], group[position]
-            items, scores = recs.items[row, : query.k], recs.scores[row, : query.k]
-            keep = items >= 0  # fewer than k candidates survived the filters
-            timings = {"queue": started - query.submitted_at, **recs.timings}
-            answers[i] = Answer(items[keep], scores[keep], None, timings, len(queries))
+            rows_of.setdefault(group[position].filter_key, []).append(row)
+        filters = [(np.array(rows), group[order[rows[0]]].allowed) for rows in rows_of.values()]
+        recs = variant.model.recommend(batch, k, n_candidates, filters=filters)
+    for row, position in enumerate(order):
+        i, query = modelled[position], group[position]
+        items, scores = recs.items[row, : query.k], recs.scores[row, : query.k]
+        keep = items >= 0  # fewer than k candidates survived the filters
+        timings = {"queue": started - query.submitted_at, **recs.timings}
+        answers[i] = Answer(items[keep], scores[keep], None, timings, len(queries))
     return answers  # type: ignore[return-value]

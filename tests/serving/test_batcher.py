@@ -280,3 +280,18 @@ def test_batcher_over_the_model_coalesces_and_matches(variant, executor):
     batched = asyncio.run(main())
     assert max(sizes) > 1
     assert_same_answers(batched, [run_queries(variant, [q], 200)[0] for q in queries])
+
+
+def test_rows_under_different_filters_are_retrieved_apart_and_ranked_together(variant):
+    """`recommend(filters=...)` gives each row what a call for its filter group alone gives."""
+    model, masks = variant.model, variant.genre_masks
+    batch = model.known_users(np.array([0, 1, 2, 3, 4]))
+    comedy, not_drama = masks["Comedy"], ~masks["Drama"]
+    groups = [(np.array([0, 3]), comedy), (np.array([1]), None), (np.array([2, 4]), not_drama)]
+    together = model.recommend(batch, 10, 200, filters=groups)
+    for rows, allowed in groups:
+        apart = model.recommend(model.known_users(rows), 10, 200, allowed=allowed)
+        np.testing.assert_array_equal(together.items[rows], apart.items)
+        np.testing.assert_allclose(together.scores[rows], apart.scores, rtol=1e-5, atol=1e-5)
+        if allowed is not None:
+            assert allowed[together.items[rows]].all()
