@@ -219,15 +219,13 @@ def concat_batches(batches: list[UserBatch]) -> UserBatch:
         return batches[0]
     offsets = np.cumsum([0] + [b.exclude_indptr[-1] for b in batches[:-1]])
     indptr = np.concatenate([[0]] + [b.exclude_indptr[1:] + o for b, o in zip(batches, offsets, strict=True)])
-    embeddings = None  # rows known in advance (cached known users); NaN rows for the tower
-    known = next((b.embeddings for b in batches if b.embeddings is not None), None)
-    if known is not None:
-        shape, dtype = known.shape[1:], known.dtype
-        parts = [
-            b.embeddings if b.embeddings is not None else np.full((len(b.codes), *shape), np.nan, dtype)
-            for b in batches
-        ]
-        embeddings = np.concatenate(parts)
+    sizes = [len(b.codes) for b in batches]
+    # Rows known in advance (cached known users); rows of batches without them are filled so
+    # that the model computes them: NaN embeddings (the tower), NaN candidate scores (a search).
+    embeddings = stack_known([b.embeddings for b in batches], sizes, np.nan)
+    items = stack_known([None if b.candidates is None else b.candidates[0] for b in batches], sizes, -1)
+    scores = stack_known([None if b.candidates is None else b.candidates[1] for b in batches], sizes, np.nan)
+    candidates = None if items is None or scores is None else (items, scores)
     return UserBatch(
         np.concatenate([b.codes for b in batches]),
         np.concatenate([b.features for b in batches]),
@@ -235,26 +233,22 @@ def concat_batches(batches: list[UserBatch]) -> UserBatch:
         indptr.astype(np.int64),
         np.concatenate([b.exclude_items for b in batches]),
         embeddings,
-        concat_candidates(batches),
+        candidates,
     )
 
 
-def concat_candidates(batches: list[UserBatch]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The batches' cached retrieval rows stacked, NaN-score rows (searched) for batches without."""
-    known = next((b.candidates for b in batches if b.candidates is not None), None)
+def stack_known(parts: list[np.ndarray | None], sizes: list[int], fill) -> np.ndarray | None:
+    """`parts` stacked, each missing one as `fill` rows of the given part's width and dtype; None
+    when every part is missing."""
+    known = next((p for p in parts if p is not None), None)
     if known is None:
         return None
-    depth = known[0].shape[1]
-    parts = [
-        b.candidates
-        if b.candidates is not None
-        else (
-            np.full((len(b.codes), depth), -1, np.int32),
-            np.full((len(b.codes), depth), np.nan, np.float32),
-        )
-        for b in batches
-    ]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return np.concatenate(
+        [
+            p if p is not None else np.full((n, *known.shape[1:]), fill, known.dtype)
+            for p, n in zip(parts, sizes, strict=True)
+        ]
+    )
 
 
 def run_queries(variant: Variant, queries: list[Query], n_candidates: int) -> list[Answer]:
@@ -278,13 +272,12 @@ def run_queries(variant: Variant, queries: list[Query], n_candidates: int) -> li
     group = [queries[i] for i in modelled]
     batch, order = user_batch(variant, group)
     k = max(q.k for q in group)
-    keys = {group[position].filter_key for position in order}
-    if len(keys) == 1:  # one filter (or none) for the whole batch
+    rows_of: dict[FilterKey | None, list[int]] = {}
+    for row, position in enumerate(order):
+        rows_of.setdefault(group[position].filter_key, []).append(row)
+    if len(rows_of) == 1:  # one filter (or none) for the whole batch
         recs = variant.model.recommend(batch, k, n_candidates, allowed=group[order[0]].allowed)
     else:
-        rows_of: dict[FilterKey | None, list[int]] = {}
-        for row, position in enumerate(order):
-            rows_of.setdefault(group[position].filter_key, []).append(row)
         filters = [(np.array(rows), group[order[rows[0]]].allowed) for rows in rows_of.values()]
         recs = variant.model.recommend(batch, k, n_candidates, filters=filters)
     for row, position in enumerate(order):
