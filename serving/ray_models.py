@@ -91,7 +91,7 @@ class ModelReplica:
         self.versions: dict[str, Variant] = {}  # model version -> loaded variant
         self.current = ""
         self.loading: str | None = None
-        self.running = 0  # batches being answered
+        self._batches_started: list[float] = []  # monotonic starts of the batches being answered
         self.retire_after_s = max(60.0, 3 * settings.request_timeout_ms / 1000)
         self._retiring: dict[str, asyncio.TimerHandle] = {}
         self._discarded: set[str] = set()
@@ -140,11 +140,12 @@ class ModelReplica:
                 )
                 return answers
 
-        self.running += 1
+        started = time.monotonic()
+        self._batches_started.append(started)
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, answer)
         finally:
-            self.running -= 1
+            self._batches_started.remove(started)
 
     async def prepare(self, path: str, version: str | None = None) -> dict:
         """Hold `version` (loaded from `path` unless held) and serve it; the others retire later.
@@ -196,7 +197,12 @@ class ModelReplica:
             "model_version": self.current,
             "versions": sorted(self.versions),
             "loading": self.loading,
-            "running": self.running,
+            "running": len(self._batches_started),
+            # how long ago the newest running batch started (None: none running); the fault test
+            # kills a replica only while a batch has long left to run
+            "newest_batch_ms": (
+                1000 * (time.monotonic() - max(self._batches_started)) if self._batches_started else None
+            ),
         }
 
     def _serve(self, version: str) -> None:
