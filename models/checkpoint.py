@@ -39,6 +39,7 @@ class EpochState:
     optimizer: dict[str, torch.Tensor]  # "<param index>.<key>" -> tensor (AdamW's step and moments)
     torch_rng: torch.Tensor
     numpy_rng: dict | None
+    ema: dict[str, torch.Tensor]  # the moving average's state (AveragedModel); {} without one, or done
     scalars: dict[str, Any]  # best, best_epoch, stale, history, seconds, times, result_epochs
 
 
@@ -69,6 +70,7 @@ class StageCheckpoint:
         tensors = {f"model.{k}": v for k, v in state.model.items()}
         tensors |= {f"best.{k}": v for k, v in (state.best_model or {}).items()}
         tensors |= {f"optimizer.{k}": v for k, v in state.optimizer.items()}
+        tensors |= {f"ema.{k}": v for k, v in state.ema.items()}
         tensors["rng.torch"] = state.torch_rng
         meta = {
             "epoch": state.epoch,
@@ -102,6 +104,7 @@ class StageCheckpoint:
             optimizer=part("optimizer."),
             torch_rng=tensors["rng.torch"],
             numpy_rng=meta["numpy_rng"],
+            ema=part("ema."),
             scalars=meta["scalars"],
         )
 

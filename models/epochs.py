@@ -26,6 +26,7 @@ from slimrec.models.checkpoint import (
 from slimrec.models.device import to_device, training_device
 from slimrec.models.distributed import broadcast_score, data_parallel, is_main
 from slimrec.models.stage_times import StageTimes
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 DATA, STEP, VALID, CHECKPOINT = "data", "forward_backward", "validation", "checkpoint"
@@ -38,10 +39,15 @@ class StageSchedule:
     lr: float
     weight_decay: float = 0.0
     patience: int = 3  # epochs without a better validation NDCG@10 before stopping
+    # Validate and keep an exponential moving average of the weights (updated every step with
+    # this decay) instead of the last step's weights; None: the weights as trained.
+    ema_decay: float | None = None
 
     def __post_init__(self):
         if self.max_epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.patience < 1:
             raise ValueError(f"invalid StageSchedule: {self}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"StageSchedule.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
 
 
 @dataclass
@@ -75,6 +81,17 @@ def timed_batches(batches: Iterable, times: StageTimes) -> Iterable:
         yield batch
 
 
+def moving_average(model: torch.nn.Module, decay: float | None) -> AveragedModel | None:
+    """An EMA of `model`'s parameters (torch's AveragedModel), or None without a decay.
+
+    Buffers are not averaged (use_buffers=False): the models' buffers are constants (item rows,
+    feature codes, masks), some of them integer, which an average would break.
+    """
+    if decay is None:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
 def run_epochs(
     name: str,
     model: torch.nn.Module,
@@ -95,6 +112,8 @@ def run_epochs(
     `checkpoint`: saved after every epoch and loaded first (a finished stage is not rerun);
     `rng`, the NumPy generator `batches` draws from, is saved and restored with it.
     `autocast_dtype` (torch.bfloat16): `step` runs under autocast; backward follows its dtypes.
+    `schedule.ema_decay`: validation, the kept state and a fixed run's result are the moving
+    average of the weights, not the last step's.
     The epochs run on `training_device()` (batches moved there); the model comes back on the CPU.
     Under DDP (`slimrec.models.distributed`) `batches()` yields this process's part of each
     global batch; only rank 0 validates (its score decides for all) and checkpoints.
@@ -107,6 +126,8 @@ def run_epochs(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=schedule.lr, weight_decay=schedule.weight_decay, fused=True
     )
+    ema = moving_average(model, schedule.ema_decay)
+    evaluated = ema.module if ema is not None else model  # what validation sees and the stage keeps
     fixed = epochs is not None
     total = epochs if fixed else schedule.max_epochs
     times = StageTimes()
@@ -123,6 +144,8 @@ def run_epochs(
             model.to("cpu").eval()
             return StageResult(model, s["result_epochs"], s["history"], s["seconds"], times.to_dict())
         load_optimizer_tensors(optimizer, saved.optimizer)
+        if ema is not None:
+            ema.load_state_dict(saved.ema)
         best, best_epoch, stale, history = s["best"], s["best_epoch"], s["stale"], s["history"]
         best_state, first, spent = saved.best_model, saved.epoch + 1, s["seconds"]
         log(f"{name}: resuming after epoch {saved.epoch} from {checkpoint.path if checkpoint else ''}")
@@ -138,6 +161,9 @@ def run_epochs(
             {} if done else optimizer_tensors(optimizer),
             torch.get_rng_state(),
             numpy_state(rng),
+            {k: v.detach().clone() for k, v in ema.state_dict().items()}
+            if ema is not None and not done
+            else {},
             {
                 "best": best,
                 "best_epoch": best_epoch,
@@ -172,6 +198,8 @@ def run_epochs(
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
+                if ema is not None:
+                    ema.update_parameters(model)
                 losses.append(loss.item())
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch, "loss": float(np.mean(losses)), "examples_per_s": n_examples / seconds}
@@ -179,7 +207,7 @@ def run_epochs(
         if not fixed:
             with times.stage(VALID):
                 if is_main():
-                    row["valid"] = validate(model)
+                    row["valid"] = validate(evaluated)
                 score = broadcast_score(row["valid"]["ndcg@10"] if "valid" in row else None)
         row["seconds"] = {p: round(r["wall_s"] - before.get(p, 0.0), 3) for p, r in times.stages.items()}
         history.append(row)
@@ -197,7 +225,7 @@ def run_epochs(
         if not fixed:
             if score > best:
                 best, best_epoch, stale = score, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(evaluated.state_dict())
             else:
                 stale += 1
                 if stale >= schedule.patience:
@@ -209,6 +237,8 @@ def run_epochs(
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    elif ema is not None:  # a fixed run: the average at its end
+        model.load_state_dict(ema.module.state_dict())
     model.to("cpu").eval()
     if checkpoint and is_main():
         checkpoint.save(state(total, done=True))

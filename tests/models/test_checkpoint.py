@@ -16,13 +16,14 @@ from slimrec.models.synth import generate_synthetic
 from slimrec.models.train import RankerData, TrainConfig, fit_teacher
 from slimrec.models.two_tower import TwoTowerConfig
 
-# Early-stopped stages of 3 epochs at most, so a resume lands before, at and after a stop decision.
+# Early-stopped stages of 3 epochs at most, so a resume lands before, at and after a stop decision;
+# retrieval keeps a moving average of its weights (its state is checkpointed too), the ranker not.
 CONFIG = TrainConfig(
     seed=5,
     history_len=5,
     two_tower=TwoTowerConfig(id_dim=8, feature_dim=4, user_hidden=(16,), item_hidden=(16,), out_dim=8),
     ranker=RankerConfig(id_dim=8, feature_dim=4, n_cross=1, deep=(8,)),
-    retrieval_schedule=StageSchedule(max_epochs=3, batch_size=64, lr=1e-2, patience=1),
+    retrieval_schedule=StageSchedule(max_epochs=3, batch_size=64, lr=1e-2, patience=1, ema_decay=0.9),
     ranker_schedule=StageSchedule(max_epochs=2, batch_size=16, lr=1e-2, patience=1),
     ranker_data=RankerData(
         cut_points=2, max_positives=3, hard_negatives=5, random_negatives=3, candidates=20
