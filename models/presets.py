@@ -43,6 +43,17 @@ TRAIN_PRESETS: dict[str, dict] = {
     # sums, so the figures). Epochs on 2 idle cores: retrieval ~2.4 s, ranker ~4.5 s with its
     # validation; summed with export (10-12 s) and evaluate (5 s), ~95 s end to end. A competing
     # process on the 2 cores slowed some 2-thread epochs 10-25x (46-67 s), not 2x.
+    # ema_decay (validate and keep a moving average of the weights, every step): without it the
+    # retrieval's validation NDCG@10 jumps between epochs (0.177, 0.199, 0.177 at epochs 5-7,
+    # seed 0) and the kept epoch is a spike. `slimrec train --data ml-100k --seed 0/1/2`, default
+    # threads, 2-vCPU, 48-68 s each; valid two-stage / test two-stage NDCG@10, means of 3 seeds:
+    #   no average: 0.1995 / 0.1608; retrieval 0.99: 0.2153 / 0.1825; retrieval 0.995: 0.2162 /
+    #   0.1852; retrieval and ranker 0.99: 0.2167 / 0.1829 (highest on validation).
+    # Not the default yet: the student does not follow. `slimrec compress` of the averaged
+    # teacher (seed 0): test 0.1623 vs the teacher's 0.1839 (0.88x; the gate fails on
+    # validation, 0.1928 vs 0.2177), 0.1644 with the student averaged too, its retrieval still
+    # rising at its 4th and last epoch. Turn it on with the student's schedule lengthened and
+    # measured, with the README's and make demo's figures.
     "teacher": {
         "history_len": 20,
         "precision": "bf16",
@@ -58,17 +69,6 @@ TRAIN_PRESETS: dict[str, dict] = {
         "ranker_schedule": {"lr": 3e-3, "max_epochs": 5},
         "ranker_data": {"cut_points": 8, "hard_negatives": 50},
     },
-    # ema_decay (validate and keep a moving average of the weights, every step): without it the
-    # retrieval's validation NDCG@10 jumps between epochs (0.177, 0.199, 0.177 at epochs 5-7,
-    # seed 0) and the kept epoch is a spike. `slimrec train --data ml-100k --seed 0/1/2`, default
-    # threads, 2-vCPU, 48-68 s each; valid two-stage / test two-stage NDCG@10, means of 3 seeds:
-    #   no average: 0.1995 / 0.1608; retrieval 0.99: 0.2153 / 0.1825; retrieval 0.995: 0.2162 /
-    #   0.1852; retrieval and ranker 0.99: 0.2167 / 0.1829 (highest on validation).
-    # Not the default yet: the student does not follow. `slimrec compress` of the averaged
-    # teacher (seed 0): test 0.1623 vs the teacher's 0.1839 (0.88x; the gate fails on
-    # validation, 0.1928 vs 0.2177), 0.1644 with the student averaged too, its retrieval still
-    # rising at its 4th and last epoch. Turn it on with the student's schedule lengthened and
-    # measured, with the README's and make demo's figures.
     # One row per window of history_len items per user, each position predicting the next
     # (SASRec), over the whole catalogue ("auto": full softmax up to 20,000 items). Rows are
     # ~1/40 as many as the pooled teacher's, so smaller batches keep the steps per epoch up.

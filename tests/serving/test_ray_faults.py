@@ -2,10 +2,10 @@
 
 The application: one ingress replica, the compressed variant (the golden artifact) on 2 model
 replicas, deployed with build_application + serve.run. Every model call sleeps INJECT_MS (the test
-hook, applied in the model replicas) and the ingress runs 4 batches of the variant at once, so the
-replica killed (when it reports a batch running) has batches in flight: they fail with
-ActorDiedError and the ingress sends them again, once, to the other replica. Clients must see no
-failed request and no fallback answer; Ray brings the replica back within 60 s.
+hook, applied in the model replicas) and the ingress runs 4 batches of the variant at once; the
+replica is killed while its newest batch started under INJECT_MS / 3 ago, so it has batches in
+flight: they fail with ActorDiedError and the ingress sends them again, once, to the other replica.
+Clients must see no failed request and no fallback answer; Ray brings the replica back within 60 s.
 """
 
 from __future__ import annotations
