@@ -201,6 +201,9 @@ def run_stages(
     `times` gets each stage's seconds; `checkpoints`, each training stage's per-epoch state."""
     fixed = fixed or {}
     times = times or StageTimes()
+    # Students are built before their stage seeds itself: seeding the fold makes the final fold's
+    # models independent of how many epochs the selection fold happened to run.
+    torch.manual_seed(config.seed)
     weights = (fixed["weight"],) if "weight" in fixed else train_config.retrieval_weights
 
     def checkpoint(stage: str) -> StageCheckpoint | None:
