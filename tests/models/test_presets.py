@@ -41,3 +41,11 @@ def test_default_preset_by_dataset(data, preset):
 
 def test_the_chosen_presets_exist():
     assert set(TEACHER_BY_DATASET.values()) <= set(TRAIN_PRESETS)
+
+
+def test_teacher_averaged_is_the_teacher_with_both_stages_weight_averaged():
+    teacher, averaged = train_config("teacher").to_dict(), train_config("teacher-averaged").to_dict()
+    for stage in ("retrieval_schedule", "ranker_schedule"):
+        assert (teacher[stage]["ema_decay"], averaged[stage]["ema_decay"]) == (None, 0.99)
+        averaged[stage]["ema_decay"] = None
+    assert averaged == teacher
