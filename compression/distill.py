@@ -374,11 +374,11 @@ def ranker_from_teacher(teacher: Ranker, config: DistillConfig) -> bool:
     """Whether the student ranker starts as the teacher's (`DistillConfig.ranker_init`)."""
     if config.ranker_init == "scratch":
         return False
-    same = teacher.config == config.student_ranker
+    same = teacher.config.architecture() == config.student_ranker.architecture()
     if config.ranker_init == "teacher" and not same:
         raise ValueError(
-            "DistillConfig.ranker_init = 'teacher' needs student_ranker equal to the teacher's "
-            f"ranker config ({teacher.config}), got {config.student_ranker}"
+            "DistillConfig.ranker_init = 'teacher' needs student_ranker of the teacher's ranker's "
+            f"architecture ({teacher.config.architecture()}), got {config.student_ranker.architecture()}"
         )
     return same
 

@@ -22,16 +22,25 @@ class RankerConfig:
     cross_rank: int | None = None  # None: full-rank W; r: the low-rank U V^T form of DCN-v2
     deep: tuple[int, ...] = (1024, 512, 256)
     dropout: float = 0.1
+    # Hide the side features of this share of training lists, as a new user who sends none is
+    # seen: otherwise the "unknown" rows are never trained and new users are ranked through them.
+    new_user_dropout: float = 0.0
 
     def __post_init__(self):
         self.deep = tuple(self.deep)
         if self.id_dim < 1 or self.feature_dim < 1 or self.n_cross < 0:
             raise ValueError(f"invalid RankerConfig sizes: {self}")
+        if not 0 <= self.new_user_dropout < 1:
+            raise ValueError(f"RankerConfig.new_user_dropout must be in [0, 1), got {self.new_user_dropout}")
         if self.cross_rank is not None and self.cross_rank < 1:
             raise ValueError(f"RankerConfig.cross_rank must be >= 1 or None, got {self.cross_rank}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def architecture(self) -> dict:
+        """The fields that shape the weights; the dropouts only change how they are trained."""
+        return {k: v for k, v in asdict(self).items() if k not in ("dropout", "new_user_dropout")}
 
 
 class CrossLayer(nn.Module):
@@ -86,6 +95,9 @@ class Ranker(nn.Module):
         mask = history > 0
         h = self.item_embedding(self.item_rows[history])  # shares the item table: [B, N, d]
         h_mean = masked_mean(h, mask)
+        if self.training and self.config.new_user_dropout:
+            new = torch.rand(b, device=user_features.device) < self.config.new_user_dropout
+            user_features = user_features.masked_fill(new[:, None], 0)
         feats = [emb(user_features[:, j]) for j, emb in enumerate(self.feature_embeddings)]
         user = torch.cat([*feats, h_mean], dim=1)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -311,9 +312,11 @@ def test_student_ranker_starts_as_the_teachers_when_it_is_the_students_size(tiny
     same = DistillConfig(student_ranker=ranker.config)
     other = RankerConfig(id_dim=4, feature_dim=2, n_cross=1, deep=(8,))
     assert ranker_from_teacher(ranker, same)
+    trained_otherwise = replace(ranker.config, dropout=0.3, new_user_dropout=0.2)  # same weights' shapes
+    assert ranker_from_teacher(ranker, DistillConfig(student_ranker=trained_otherwise))
     assert not ranker_from_teacher(ranker, DistillConfig(student_ranker=other))  # "auto": a smaller student
     assert not ranker_from_teacher(ranker, DistillConfig(student_ranker=ranker.config, ranker_init="scratch"))
-    with pytest.raises(ValueError, match="ranker_init = 'teacher' needs student_ranker equal"):
+    with pytest.raises(ValueError, match="needs student_ranker of the teacher's ranker's architecture"):
         ranker_from_teacher(ranker, DistillConfig(student_ranker=other, ranker_init="teacher"))
     with pytest.raises(ValueError, match="ranker_init"):
         DistillConfig(ranker_init="copy")

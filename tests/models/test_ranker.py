@@ -77,3 +77,23 @@ def test_ranker_scores_depend_on_the_history():
 def test_ranker_config_rejects(changes, message):
     with pytest.raises(ValueError, match=message):
         RankerConfig(**changes)
+
+
+def test_new_user_dropout_shows_training_lists_as_new_users_and_leaves_serving_alone():
+    inputs = ranker_inputs([[1, 2, 3], [4, 5, 1]])
+    assert inputs["user_features"].any()
+    as_new_user = {**inputs, "user_features": torch.zeros_like(inputs["user_features"])}
+    always = ranker(config=RankerConfig(**{**RANKER.to_dict(), "new_user_dropout": 0.999999}))
+    with torch.no_grad():
+        served, new_user = always.eval()(**inputs), always(**as_new_user)
+        trained = always.train()(**inputs)
+    torch.testing.assert_close(trained, new_user)  # every list hid its user's features
+    assert not torch.allclose(served, new_user)  # in eval mode the features are read
+    never = ranker()
+    with torch.no_grad():
+        torch.testing.assert_close(never.train()(**inputs), never.eval()(**inputs))
+
+
+def test_new_user_dropout_is_a_probability():
+    with pytest.raises(ValueError, match="new_user_dropout"):
+        RankerConfig(new_user_dropout=1.0)
