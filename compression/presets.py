@@ -16,10 +16,10 @@ COMPRESS_PRESETS: dict[str, dict] = {
     # For a weight-averaged teacher (train preset "teacher-averaged"), which the default's 4-epoch
     # student follows to 0.88x only (ml-100k, seed 0). The student and its fine-tune averaged too,
     # longer and at a higher lr; 3/4 of the hidden units kept (1/2 cost 0.004-0.011 test NDCG@10
-    # that fine-tuning did not win back). ml-100k, seeds 0/1/2, 85-105 s wall on 2 cores: test
-    # two-stage NDCG@10 0.1777 / 0.1780 / 0.1753 vs the teacher's 0.1839 / 0.1823 / 0.1825
-    # (`slimrec quality --preset teacher-averaged --compress-preset averaged`: paired per-user
-    # difference -0.0059 [-0.0100, -0.0018], "loses"; the default pair's compressed model: ~0.163).
+    # that fine-tuning did not win back). ml-100k, seeds 0-2, 85-105 s wall on 2 cores, test
+    # two-stage NDCG@10 (`slimrec quality --preset teacher-averaged --compress-preset averaged`,
+    # 2026-12-05): teacher 0.1832, compressed 0.1778 (0.971x; paired per-user difference -0.0054
+    # [-0.0094, -0.0014], "loses"); the default pair's compressed model: 0.1601.
     "averaged": {
         "distill": {
             "retrieval_schedule": {

@@ -52,7 +52,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     # Not the default: the student does not follow. `slimrec compress` of the averaged teacher
     # (seed 0): test 0.1623 vs the teacher's 0.1839 (0.88x), its retrieval still rising at its
     # 4th and last epoch. With the "averaged" compression preset (longer averaged student and
-    # fine-tune, 3/4 of the units kept) the student reaches 0.177 (0.968x, 3 seeds: below issue
+    # fine-tune, 3/4 of the units kept) the student reaches 0.178 (0.971x, 3 seeds: below issue
     # 13's 0.98x; the gate fails on validation), yet above this preset's own teacher (~0.161):
     # "teacher-averaged" + compress preset "averaged" is the pair to use for the best served model.
     # ranker new_user_dropout 0.2: the ranker reads the user's side features, whose "unknown" rows
