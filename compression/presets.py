@@ -54,6 +54,13 @@ COMPRESS_PRESETS: dict[str, dict] = {
 }
 
 
+def preset_for_teacher(train: dict) -> str:
+    """The preset `slimrec compress` takes for a teacher trained with `train` (TrainConfig.to_dict):
+    "averaged" where its retrieval stage kept a weight average (the default's student follows
+    one to 0.88x only), else "default"."""
+    return "averaged" if train["retrieval_schedule"].get("ema_decay") else "default"
+
+
 def compress_config(preset: str, toml_path: Path | None = None):
     """The compression preset, overridden by a TOML file's sections; unknown keys are errors."""
     from slimrec.compression.pipeline_config import PipelineConfig  # torch: only `slimrec compress` pays

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slimrec import __version__
 from slimrec.bench.argtypes import positive_int
-from slimrec.compression.presets import COMPRESS_PRESETS, compress_config
+from slimrec.compression.presets import COMPRESS_PRESETS, compress_config, preset_for_teacher
 from slimrec.loadtest.units import parse_duration
 from slimrec.models.presets import TRAIN_PRESETS, default_preset, train_config
 
@@ -99,7 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress = sub.add_parser("compress", help="distil, prune, quantize and index the teacher; gate; report")
     compress.add_argument("--teacher", type=Path, default=Path("artifacts/teacher"))
     compress.add_argument("--out", type=Path, default=Path("artifacts/compressed"))
-    compress.add_argument("--preset", choices=sorted(COMPRESS_PRESETS), default="default")
+    compress.add_argument(
+        "--preset",
+        choices=sorted(COMPRESS_PRESETS),
+        default=None,
+        help="default: 'averaged' for a weight-averaged teacher, else 'default'",
+    )
     compress.add_argument("--config", type=Path, help="TOML file with PipelineConfig sections")
     compress.add_argument("--data", default=None, help="dataset (default: the one the teacher names)")
     compress.add_argument("--seed", type=int, default=None, help="overrides the preset's seed")
@@ -318,12 +323,12 @@ def cmd_compress(args) -> int:
     from slimrec.compression.report_render import render_markdown
     from slimrec.models.device import select_device
 
-    config = compress_config(args.preset, args.config)
+    teacher = load_artifact(args.teacher)
+    config = compress_config(args.preset or preset_for_teacher(teacher.config["train"]), args.config)
     if args.seed is not None:
         config.seed = args.seed
     set_threads(args.threads)
     select_device(args.device)
-    teacher = load_artifact(args.teacher)
     dataset = artifact_dataset(teacher, args.data)
     report = compress(args.teacher, args.out, dataset, config, resume=args.resume)
     print(render_markdown(report))

@@ -24,3 +24,14 @@ def test_averaged_averages_the_student_and_its_fine_tune_and_prunes_less():
 def test_unknown_preset_names_itself():
     with pytest.raises(ValueError, match="'nope'"):
         compress_config("nope")
+
+
+@pytest.mark.parametrize(
+    ("teacher", "preset"),
+    [("teacher", "default"), ("teacher-sequence", "default"), ("teacher-averaged", "averaged")],
+)
+def test_compress_follows_a_weight_averaged_teacher_with_the_averaged_preset(teacher, preset):
+    from slimrec.compression.presets import preset_for_teacher
+    from slimrec.models.presets import train_config
+
+    assert preset_for_teacher(train_config(teacher).to_dict()) == preset
