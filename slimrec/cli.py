@@ -323,12 +323,12 @@ def cmd_compress(args) -> int:
     from slimrec.compression.report_render import render_markdown
     from slimrec.models.device import select_device
 
+    set_threads(args.threads)
+    select_device(args.device)  # a missing GPU is named before anything is read
     teacher = load_artifact(args.teacher)
     config = compress_config(args.preset or preset_for_teacher(teacher.config["train"]), args.config)
     if args.seed is not None:
         config.seed = args.seed
-    set_threads(args.threads)
-    select_device(args.device)
     dataset = artifact_dataset(teacher, args.data)
     report = compress(args.teacher, args.out, dataset, config, resume=args.resume)
     print(render_markdown(report))
