@@ -34,8 +34,14 @@ def register(subparsers) -> None:
     quality.add_argument("--data", default="ml-100k", help="dataset name or directory (default ml-100k)")
     quality.add_argument("--seeds", type=int_list, default=(0, 1, 2), help="comma-separated (default 0,1,2)")
     quality.add_argument("--out", type=Path, default=Path("runs/quality"))
-    quality.add_argument("--preset", default="teacher", help="training preset (default teacher)")
-    quality.add_argument("--compress-preset", default="default", help="compression preset (default default)")
+    quality.add_argument(
+        "--preset", default=None, help="training preset (default: the dataset's, as `slimrec train` takes)"
+    )
+    quality.add_argument(
+        "--compress-preset",
+        default=None,
+        help="compression preset (default: the teacher's, as `slimrec compress` takes)",
+    )
     quality.add_argument("--threads", type=int, default=None, help="torch threads (default all CPUs)")
     quality.set_defaults(run=run_quality, command="quality")
 
@@ -43,6 +49,8 @@ def register(subparsers) -> None:
 def run_quality(args) -> int:
     if len(set(args.seeds)) != len(args.seeds):
         raise ValueError(f"--seeds repeats a seed: {','.join(map(str, args.seeds))}")
+    resolve_presets(args)
+    print(f"presets: train {args.preset}, compress {args.compress_preset}", flush=True)
     runs = {seed: build_seed(args, seed) for seed in args.seeds}
     report = quality_report(runs, args.data)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -51,6 +59,17 @@ def run_quality(args) -> int:
     (args.out / "quality.md").write_text(text)
     print(text)
     return 0
+
+
+def resolve_presets(args) -> None:
+    """Fill the presets left out with those `slimrec train` and `slimrec compress` would take, so
+    that a bare `slimrec quality --data D` measures the default road."""
+    from slimrec.compression.presets import preset_for_teacher
+    from slimrec.models.presets import default_preset, train_config
+
+    args.preset = args.preset or default_preset(args.data)
+    if args.compress_preset is None:
+        args.compress_preset = preset_for_teacher(train_config(args.preset).to_dict(), args.preset)
 
 
 def build_seed(args, seed: int) -> dict[str, Path]:

@@ -326,7 +326,9 @@ def cmd_compress(args) -> int:
     set_threads(args.threads)
     select_device(args.device)  # a missing GPU is named before anything is read
     teacher = load_artifact(args.teacher)
-    config = compress_config(args.preset or preset_for_teacher(teacher.config["train"]), args.config)
+    config = compress_config(
+        args.preset or preset_for_teacher(teacher.config["train"], teacher.config.get("preset")), args.config
+    )
     if args.seed is not None:
         config.seed = args.seed
     dataset = artifact_dataset(teacher, args.data)

@@ -74,3 +74,22 @@ def test_a_second_run_reuses_every_artifact_and_reports_the_same(quality_run, ca
 def test_a_repeated_seed_is_a_usage_error(tmp_path, capsys):
     assert main(["quality", "--seeds", "1,1", "--out", str(tmp_path), *ARGS]) == 2
     assert "--seeds repeats a seed: 1,1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("data", "given", "expected"),
+    [
+        ("ml-100k", (None, None), ("teacher", "default")),
+        ("../shared/data/ml-1m", (None, None), ("teacher-averaged-large", "averaged-large")),
+        ("ml-1m", ("teacher-sequence", None), ("teacher-sequence", "default")),
+        ("ml-100k", ("teacher-averaged", "tiny"), ("teacher-averaged", "tiny")),
+    ],
+)
+def test_presets_left_out_are_those_train_and_compress_would_take(data, given, expected):
+    from argparse import Namespace
+
+    from slimrec.bench.quality import resolve_presets
+
+    args = Namespace(data=data, preset=given[0], compress_preset=given[1])
+    resolve_presets(args)
+    assert (args.preset, args.compress_preset) == expected

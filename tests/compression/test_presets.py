@@ -28,10 +28,23 @@ def test_unknown_preset_names_itself():
 
 @pytest.mark.parametrize(
     ("teacher", "preset"),
-    [("teacher", "default"), ("teacher-sequence", "default"), ("teacher-averaged", "averaged")],
+    [
+        ("teacher", "default"),
+        ("teacher-sequence", "default"),
+        ("teacher-averaged", "averaged"),
+        ("teacher-averaged-large", "averaged-large"),
+    ],
 )
-def test_compress_follows_a_weight_averaged_teacher_with_the_averaged_preset(teacher, preset):
+def test_compress_follows_a_weight_averaged_teacher_with_an_averaged_preset(teacher, preset):
     from slimrec.compression.presets import preset_for_teacher
     from slimrec.models.presets import train_config
 
-    assert preset_for_teacher(train_config(teacher).to_dict()) == preset
+    assert preset_for_teacher(train_config(teacher).to_dict(), teacher) == preset
+
+
+def test_a_weight_averaged_teacher_of_an_unnamed_preset_gets_the_averaged_preset():
+    from slimrec.compression.presets import preset_for_teacher
+    from slimrec.models.presets import train_config
+
+    # An artifact written before its config recorded the preset, or trained from a TOML file.
+    assert preset_for_teacher(train_config("teacher-averaged-large").to_dict(), None) == "averaged"

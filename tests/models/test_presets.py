@@ -29,9 +29,9 @@ def test_teacher_sequence_is_the_attention_encoder_with_a_full_softmax():
     ("data", "preset"),
     [
         ("ml-100k", "teacher"),
-        ("ml-1m", "teacher-sequence"),
-        ("../shared/data/ml-1m", "teacher-sequence"),  # a directory: its name
-        ("../shared/data/ml-1m/", "teacher-sequence"),
+        ("ml-1m", "teacher-averaged-large"),
+        ("../shared/data/ml-1m", "teacher-averaged-large"),  # a directory: its name
+        ("../shared/data/ml-1m/", "teacher-averaged-large"),
         ("my-shop", "teacher"),  # not measured: the pooled teacher
     ],
 )
@@ -49,3 +49,13 @@ def test_teacher_averaged_is_the_teacher_with_both_stages_weight_averaged():
         assert (teacher[stage]["ema_decay"], averaged[stage]["ema_decay"]) == (None, 0.99)
         averaged[stage]["ema_decay"] = None
     assert averaged == teacher
+
+
+def test_teacher_averaged_large_changes_only_the_rankers_schedule():
+    averaged, large = (
+        train_config("teacher-averaged").to_dict(),
+        train_config("teacher-averaged-large").to_dict(),
+    )
+    assert (large["ranker_schedule"]["lr"], large["ranker_schedule"]["max_epochs"]) == (1e-2, 6)
+    large["ranker_schedule"] = averaged["ranker_schedule"]
+    assert large == averaged
